@@ -1,0 +1,31 @@
+"""surgery: freeze and unfreeze parts of Keras models from a spec file, with a manifest.
+
+    import surgery
+    manifest = surgery.apply(model, "freeze all; unfreeze conv5_*")
+
+Importing this package loads no TensorFlow: Keras is imported by the calls that need a model.
+"""
+
+from .api import SurgeryWarning, apply, plan
+from .errors import ModelError, SelectorError, SpecError, SpecSyntaxError, SurgeryError
+from .ir import Spec
+from .manifest import Manifest
+from .parse import load_spec, parse
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "parse",
+    "load_spec",
+    "apply",
+    "plan",
+    "Spec",
+    "Manifest",
+    "SurgeryError",
+    "SpecError",
+    "SpecSyntaxError",
+    "SelectorError",
+    "ModelError",
+    "SurgeryWarning",
+    "__version__",
+]

@@ -1,0 +1,7 @@
+"""``python -m surgery`` is the ``surgery`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

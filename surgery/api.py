@@ -1,0 +1,76 @@
+"""The Python API behind `surgery.apply` and `surgery.plan`, shared with the CLI.
+
+The pure pipeline (parse -> resolve -> plan -> manifest) runs on plain data; only the calls into
+`engines.live` touch Keras, and that module is imported on first use so that `import surgery`
+stays light.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Optional, Union
+
+from .ir import Spec
+from .manifest import Manifest, build_manifest
+from .parse import load_spec, parse
+from .plan import Plan, plan_spec
+
+__all__ = ["apply", "plan", "apply_plan", "SurgeryWarning"]
+
+SpecLike = Union[Spec, str, Path]
+
+
+class SurgeryWarning(UserWarning):
+    """A spec finding that does not stop the run (a rule with no effect, an empty selector with
+    ``allow_empty``), or a model state the user must act on (compile again)."""
+
+
+def _as_spec(spec: SpecLike) -> Spec:
+    if isinstance(spec, Spec):
+        return spec
+    if isinstance(spec, Path):
+        return load_spec(spec)
+    if isinstance(spec, str):
+        return parse(spec)
+    raise TypeError(f"spec must be a Spec, spec text or a Path, not {type(spec).__name__}")
+
+
+def plan(model, spec: SpecLike, *, allow_empty: bool = False) -> Plan:
+    """What `apply` would do to ``model``, without changing it."""
+    from .engines import live
+
+    tree, _ = live.describe(model)
+    return plan_spec(_as_spec(spec), tree, allow_empty=allow_empty)
+
+
+def apply(model, spec: SpecLike, *, allow_empty: bool = False) -> Manifest:
+    """Apply ``spec`` to a live ``keras.Model`` in place and return the manifest of what was done.
+
+    Raises `SpecError` (nothing is changed) when the spec is malformed or a selector matches no
+    layer. A model compiled before the call must be compiled again for the new state to train.
+    """
+    the_plan, manifest = apply_plan(model, _as_spec(spec), allow_empty=allow_empty)
+    for d in the_plan.diagnostics:
+        warnings.warn(SurgeryWarning(d.headline()), stacklevel=2)
+    if getattr(model, "optimizer", None) is not None:
+        warnings.warn(SurgeryWarning(
+            "the model was compiled before surgery: call model.compile(...) again, or the "
+            "training step built for the old trainable state keeps running"), stacklevel=2)
+    return manifest
+
+
+def apply_plan(model, spec: Spec, *, allow_empty: bool = False, model_source: str = "<live model>",
+               model_sha256: Optional[str] = None) -> tuple[Plan, Manifest]:
+    """Resolve, plan, write the flags and build the manifest: the one path both the API and
+    the CLI take. Nothing is written to the model unless the whole plan resolved."""
+    from . import __version__
+    from .engines import live
+
+    tree, objects = live.describe(model)
+    the_plan = plan_spec(spec, tree, allow_empty=allow_empty)
+    live.write(model, the_plan, objects)
+    manifest = build_manifest(the_plan, spec, model_source=model_source,
+                              model_sha256=model_sha256, model_name=model.name,
+                              versions=live.versions(), surgery_version=__version__)
+    return the_plan, manifest

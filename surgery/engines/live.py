@@ -1,0 +1,188 @@
+"""The Keras edge: a live ``keras.Model`` <-> LayerTree, flag writing, loading and saving.
+
+This is the only module that imports Keras (and through it TensorFlow). Everything it hands to
+the rest of surgery is plain data: a `LayerTree` to resolve against, version strings for the
+manifest. Writing follows a `Plan` computed beforehand, so no decision is made here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import tempfile
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter is not ours
+
+
+@contextlib.contextmanager
+def _native_stderr_captured():
+    """Hold back what TensorFlow's C++ side writes to fd 2 while it starts (CUDA probes on
+    machines without a GPU, absl banners: no env var silences them all). Replayed if the block
+    fails, so a real start-up problem is still shown."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no usable fd 2 (embedded interpreters): nothing to hide
+        yield
+        return
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            sink.seek(0)
+            sys.stderr.write(sink.read().decode("utf-8", "replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+with _native_stderr_captured():
+    import keras  # noqa: E402
+
+from ..errors import ModelError, SurgeryError  # noqa: E402
+from ..plan import Plan  # noqa: E402
+from ..tree import Layer, LayerTree, Weight  # noqa: E402
+
+__all__ = ["describe", "write", "load", "save", "versions", "APPLICATIONS_PREFIX"]
+
+APPLICATIONS_PREFIX = "keras.applications."
+
+
+def describe(model) -> tuple[LayerTree, dict[str, object]]:
+    """The model as a LayerTree, and each path's live layer object (for `write`)."""
+    objects: dict[str, object] = {}
+    root = _node(model, "", 0, objects, is_root=True)
+    return LayerTree(root), objects
+
+
+def _is_container(layer) -> bool:
+    # Nested Functional, Sequential and subclassed models are what '/' walks into. Other layers
+    # with sublayers (MultiHeadAttention, ...) are leaves: their flag covers their sublayers.
+    return isinstance(layer, keras.Model)
+
+
+def _node(layer, parent_path: str, index: int, objects: dict, is_root: bool = False) -> Layer:
+    path = "" if is_root else (f"{parent_path}/{layer.name}" if parent_path else layer.name)
+    objects[path] = layer
+    if _is_container(layer):
+        children = tuple(_node(c, path, i, objects) for i, c in enumerate(layer.layers))
+        weights = ()
+    else:
+        children = ()
+        weights = _weights(layer)
+    return Layer(name=layer.name, path=path, cls=type(layer).__name__, index=index,
+                 trainable=bool(layer.trainable), weights=weights, children=children,
+                 container=_is_container(layer))
+
+
+def _weights(layer) -> tuple[Weight, ...]:
+    # A variable trains when its layer does only if the layer created it as trainable; Keras
+    # keeps those in `_trainable_variables` (a frozen layer flips their flags, so `v.trainable`
+    # alone cannot tell a frozen kernel from BatchNormalization's moving mean).
+    capable = {id(v) for sub in layer._flatten_layers(include_self=True)
+               for v in getattr(sub, "_trainable_variables", ())}
+    return tuple(Weight(v.name, tuple(int(d) for d in v.shape), id(v) in capable)
+                 for v in layer.weights)
+
+
+def write(model, plan: Plan, objects: dict[str, object]) -> None:
+    """Set every layer's flag to its planned state and check Keras agrees.
+
+    Pre-order (a container before what it holds): the recursive setter on a container resets its
+    children, and the children's own writes that follow put their decided state back.
+    """
+    model.trainable = plan.root_after
+    for lp in plan.layers:
+        objects[lp.path].trainable = lp.after
+
+    expected = set()
+    for lp in plan.layers:
+        if not lp.layer.children and lp.after:
+            expected.update(id(w) for w in objects[lp.path].trainable_weights)
+    actual = {id(w) for w in model.trainable_weights}
+    if expected != actual:
+        shared = _shared_paths(objects)
+        detail = (f"; layer objects shared between paths {shared} take one state only"
+                  if shared else "")
+        raise SurgeryError(
+            f"Keras reports {len(actual)} trainable weights where the plan has {len(expected)}"
+            f"{detail}")
+
+
+def _shared_paths(objects: dict[str, object]) -> list[tuple[str, str]]:
+    seen: dict[int, str] = {}
+    pairs = []
+    for path, obj in objects.items():
+        if id(obj) in seen:
+            pairs.append((seen[id(obj)], path))
+        else:
+            seen[id(obj)] = path
+    return pairs
+
+
+def load(source: str, *, safe_mode: bool = True):
+    """A model from a `.keras`/`.h5` file, or `keras.applications.NAME` built with weights=None.
+
+    Keras safe mode stays on unless the caller turns it off: a Lambda layer's code is refused."""
+    with _native_stderr_captured():
+        return _load(source, safe_mode)
+
+
+def _load(source: str, safe_mode: bool):
+    if source.startswith(APPLICATIONS_PREFIX):
+        return _application(source)
+    if not os.path.exists(source):
+        raise ModelError(source, "no such file")
+    if os.path.isdir(source):
+        raise ModelError(source, "is a directory, not a model file (.keras or .h5)")
+    if not source.endswith((".keras", ".h5", ".hdf5")):
+        raise ModelError(source, "unsupported model format: expected a .keras or .h5 file, or "
+                         "keras.applications.NAME")
+    try:
+        model = keras.models.load_model(source, compile=False, safe_mode=safe_mode)
+    except Exception as exc:  # Keras raises many types for bad files; the user needs one line.
+        raise ModelError(source, f"cannot load the model: {_first_line(exc)}") from None
+    if not isinstance(model, keras.Model):
+        raise ModelError(source, f"holds a {type(model).__name__}, not a Keras model")
+    return model
+
+
+def _application(source: str):
+    name = source[len(APPLICATIONS_PREFIX):]
+    builders = {n: getattr(keras.applications, n) for n in dir(keras.applications)
+                if n[:1].isupper() and callable(getattr(keras.applications, n))}
+    if name not in builders:
+        from ..resolve import suggest
+
+        close = suggest(name, list(builders))
+        hint = f"; did you mean {APPLICATIONS_PREFIX}{close[0]}?" if close else ""
+        raise ModelError(source, f"keras.applications has no model '{name}'{hint}")
+    try:
+        return builders[name](weights=None)
+    except Exception as exc:
+        raise ModelError(source, f"cannot build the model: {_first_line(exc)}") from None
+
+
+def save(model, path: str) -> None:
+    """Save to ``path`` (which must not be the final destination: see cli's atomic writer)."""
+    model.save(path)
+
+
+def versions() -> dict[str, str | None]:
+    try:
+        import tensorflow as tf
+
+        tf_version = tf.__version__
+    except ImportError:  # another Keras backend, no TensorFlow installed
+        tf_version = None
+    return {"keras": keras.__version__, "tensorflow": tf_version,
+            "backend": keras.backend.backend()}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]

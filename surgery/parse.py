@@ -1,0 +1,331 @@
+"""Spec text -> IR. Lark stays inside this module: nothing else sees a Tree or a Token.
+
+One LALR parser is built once (``_parser``) from ``grammars/surgery.lark``. Lark's exceptions are
+turned into ``SpecSyntaxError`` here, with a line, a column and a message written for people
+(``unknown statement 'unfreez'; did you mean 'unfreeze'?``), never Lark's own text.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import functools
+import re
+from importlib import resources
+from pathlib import Path
+
+from lark import Lark, Token, Tree
+from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken
+
+from .errors import SpecSyntaxError
+from .ir import (
+    FREEZE, UNFREEZE, All, AnyDepth, Glob, Index, Name, Range, Regex, Rule, Selector, Slice, Span,
+    Spec, TypeGlob,
+)
+
+__all__ = ["parse", "load_spec", "grammar_text", "KEYWORDS"]
+
+KEYWORDS = (FREEZE, UNFREEZE, "all", "except")
+_ACTIONS = (FREEZE, UNFREEZE)
+_GLOB_MAGIC = re.compile(r"[*?\[]")
+
+
+def grammar_text() -> str:
+    """The grammar: packaged inside the wheel as surgery/surgery.lark, or read from the source tree."""
+    packaged = resources.files("surgery").joinpath("surgery.lark")
+    if packaged.is_file():
+        return packaged.read_text(encoding="utf-8")
+    return (Path(__file__).resolve().parent.parent / "grammars" / "surgery.lark").read_text(
+        encoding="utf-8")
+
+
+@functools.lru_cache(maxsize=1)
+def _parser() -> Lark:
+    return Lark(grammar_text(), parser="lalr", propagate_positions=True, maybe_placeholders=True)
+
+
+def parse(text: str, file: str = "<string>") -> Spec:
+    """Parse spec text into a `Spec`. Raises `SpecSyntaxError` (with line and column) on bad input."""
+    if not isinstance(text, str):
+        raise TypeError(f"spec text must be str, not {type(text).__name__}")
+    try:
+        tree = _parser().parse(text)
+    except UnexpectedInput as exc:
+        raise _syntax_error(exc, text, file) from None
+    return _Builder(text, file).spec(tree)
+
+
+def load_spec(path: str | Path) -> Spec:
+    """Read and parse a spec file. The path is kept as given, for messages."""
+    shown = str(path)
+    data = Path(path).read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        span = Span(shown, line, column, line, column + 1)
+        raise SpecSyntaxError(f"the file is not UTF-8 text (byte 0x{data[exc.start]:02x})", span,
+                              source=data.decode("utf-8", "replace")) from None
+    return parse(text, shown)
+
+
+# --- tree -> IR --------------------------------------------------------------------------------
+
+
+class _Builder:
+    def __init__(self, text: str, file: str):
+        self.text = text
+        self.file = file
+
+    def span(self, node) -> Span:
+        if isinstance(node, Token):
+            return Span(self.file, node.line, node.column, node.end_line, node.end_column)
+        m = node.meta
+        return Span(self.file, m.line, m.column, m.end_line, m.end_column)
+
+    def source_of(self, node) -> str:
+        if isinstance(node, Token):
+            return str(node)
+        return self.text[node.meta.start_pos:node.meta.end_pos]
+
+    def error(self, message: str, node_or_span) -> SpecSyntaxError:
+        span = node_or_span if isinstance(node_or_span, Span) else self.span(node_or_span)
+        return SpecSyntaxError(message, span, source=self.text)
+
+    def spec(self, tree: Tree) -> Spec:
+        rules = tuple(self.rule(st, n) for n, st in enumerate(tree.children))
+        return Spec(rules=rules, source=self.text, file=self.file)
+
+    def rule(self, st: Tree, number: int) -> Rule:
+        action_tree, selectors, _except, excepts = st.children
+        action = str(action_tree.children[0])
+        return Rule(
+            action=action,
+            selectors=self.selectors(selectors),
+            excepts=self.selectors(excepts) if excepts is not None else (),
+            text=self.source_of(st),
+            span=self.span(st),
+            number=number,
+        )
+
+    def selectors(self, tree: Tree) -> tuple[Selector, ...]:
+        return tuple(self.selector(s) for s in tree.children)
+
+    def selector(self, tree: Tree) -> Selector:
+        segments = tuple(self.segment(c) for c in tree.children if not isinstance(c, Token))
+        if isinstance(segments[-1], AnyDepth):
+            raise self.error("'**' must be followed by '/' and a selector, as in '**/conv1_*'",
+                             segments[-1].span)
+        return Selector(segments=segments, text=self.source_of(tree), span=self.span(tree))
+
+    def segment(self, tree: Tree):
+        kind = tree.data
+        span = self.span(tree)
+        if kind == "all":
+            return All(span)
+        if kind == "any_depth":
+            return AnyDepth(span)
+        if kind == "glob":
+            return self.glob(tree.children[0])
+        if kind == "exact":
+            return Name(_unquote(tree.children[0]), span)
+        if kind == "regex":
+            return self.regex(tree.children[0])
+        if kind == "type":
+            token = tree.children[1]
+            return TypeGlob(str(token), span, regex=_glob_regex(str(token)))
+        if kind == "layers":
+            return self.index(tree.children[1], span)
+        if kind == "range":
+            first, _dots, last = tree.children
+            return self.range(span, first, last)
+        if kind == "range_to":
+            _dots, last = tree.children
+            return self.range(span, None, last)
+        raise AssertionError(f"grammar rule without a builder: {kind}")  # pragma: no cover
+
+    def glob(self, token: Token):
+        text = str(token)
+        if text in KEYWORDS:
+            hint = ("start a new statement on a new line or after ';'" if text in _ACTIONS
+                    else f'quote it to mean a layer named {text}: "{text}"')
+            raise self.error(f"'{text}' is a keyword here; {hint}", token)
+        span = self.span(token)
+        if _GLOB_MAGIC.search(text):
+            return Glob(text, span, regex=_glob_regex(text))
+        return Name(text, span)
+
+    def regex(self, token: Token) -> Regex:
+        body = str(token)[1:-1]
+        pattern = body.replace("\\/", "/")
+        try:
+            compiled = re.compile(pattern)
+        except re.error as exc:
+            pos = exc.pos or 0
+            col = token.column + 1 + min(pos, len(body))
+            span = Span(self.file, token.line, col, token.line, col + 1)
+            raise self.error(f"invalid regular expression: {exc.msg}", span) from None
+        except (OverflowError, RecursionError, ValueError):
+            raise self.error("regular expression is too large", token) from None
+        return Regex(pattern, self.span(token), regex=compiled)
+
+    def index(self, tree: Tree, span: Span):
+        values = [self.integer(t) if t is not None else None for t in tree.children]
+        if tree.data == "item":
+            return Index(values[0], span)
+        start, stop, step = values
+        if step == 0:
+            raise self.error("slice step cannot be zero", tree.children[2])
+        return Slice(start, stop, step, span)
+
+    def integer(self, token: Token) -> int:
+        try:
+            return int(str(token))
+        except ValueError:  # more digits than Python converts (sys.get_int_max_str_digits)
+            raise self.error("number is too large", token) from None
+
+    def range(self, span: Span, first, last) -> Range:
+        ends = []
+        for end in (first, last):
+            if end is None:
+                ends.append((None, None))
+                continue
+            token = end.children[0]
+            if end.data == "glob":
+                if _GLOB_MAGIC.search(str(token)):
+                    raise self.error("the ends of a range are exact layer names; globs are not "
+                                     "allowed here", token)
+                if str(token) in KEYWORDS:
+                    raise self.glob(token)  # pragma: no cover - glob() raises for keywords
+                ends.append((str(token), self.span(token)))
+            else:
+                ends.append((_unquote(token), self.span(token)))
+        (a, a_span), (b, b_span) = ends
+        return Range(a, b, span, a_span, b_span)
+
+
+def _unquote(token: Token) -> str:
+    return re.sub(r"\\(.)", r"\1", str(token)[1:-1])
+
+
+def _glob_regex(pattern: str) -> re.Pattern:
+    return re.compile(fnmatch.translate(pattern))
+
+
+# --- Lark errors -> SpecSyntaxError --------------------------------------------------------------
+
+_SELECTOR_START = {"GLOB", "STRING", "TYPE_PREFIX", "LAYERS_OPEN", "ALL", "ANY_DEPTH", "REGEX",
+                   "RANGE"}
+_TOKEN_WORDS = {
+    "_NL": "end of line", "$END": "end of file", "SEMICOLON": "';'", "COMMA": "','",
+    "RSQB": "']'", "COLON": "':'", "SLASH": "'/'", "RANGE": "'..'", "EXCEPT": "'except'",
+}
+
+
+def _expected_words(expected: set[str]) -> str:
+    if expected & _SELECTOR_START >= {"GLOB", "REGEX"}:
+        return "a selector"
+    if {FREEZE.upper(), UNFREEZE.upper()} <= expected:
+        return "'freeze' or 'unfreeze'"
+    if expected & {"GLOB", "STRING"} == {"GLOB", "STRING"}:
+        return "a layer name"
+    if "INT" in expected:
+        return "an integer, ':' or ']'"
+    if expected == {"GLOB"}:
+        return "a layer class name, as in 'type:BatchNormalization'"
+    if "RSQB" in expected:
+        return "']'"
+    words = sorted(_TOKEN_WORDS.get(e, e.lower()) for e in expected if e not in ("_NL", "$END"))
+    return " or ".join(words) if words else "end of statement"
+
+
+def _found(token: Token) -> str:
+    if token.type in _TOKEN_WORDS and token.type in ("_NL", "$END"):
+        return _TOKEN_WORDS[token.type]
+    return f"'{token}'"
+
+
+def _syntax_error(exc: UnexpectedInput, text: str, file: str) -> SpecSyntaxError:
+    if isinstance(exc, UnexpectedToken):
+        token = exc.token
+        if token.type == "$END":
+            # Lark's $END borrows the position of the last token; point just after it.
+            line, column = token.end_line or 1, token.end_column or 1
+        else:
+            line, column = token.line, token.column
+        message = _unexpected_token_message(token, set(exc.expected), text)
+        width = max(1, len(str(token)))
+    elif isinstance(exc, UnexpectedCharacters):
+        line, column = exc.line, exc.column
+        message = _unexpected_char_message(text, exc.pos_in_stream, set(exc.allowed or ()))
+        width = 1
+    else:  # pragma: no cover - LALR raises only the two above
+        line, column, message, width = getattr(exc, "line", 1), getattr(exc, "column", 1), \
+            "invalid spec", 1
+    span = Span(file, line, column, line, column + width)
+    return SpecSyntaxError(message, span, source=text)
+
+
+def _unexpected_token_message(token: Token, expected: set[str], text: str) -> str:
+    word = str(token)
+    if {"FREEZE", "UNFREEZE"} <= expected and token.type == "GLOB":
+        close = difflib.get_close_matches(word, KEYWORDS, n=1, cutoff=0.6)
+        if close and close[0] in _ACTIONS:
+            return f"unknown statement '{word}'; did you mean '{close[0]}'?"
+        return f"unknown statement '{word}'; a statement starts with 'freeze' or 'unfreeze'"
+    if token.type in ("LAYERS_OPEN", "TYPE_PREFIX", "STRING", "REGEX", "GLOB") and \
+            "SLASH" in expected:
+        return f"expected ',' or end of statement before '{word}'"
+    if token.type in ("_NL", "$END") and "RSQB" in expected:
+        return "unclosed 'layers[': expected ']'"
+    if token.type == "SLASH" and "REGEX" in expected:
+        return "unterminated regular expression: add the closing '/'"
+    before = _before(text, token)
+    if token.type in ("_NL", "$END") and "REGEX" in expected and before.endswith("/"):
+        if re.search(r"\s/[^/\s]+/$", before):
+            return ("expected a selector after '/'; a /regex/ that follows another selector needs "
+                    "a comma before it: 'a, /regex/'")
+        return "expected a selector after '/'"
+    return f"expected {_expected_words(expected)}, found {_found(token)}"
+
+
+def _before(text: str, token: Token) -> str:
+    """The text before a token's position, without trailing blanks and comments."""
+    lines = text.splitlines()
+    if token.type == "$END":
+        line_no, col = (token.end_line or 1), (token.end_column or 1)
+    else:
+        line_no, col = token.line, token.column
+    line = lines[line_no - 1] if 0 < line_no <= len(lines) else ""
+    return line[: col - 1].rstrip()
+
+
+def _unexpected_char_message(text: str, pos: int, allowed: set[str]) -> str:
+    ch = text[pos] if pos < len(text) else ""
+    if ch == '"' or ch == "'":
+        return f"unterminated string: add the closing {ch}"
+    if ch == "/" and "REGEX" in allowed:
+        return "unterminated regular expression: add the closing '/'"
+    if ch == "." and allowed & {"SLASH", "RANGE"}:
+        start = pos
+        while start > 0 and not text[start - 1].isspace() and text[start - 1] not in ",;/":
+            start -= 1
+        end = pos
+        while end < len(text) and not text[end].isspace() and text[end] not in ",;#/":
+            end += 1
+        name = text[start:end]
+        return (f"unexpected '.': a name containing '.' is written quoted, as in \"{name}\"; "
+                f"'..' makes a range")
+    if "INT" in allowed:
+        return f"expected an integer, ':' or ']' inside 'layers[...]', found {_char(ch)}"
+    if allowed & _SELECTOR_START:
+        return (f"unexpected {_char(ch)}: names with special characters are written quoted, "
+                f"as in \"my layer\"")
+    return f"unexpected {_char(ch)}"
+
+
+def _char(ch: str) -> str:
+    if ch.isprintable() and ch not in " \t":
+        return f"character '{ch}'"
+    return f"character {ch!r} (U+{ord(ch):04X})" if ch else "end of input"

@@ -1,0 +1,289 @@
+"""Selectors against a LayerTree: which layers each rule covers, and which rule decides each layer.
+
+Rules apply in order and the last rule that covers a layer decides it (gitignore semantics). The
+unit of decision is a leaf layer: a rule that matches a nested model covers every layer inside it.
+A selector that matches nothing is an error (the silent failure of hand-written loops), reported
+with the closest names; ``allow_empty`` turns those errors into warnings.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+from .errors import Diagnostic, SelectorError
+from .ir import All, AnyDepth, Glob, Index, Name, Range, Regex, Rule, Selector, Slice, Spec, TypeGlob
+from .tree import Layer, LayerTree
+
+__all__ = ["RuleResult", "Resolution", "resolve", "suggest"]
+
+
+@dataclass(frozen=True)
+class RuleResult:
+    """What one rule did: the leaf layers it covers (after ``except``), in model order, and the
+    ones it still decides once every later rule has been applied."""
+
+    rule: Rule
+    covered: tuple[str, ...]
+    decided: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Resolution:
+    rules: tuple[RuleResult, ...]
+    deciding: Mapping[str, Rule]  # leaf path -> the last rule that covers it
+    diagnostics: tuple[Diagnostic, ...]  # warnings; errors are raised
+
+
+def resolve(spec: Spec, tree: LayerTree, *, allow_empty: bool = False) -> Resolution:
+    r = _Resolver(tree)
+    errors: list[Diagnostic] = []
+    warnings: list[Diagnostic] = []
+    covered_by_rule: list[list[str]] = []
+
+    for rule in spec.rules:
+        picked: dict[str, None] = {}
+        for sel in rule.selectors:
+            nodes, problem = r.select(sel)
+            if problem:
+                errors.append(problem)
+            for node in nodes:
+                picked.update(dict.fromkeys(r.units(node)))
+        removed: dict[str, None] = {}
+        for sel in rule.excepts:
+            nodes, problem = r.select(sel)
+            if problem:
+                errors.append(problem)
+            for node in nodes:
+                removed.update(dict.fromkeys(r.units(node)))
+        covered = [p for p in picked if p not in removed]
+        covered.sort(key=r.order.__getitem__)
+        if picked and not covered:
+            warnings.append(Diagnostic(
+                "warning", "this rule covers no layer once 'except' is applied", rule.span))
+        covered_by_rule.append(covered)
+
+    if errors:
+        if not allow_empty:
+            first = errors[0]
+            raise SelectorError(first.message, first.span, source=spec.source,
+                                diagnostics=tuple(errors))
+        warnings = [Diagnostic("warning", d.message, d.span) for d in errors] + warnings
+
+    deciding: dict[str, Rule] = {}
+    for rule, covered in zip(spec.rules, covered_by_rule):
+        for path in covered:
+            deciding[path] = rule
+
+    results = []
+    for rule, covered in zip(spec.rules, covered_by_rule):
+        decided = tuple(p for p in covered if deciding[p] is rule)
+        if covered and not decided:
+            later = sorted({deciding[p] for p in covered}, key=lambda r: r.number)
+            named = ", ".join(f"'{r.text}' (line {r.span.line})" for r in later[:3])
+            warnings.append(Diagnostic(
+                "warning", f"this rule has no effect: every layer it covers is decided again by "
+                f"later rules: {named}{', ...' if len(later) > 3 else ''}", rule.span))
+        results.append(RuleResult(rule, tuple(covered), decided))
+
+    warnings.sort(key=lambda d: (d.span.line, d.span.column))
+    return Resolution(tuple(results), deciding, tuple(warnings))
+
+
+class _Resolver:
+    def __init__(self, tree: LayerTree):
+        self.tree = tree
+        self.order = {n.path: i for i, n in enumerate(tree.layers())}
+        self._units: dict[str, tuple[str, ...]] = {}
+        self._by_name: dict[str, dict[str, Layer]] = {}
+
+    def units(self, node: Layer) -> tuple[str, ...]:
+        """The leaf layers a match on ``node`` covers: itself, or everything inside a container."""
+        cached = self._units.get(node.path)
+        if cached is None:
+            if not node.children:
+                cached = (node.path,)
+            else:
+                cached = tuple(u for c in node.children for u in self.units(c))
+            self._units[node.path] = cached
+        return cached
+
+    def children_by_name(self, scope: Layer) -> dict[str, Layer]:
+        table = self._by_name.get(scope.path)
+        if table is None:
+            table = {c.name: c for c in scope.children}
+            self._by_name[scope.path] = table
+        return table
+
+    def select(self, sel: Selector) -> tuple[list[Layer], Optional[Diagnostic]]:
+        """The layers a selector names, or the diagnostic that explains why it names none."""
+        scopes = [self.tree.root]
+        segments = sel.segments
+        for i, seg in enumerate(segments):
+            if isinstance(seg, AnyDepth):
+                scopes = self._with_descendants(scopes)
+                continue
+            matched: list[Layer] = []
+            seen: set[str] = set()
+            for scope in scopes:
+                for node in self._match(seg, scope):
+                    if node.path not in seen:
+                        seen.add(node.path)
+                        matched.append(node)
+            if not matched:
+                return [], self._explain(seg, sel, scopes, after_any=i > 0 and isinstance(
+                    segments[i - 1], AnyDepth))
+            if i == len(segments) - 1:
+                return matched, None
+            scopes = [m for m in matched if m.children]
+            if not scopes:
+                return [], Diagnostic(
+                    "error", f"'{_seg_text(sel, seg)}' matches no nested model: only a nested "
+                    f"model can be walked into with '/'", seg.span)
+        raise AssertionError("selector without segments")  # pragma: no cover
+
+    def _with_descendants(self, scopes: list[Layer]) -> list[Layer]:
+        out: dict[str, Layer] = {}
+        stack = list(reversed(scopes))
+        while stack:
+            node = stack.pop()
+            if node.path in out:
+                continue
+            out[node.path] = node
+            stack.extend(c for c in reversed(node.children) if c.children)
+        return list(out.values())
+
+    def _match(self, seg, scope: Layer) -> list[Layer]:
+        children = scope.children
+        if isinstance(seg, Name):
+            hit = self.children_by_name(scope).get(seg.value)
+            return [hit] if hit is not None else []
+        if isinstance(seg, (Glob, Regex)):
+            match = seg.regex.fullmatch
+            return [c for c in children if match(c.name)]
+        if isinstance(seg, TypeGlob):
+            match = seg.regex.fullmatch
+            return [c for c in children if match(c.cls)]
+        if isinstance(seg, All):
+            return list(children)
+        if isinstance(seg, Index):
+            n = len(children)
+            return [children[seg.index]] if -n <= seg.index < n else []
+        if isinstance(seg, Slice):
+            return list(children[seg.start:seg.stop:seg.step])
+        if isinstance(seg, Range):
+            table = self.children_by_name(scope)
+            first = table.get(seg.first) if seg.first is not None else children[0] if children \
+                else None
+            last = table.get(seg.last) if seg.last is not None else children[-1] if children \
+                else None
+            if first is None or last is None or first.index > last.index:
+                return []
+            return list(children[first.index:last.index + 1])
+        raise AssertionError(f"unknown segment {seg!r}")  # pragma: no cover
+
+    # --- why nothing matched -------------------------------------------------------------------
+
+    def _explain(self, seg, sel: Selector, scopes: list[Layer], after_any: bool) -> Diagnostic:
+        where = _where(scopes, after_any)
+        names = [c.name for s in scopes for c in s.children]
+        text = _seg_text(sel, seg)
+        if isinstance(seg, Index):
+            n = len(scopes[0].children)
+            msg = f"{text} is out of range: {where} has {n} layer{'s' if n != 1 else ''}"
+            return Diagnostic("error", msg, seg.span)
+        if isinstance(seg, Slice):
+            n = len(scopes[0].children)
+            return Diagnostic("error", f"{text} selects no layer: {where} has {n} layer"
+                              f"{'s' if n != 1 else ''}", seg.span)
+        if isinstance(seg, Range):
+            table = {c.name: c for s in scopes for c in s.children}
+            for end, span in ((seg.first, seg.first_span), (seg.last, seg.last_span)):
+                if end is not None and end not in table:
+                    hint = self._deeper(end.__eq__, text, scopes) or _did_you_mean(end, names)
+                    return Diagnostic("error", f"'{end}' matches no layer{_in(where)}{hint}",
+                                      span or seg.span)
+            a, b = table.get(seg.first), table.get(seg.last)
+            return Diagnostic("error", f"range {text} is empty: '{seg.last}' (index {b.index}) "
+                              f"comes before '{seg.first}' (index {a.index})", seg.span)
+        if isinstance(seg, TypeGlob):
+            classes = sorted({c.cls for s in scopes for c in s.children})
+            return Diagnostic("error", f"'{text}' matches no layer{_in(where)}"
+                              f"{_did_you_mean(seg.pattern, classes, prefix='type:')}", seg.span)
+        if isinstance(seg, All):
+            return Diagnostic("error", f"'all' matches no layer: {where} has no layers", seg.span)
+        if isinstance(seg, Name):
+            probe, match = seg.value, seg.value.__eq__
+        else:  # Glob, Regex: suggest names close to the pattern's literal letters
+            probe, match = re.sub(r"[*?\[\]]", "", seg.pattern), seg.regex.fullmatch
+        hint = self._deeper(match, text, scopes) or _did_you_mean(probe, names)
+        return Diagnostic("error", f"'{text}' matches no layer{_in(where)}{hint}", seg.span)
+
+    def _deeper(self, match, written: str, scopes: list[Layer]) -> str:
+        """A hint when the name exists inside a nested model that the selector did not walk into."""
+        for scope in scopes:
+            for node in self._with_descendants([scope])[1:]:
+                if any(match(c.name) for c in node.children):
+                    rel = _quote_path(node.path[len(scope.path):].lstrip("/"))
+                    return (f"; it is inside the nested model '{node.name}': write "
+                            f"'**/{written}' or '{rel}/{written}'")
+        return ""
+
+
+def _quoted(name: str) -> str:
+    return name if re.fullmatch(r"[A-Za-z0-9_\-]+", name) else f'"{name}"'
+
+
+def _quote_path(rel: str) -> str:
+    return "/".join(_quoted(p) for p in rel.split("/"))
+
+
+def _seg_text(sel: Selector, seg) -> str:
+    """The segment as the user wrote it, cut out of the selector's text by columns."""
+    if seg.span.line == sel.span.line == seg.span.end_line:
+        start = seg.span.column - sel.span.column
+        return sel.text[start:start + seg.span.end_column - seg.span.column]
+    return sel.text  # pragma: no cover - selectors do not span lines
+
+
+def _where(scopes: list[Layer], after_any: bool) -> str:
+    if after_any:
+        return "the model and its nested models"
+    if len(scopes) == 1:
+        return "the model" if scopes[0].path == "" else f"'{scopes[0].path}'"
+    return "the nested models " + ", ".join(f"'{s.path}'" for s in scopes[:3]) + (
+        ", ..." if len(scopes) > 3 else "")
+
+
+def _in(where: str) -> str:
+    return "" if where == "the model" else f" in {where}"
+
+
+def suggest(word: str, candidates: list[str], n: int = 3) -> list[str]:
+    """Closest names: same parts in another order first (``bn_conv1`` -> ``conv1_bn``), then the
+    nearest spellings."""
+    if not word:
+        return []
+    unique = list(dict.fromkeys(candidates))
+    # Compare without case ('Batchnorm' -> 'BatchNormalization'); answer in the real spelling.
+    folded: dict[str, str] = {}
+    for c in unique:
+        folded.setdefault(c.lower(), c)
+    key = word.lower()
+    parts = sorted(re.split(r"[_\-]", key))
+    letters = sorted(key)
+    reordered = [c for c in unique if c != word and (
+        sorted(re.split(r"[_\-]", c.lower())) == parts or sorted(c.lower()) == letters)]
+    close = [folded[c] for c in difflib.get_close_matches(key, list(folded), n=n, cutoff=0.6)]
+    return [c for c in dict.fromkeys(reordered + close) if c != word][:n]
+
+
+def _did_you_mean(word: str, candidates: list[str], prefix: str = "") -> str:
+    found = suggest(word, candidates)
+    if not found:
+        return ""
+    quoted = [f"'{prefix}{c}'" for c in found]
+    listed = quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " or " + quoted[-1]
+    return f"; did you mean {listed}?"
