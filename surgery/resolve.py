@@ -9,6 +9,7 @@ with the closest names; ``allow_empty`` turns those errors into warnings.
 from __future__ import annotations
 
 import difflib
+import fnmatch
 import re
 from dataclasses import dataclass
 from typing import Mapping, Optional
@@ -215,10 +216,14 @@ class _Resolver:
         if isinstance(seg, All):
             return Diagnostic("error", f"'all' matches no layer: {where} has no layers", seg.span)
         if isinstance(seg, Name):
-            probe, match = seg.value, seg.value.__eq__
-        else:  # Glob, Regex: suggest names close to the pattern's literal letters
-            probe, match = re.sub(r"[*?\[\]]", "", seg.pattern), seg.regex.fullmatch
-        hint = self._deeper(match, text, scopes) or _did_you_mean(probe, names)
+            match = seg.value.__eq__
+            hint = self._deeper(match, text, scopes) or _literal_hint(seg, text, names) or \
+                _did_you_mean(seg.value, names)
+        elif isinstance(seg, Glob):
+            hint = self._deeper(seg.regex.fullmatch, text, scopes) or _case_hint(seg, names) or \
+                _did_you_mean(re.sub(r"[*?\[\]]", "", seg.pattern), names)
+        else:  # Regex
+            hint = self._deeper(seg.regex.fullmatch, text, scopes) or _search_hint(seg, names)
         return Diagnostic("error", f"'{text}' matches no layer{_in(where)}{hint}", seg.span)
 
     def _deeper(self, match, written: str, scopes: list[Layer]) -> str:
@@ -278,6 +283,38 @@ def suggest(word: str, candidates: list[str], n: int = 3) -> list[str]:
         sorted(re.split(r"[_\-]", c.lower())) == parts or sorted(c.lower()) == letters)]
     close = [folded[c] for c in difflib.get_close_matches(key, list(folded), n=n, cutoff=0.6)]
     return [c for c in dict.fromkeys(reordered + close) if c != word][:n]
+
+
+def _literal_hint(seg: Name, text: str, names: list[str]) -> str:
+    """Why an exact name missed when a glob of the same letters would hit."""
+    if text[:1] in "\"'" and re.search(r"[*?\[]", seg.value):
+        n = sum(1 for x in names if fnmatch.fnmatchcase(x, seg.value))
+        if n:
+            return (f"; a quoted name is exact: unquoted, {seg.value} is a glob that matches "
+                    f"{n} layer{'s' if n != 1 else ''}")
+        return ""
+    n = sum(1 for x in names if x.startswith(seg.value))
+    if n:
+        return (f"; a name matches whole names only: '{_quoted(seg.value)}*' matches {n} layer"
+                f"{'s' if n != 1 else ''}")
+    return ""
+
+
+def _case_hint(seg: Glob, names: list[str]) -> str:
+    folded = re.compile(seg.regex.pattern, re.IGNORECASE)
+    hits = [x for x in names if folded.fullmatch(x)]
+    if hits:
+        return (f"; names are case-sensitive: {len(hits)} layer{'s' if len(hits) != 1 else ''} "
+                f"match{'es' if len(hits) == 1 else ''} it ignoring case, such as '{hits[0]}'")
+    return ""
+
+
+def _search_hint(seg: Regex, names: list[str]) -> str:
+    hits = [x for x in names if seg.regex.search(x)]
+    if hits:
+        return (f"; a regex must match the whole name: /.*{seg.pattern}.*/ matches {len(hits)} "
+                f"layer{'s' if len(hits) != 1 else ''}")
+    return ""
 
 
 def _did_you_mean(word: str, candidates: list[str], prefix: str = "") -> str:

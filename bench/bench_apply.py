@@ -1,0 +1,250 @@
+"""Benchmark `surgery apply` against the cost floor of a bare load + save.
+
+What it measures: wall time and peak resident memory of `surgery apply` on a
+ResNet50 `.keras` file (weights=None, about 100 MB), next to the least any
+tool that rewrites that file must pay: `keras.models.load_model` followed by
+`model.save`, with the same arguments surgery uses (compile=False, safe mode
+on). The target is that surgery stays within 1.10x of that floor on both.
+
+Why it is built this way:
+
+* Each command runs as a whole, separate process. Most of the cost of a
+  CLI like this one is importing TensorFlow/Keras and deserialising the
+  model; timing a function inside one long-lived interpreter would hide the
+  import cost and share caches between the two contenders.
+* Peak memory is the child's own ru_maxrss from os.wait4, not
+  RUSAGE_CHILDREN, which is a running maximum over every child reaped so far
+  and so could never show a later run being smaller than an earlier one.
+* The two commands are interleaved (floor, surgery, floor, surgery, ...)
+  after one untimed warm-up of each, so the page cache is warm for both and
+  any slow drift of the machine (thermal, background load) hits both sides
+  alike instead of biasing whichever ran second.
+* The median of N runs is reported, since a single stray slow run on a
+  shared machine would drag a mean.
+
+It is a report, not a test: it exits 0 even when a target is missed, and
+prints FAIL for it. Results go to stdout as a Markdown table (for the README)
+and to bench/results/apply.json.
+
+Usage:
+    python bench/bench_apply.py [--runs 5] [--workdir DIR] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TARGET_RATIO = 1.10
+
+SPEC_TEXT = "freeze all\nunfreeze conv5_*\n"
+
+# The same call surgery makes when it loads and writes a model, so the floor
+# differs from surgery only by what surgery adds on top.
+FLOOR_CODE = (
+    "import keras, sys; "
+    "m = keras.models.load_model(sys.argv[1], compile=False); "
+    "m.save(sys.argv[2])"
+)
+
+MAKE_MODEL_CODE = (
+    "import keras, sys; keras.applications.ResNet50(weights=None).save(sys.argv[1])"
+)
+
+VERSIONS_CODE = (
+    "import json, keras, tensorflow as tf; "
+    "print(json.dumps({'keras': keras.__version__, 'tensorflow': tf.__version__}))"
+)
+
+RESULTS_PATH = Path(__file__).resolve().parent / "results" / "apply.json"
+
+
+def run_measured(argv: list[str], log_stem: Path) -> tuple[float, float]:
+    """Run argv to completion; return (wall seconds, peak RSS in MiB).
+
+    The child's output goes to files rather than pipes: with wait4 nobody
+    would be reading a pipe, and a chatty child (TensorFlow logs) would block
+    once the pipe buffer filled.
+    """
+    out_path = log_stem.with_suffix(".stdout")
+    err_path = log_stem.with_suffix(".stderr")
+    with open(out_path, "wb") as out, open(err_path, "wb") as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err)
+        _, status, rusage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+    # Popen does not know we reaped the child; tell it, so it does not try
+    # to wait on a pid that may since have been reused.
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        sys.stderr.write(
+            f"command failed with exit code {proc.returncode}: {' '.join(argv)}\n"
+            f"--- stderr ---\n{err_path.read_text(errors='replace')}\n"
+        )
+        raise SystemExit(1)
+    # ru_maxrss is in KiB on Linux (bytes on macOS).
+    scale = 1 if sys.platform == "darwin" else 1024
+    peak_mib = rusage.ru_maxrss * scale / (1024 * 1024)
+    return wall, peak_mib
+
+
+def remove(path: Path) -> None:
+    """Delete a previous run's output, so every run writes a fresh file."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+    # surgery also writes a manifest next to its output.
+    manifest = path.with_name(path.name + ".manifest.json")
+    if manifest.exists():
+        manifest.unlink()
+
+
+def setup(workdir: Path) -> tuple[Path, Path]:
+    model = workdir / "resnet50.keras"
+    spec = workdir / "spec.frz"
+    spec.write_text(SPEC_TEXT)
+    print(f"building {model} (untimed) ...", flush=True)
+    subprocess.run([sys.executable, "-c", MAKE_MODEL_CODE, str(model)], check=True)
+    return model, spec
+
+
+def machine_info() -> dict:
+    # Asked of a child, after the timed runs, so that importing TensorFlow
+    # here neither costs the bench process memory during the runs nor
+    # changes what the children see.
+    versions = json.loads(
+        subprocess.run(
+            [sys.executable, "-c", VERSIONS_CODE],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip().splitlines()[-1]
+    )
+    return {
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        **versions,
+    }
+
+
+def verdict(ratio: float) -> str:
+    return "PASS" if ratio <= TARGET_RATIO else "FAIL"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=5, help="timed runs of each command (default 5)")
+    parser.add_argument("--workdir", type=Path, help="work directory (default: a new temporary one)")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory afterwards")
+    args = parser.parse_args()
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
+
+    if args.workdir is not None:
+        workdir = args.workdir.resolve()
+        workdir.mkdir(parents=True, exist_ok=True)
+    else:
+        workdir = Path(tempfile.mkdtemp(prefix="surgery-bench-"))
+
+    surgery_bin = Path(sys.executable).parent / "surgery"
+    if not surgery_bin.exists():
+        sys.stderr.write(f"no surgery console script at {surgery_bin}; install the package first\n")
+        return 1
+
+    try:
+        model, spec = setup(workdir)
+        floor_out = workdir / "floor_out.keras"
+        surgery_out = workdir / "surgery_out.keras"
+        commands = {
+            "floor": (
+                [sys.executable, "-c", FLOOR_CODE, str(model), str(floor_out)],
+                floor_out,
+            ),
+            "surgery": (
+                [str(surgery_bin), "apply", str(spec), str(model), "-o", str(surgery_out), "--force"],
+                surgery_out,
+            ),
+        }
+
+        samples: dict[str, dict[str, list[float]]] = {
+            name: {"wall_s": [], "peak_mib": []} for name in commands
+        }
+        # Run 0 is the untimed warm-up.
+        for i in range(args.runs + 1):
+            label = "warm-up" if i == 0 else f"run {i}/{args.runs}"
+            for name, (argv, out) in commands.items():
+                remove(out)
+                wall, peak = run_measured(argv, workdir / f"{name}-{i}")
+                print(f"{label:>9}  {name:<8} {wall:7.2f} s  {peak:8.1f} MiB", flush=True)
+                if i > 0:
+                    samples[name]["wall_s"].append(wall)
+                    samples[name]["peak_mib"].append(peak)
+            for _, out in commands.values():
+                remove(out)
+
+        info = machine_info()
+    finally:
+        if args.keep:
+            print(f"work directory kept: {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    med = {
+        name: {k: statistics.median(v) for k, v in s.items()} for name, s in samples.items()
+    }
+    ratios = {k: med["surgery"][k] / med["floor"][k] for k in ("wall_s", "peak_mib")}
+
+    print()
+    print(
+        f"Machine: {info['cpu_count']} CPUs ({info['machine']}), Python {info['python']}, "
+        f"Keras {info['keras']}, TensorFlow {info['tensorflow']}; "
+        f"ResNet50 (weights=None), median of {args.runs} runs"
+    )
+    print()
+    print("| command | wall time (s) | peak RSS (MiB) |")
+    print("|---|---:|---:|")
+    print(f"| `load_model` + `save` (floor) | {med['floor']['wall_s']:.2f} | {med['floor']['peak_mib']:.0f} |")
+    print(f"| `surgery apply` | {med['surgery']['wall_s']:.2f} | {med['surgery']['peak_mib']:.0f} |")
+    print(
+        f"| ratio (target <= {TARGET_RATIO:.2f}x) | {ratios['wall_s']:.3f}x {verdict(ratios['wall_s'])} "
+        f"| {ratios['peak_mib']:.3f}x {verdict(ratios['peak_mib'])} |"
+    )
+    print()
+    failed = [k for k, r in ratios.items() if r > TARGET_RATIO]
+    if failed:
+        print(f"FAIL: surgery apply is over {TARGET_RATIO:.2f}x the floor on: {', '.join(failed)}")
+    else:
+        print(f"PASS: surgery apply is within {TARGET_RATIO:.2f}x the floor on wall time and peak memory")
+
+    result = {
+        "benchmark": "surgery apply vs keras load_model + save, ResNet50 (weights=None)",
+        "runs": args.runs,
+        "statistic": "median",
+        "target_ratio": TARGET_RATIO,
+        "machine": info,
+        "floor": {**med["floor"], "samples": samples["floor"]},
+        "surgery": {**med["surgery"], "samples": samples["surgery"]},
+        "ratio": ratios,
+        "pass": {k: r <= TARGET_RATIO for k, r in ratios.items()},
+    }
+    RESULTS_PATH.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS_PATH.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"results written to {RESULTS_PATH}")
+    # A report, not a test: a missed target is printed, not signalled.
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""The language: every form the issue lists parses to the IR it means; bad text gets one exact,
+human message with line and column. No TensorFlow here."""
+
+import pytest
+
+import surgery
+from surgery.ir import All, AnyDepth, Glob, Index, Name, Range, Regex, Slice, TypeGlob
+
+
+def segments(text):
+    spec = surgery.parse(text)
+    (rule,) = spec.rules
+    return [[type(seg).__name__ for seg in sel.segments] for sel in rule.selectors]
+
+
+def test_issue_examples_parse_to_the_meant_ir():
+    spec = surgery.parse(
+        "freeze conv1_* ; freeze layers[0:10] ; unfreeze conv5_*\n"
+        "freeze all\n"
+        "freeze conv1_conv, conv1_bn                 # several selectors in one statement\n"
+        'freeze "conv1_conv"                         # quoted: the exact name, no glob\n'
+        r"freeze /conv[45]_block\d+_[12]_conv/        # regex, full match on the name" "\n"
+        "freeze layers[0:10]   layers[-5:]   layers[3]   layers[::2]   # Python slices\n"
+        "freeze type:BatchNormalization              # class name; globs allowed (type:Conv*)\n"
+        "freeze conv1_pad..conv2_block3_out          # inclusive range\n"
+        "freeze mobilenetv2*/layers[:100]            # '/' walks into a nested model\n"
+        "freeze **/conv1_*                           # '**/' at any depth of nesting\n"
+        "freeze all except conv5_*, type:BatchNormalization\n",
+        "spec.frz",
+    )
+    actions = [r.action for r in spec.rules]
+    assert actions == ["freeze", "freeze", "unfreeze"] + ["freeze"] * 10
+    lines = [r.span.line for r in spec.rules]
+    assert lines == [1, 1, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]
+    sel = lambda i, j=0: spec.rules[i].selectors[j].segments  # noqa: E731
+    assert sel(0) == (Glob("conv1_*", sel(0)[0].span),)
+    assert sel(1)[0] == Slice(0, 10, None, sel(1)[0].span)
+    assert isinstance(sel(3)[0], All)
+    assert [s[0].value for s in (sel(4, 0), sel(4, 1))] == ["conv1_conv", "conv1_bn"]
+    assert sel(5) == (Name("conv1_conv", sel(5)[0].span),)
+    assert isinstance(sel(6)[0], Regex) and sel(6)[0].pattern == r"conv[45]_block\d+_[12]_conv"
+    slices = [spec.rules[7].selectors[j].segments[0] for j in range(4)]
+    assert [(type(s).__name__, getattr(s, "start", getattr(s, "index", None))) for s in slices] == [
+        ("Slice", 0), ("Slice", -5), ("Index", 3), ("Slice", None)]
+    assert slices[3].step == 2
+    assert sel(8) == (TypeGlob("BatchNormalization", sel(8)[0].span),)
+    assert sel(9)[0].first == "conv1_pad" and sel(9)[0].last == "conv2_block3_out"
+    assert [type(s) for s in sel(10)] == [Glob, Slice]
+    assert [type(s) for s in sel(11)] == [AnyDepth, Glob]
+    assert [e.segments[0].__class__ for e in spec.rules[12].excepts] == [Glob, TypeGlob]
+
+
+def test_statement_text_and_spans_point_at_the_source():
+    spec = surgery.parse("freeze a\n  unfreeze  b, c   # why\n", "x.frz")
+    rule = spec.rules[1]
+    assert rule.text == "unfreeze  b, c"
+    assert (rule.span.file, rule.span.line, rule.span.column) == ("x.frz", 2, 3)
+    assert [(s.text, s.span.column) for s in rule.selectors] == [("b", 13), ("c", 16)]
+
+
+@pytest.mark.parametrize("text,kinds", [
+    ("freeze ..conv1", [["Range"]]),
+    ("freeze conv1..", [["Range"]]),
+    ('freeze "a b"..\'c\'', [["Range"]]),
+    ('freeze "mobilenetv2_1.00_224"/**/type:Conv*', [["Name", "AnyDepth", "TypeGlob"]]),
+    ("freeze layers_1, alls, typex", [["Name"], ["Name"], ["Name"]]),
+    ("freeze a, /b/ c/d", [["Name"], ["Regex"], ["Name", "Name"]]),
+    (r"freeze /a\/b/", [["Regex"]]),
+    ("freeze conv[45]_*", [["Glob"]]),
+    ("freeze efficientnetv2-s/layers[-1]", [["Name", "Index"]]),
+])
+def test_selector_forms(text, kinds):
+    assert segments(text) == kinds
+
+
+def test_quoted_names_unescape_and_keep_glob_characters_literal():
+    (rule,) = surgery.parse(r'freeze "we\"ird*"').rules
+    assert rule.selectors[0].segments[0] == Name('we"ird*', rule.selectors[0].segments[0].span)
+
+
+def test_regex_slash_escape():
+    (rule,) = surgery.parse(r"freeze /a\/b/").rules
+    assert rule.selectors[0].segments[0].pattern == "a/b"
+
+
+def test_empty_and_comment_only_specs_have_no_rules():
+    assert surgery.parse("").rules == ()
+    assert surgery.parse("# just a note\n\n;;\n").rules == ()
+
+
+def test_range_fields():
+    (rule,) = surgery.parse("freeze ..b").rules
+    seg = rule.selectors[0].segments[0]
+    assert isinstance(seg, Range) and (seg.first, seg.last) == (None, "b")
+    assert isinstance(surgery.parse("freeze layers[-1]").rules[0].selectors[0].segments[0], Index)
+
+
+# Exact messages: what a user reads. Columns are 1-based.
+@pytest.mark.parametrize("text,line,column,message", [
+    ("unfreez conv5_*", 1, 1, "unknown statement 'unfreez'; did you mean 'unfreeze'?"),
+    ("freeze a\nfrezee b", 2, 1, "unknown statement 'frezee'; did you mean 'freeze'?"),
+    ("train conv5_*", 1, 1, "unknown statement 'train'; a statement starts with 'freeze' or 'unfreeze'"),
+    ("freeze a freeze b", 1, 10, "'freeze' is a keyword here; start a new statement on a new line or after ';'"),
+    ("freeze", 1, 7, "expected a selector, found end of file"),
+    ("freeze\nfreeze a", 1, 7, "expected a selector, found end of line"),
+    ("freeze a,", 1, 10, "expected a selector, found end of file"),
+    ("freeze all except", 1, 18, "expected a selector, found end of file"),
+    ("freeze ..", 1, 10, "expected a layer name, found end of file"),
+    ("freeze a/", 1, 10, "expected a selector after '/'"),
+    ("freeze a /b/", 1, 13, "expected a selector after '/'; a /regex/ that follows another selector needs a comma before it: 'a, /regex/'"),
+    ("freeze layers[1:2", 1, 18, "unclosed 'layers[': expected ']'"),
+    ("freeze layers[a]", 1, 15, "expected an integer, ':' or ']', found 'a'"),
+    ("freeze layers[::0]", 1, 17, "slice step cannot be zero"),
+    ("freeze mobilenetv2_1.00_224/x", 1, 21, "unexpected '.': a name containing '.' is written quoted, as in \"mobilenetv2_1.00_224\"; '..' makes a range"),
+    ('freeze "abc', 1, 8, 'unterminated string: add the closing "'),
+    ("freeze /abc", 1, 8, "unterminated regular expression: add the closing '/'"),
+    ("freeze /a(/", 1, 10, "invalid regular expression: missing ), unterminated subpattern"),
+    ("freeze @x", 1, 8, "unexpected character '@': names with special characters are written quoted, as in \"my layer\""),
+    ("freeze a\x00", 1, 9, "unexpected character '\\x00' (U+0000): names with special characters are written quoted, as in \"my layer\""),
+    ("freeze **", 1, 8, "'**' must be followed by '/' and a selector, as in '**/conv1_*'"),
+    ("freeze a*..b", 1, 8, "the ends of a range are exact layer names; globs are not allowed here"),
+    ("freeze except", 1, 8, "'except' is a keyword here; quote it to mean a layer named except: \"except\""),
+    ("freeze type:", 1, 13, "expected a layer class name, as in 'type:BatchNormalization', found end of file"),
+    ("freeze layers[" + "9" * 5000 + "]", 1, 15, "number is too large"),
+])
+def test_syntax_errors(text, line, column, message):
+    with pytest.raises(surgery.SpecSyntaxError) as info:
+        surgery.parse(text, "spec.frz")
+    err = info.value
+    assert (err.line, err.column, err.message) == (line, column, message)
+    assert str(err) == f"spec.frz:{line}:{column}: error: {message}"
+
+
+def test_rendered_error_shows_the_line_and_one_caret():
+    with pytest.raises(surgery.SpecError) as info:
+        surgery.parse("freeze all\n  unfreez conv5_*\n", "spec.frz")
+    assert info.value.render() == (
+        "spec.frz:2:3: error: unknown statement 'unfreez'; did you mean 'unfreeze'?\n"
+        "    unfreez conv5_*\n"
+        "    ^"
+    )
+
+
+def test_load_spec_reports_non_utf8_bytes_with_position(tmp_path):
+    path = tmp_path / "bad.frz"
+    path.write_bytes(b"freeze a\nfreeze \xff\n")
+    with pytest.raises(surgery.SpecSyntaxError) as info:
+        surgery.load_spec(path)
+    assert (info.value.line, info.value.column) == (2, 8)
+    assert info.value.message == "the file is not UTF-8 text (byte 0xff)"
+    assert info.value.span.file == str(path)
