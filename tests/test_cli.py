@@ -1,0 +1,262 @@
+"""The `surgery` command on small real models: outputs, manifests, exit codes and messages.
+
+Most tests call `surgery.cli.main` in-process (one TensorFlow start for the module); a few run
+the installed console script to prove what a user's shell sees.
+"""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from surgery.cli import main
+from conftest import frozen_variable_paths, train_one_step, trainable_paths, weighted_flags
+
+SURGERY = str(Path(sys.executable).parent / "surgery")
+
+
+def sha(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    """A Functional model with a nested Sequential block and a BatchNormalization, saved."""
+    import keras
+
+    keras.backend.clear_session()
+    block = keras.Sequential([keras.layers.Dense(8, name="b1"),
+                              keras.layers.BatchNormalization(name="b_bn"),
+                              keras.layers.Dense(8, name="b2")], name="block")
+    inputs = keras.Input((6,), name="x")
+    h = keras.layers.Dense(8, name="stem")(inputs)
+    h = block(h)
+    outputs = keras.layers.Dense(2, name="head")(h)
+    model = keras.Model(inputs, outputs, name="tiny")
+    path = tmp_path_factory.mktemp("model") / "tiny.keras"
+    model.save(path)
+    return path
+
+
+@pytest.fixture
+def work(tmp_path, model_file):
+    spec = tmp_path / "spec.frz"
+    spec.write_text("freeze all\nunfreeze head, block/b2\n")
+    return tmp_path, spec, model_file
+
+
+def run(*args):
+    return main([str(a) for a in args])
+
+
+def test_apply_writes_model_and_manifest_and_leaves_the_input_alone(work, capsys):
+    tmp, spec, model = work
+    before = sha(model)
+    out = tmp / "tuned.keras"
+    assert run("apply", spec, model, "-o", out) == 0
+    stdout = capsys.readouterr().out
+    assert f"wrote {out}" in stdout and f"manifest {out}.manifest.json" in stdout
+    assert sha(model) == before
+    manifest = json.loads(Path(f"{out}.manifest.json").read_text())
+    states = {e["path"]: e["trainable"] for e in manifest["layers"]}
+    assert states == {"x": False, "stem": False, "block": True, "block/b1": False,
+                      "block/b_bn": False, "block/b2": True, "head": True}
+    assert manifest["model"]["sha256"] == before
+    assert manifest["model"]["source"] == "tiny.keras"
+    assert manifest["spec"]["text"] == spec.read_text()
+    assert [r["text"] for r in manifest["rules"]] == ["freeze all", "unfreeze head, block/b2"]
+    assert manifest["rules"][1]["matched"] == ["block/b2", "head"]
+    assert manifest["layers"][2]["rule"] is None  # the container follows its layers
+    assert {"keras", "tensorflow", "backend", "surgery"} <= set(manifest["versions"])
+    assert sorted(p.name for p in tmp.iterdir()) == ["spec.frz", "tuned.keras",
+                                                     "tuned.keras.manifest.json"]
+
+
+def test_reloaded_output_trains_exactly_what_the_manifest_says(work):
+    import keras
+
+    tmp, spec, model = work
+    out = tmp / "tuned.keras"
+    assert run("apply", spec, model, "-o", out) == 0
+    manifest = json.loads(Path(f"{out}.manifest.json").read_text())
+    reloaded = keras.models.load_model(out)
+    expected = {e["path"]: e["trainable"] for e in manifest["layers"] if e["params"]}
+    assert weighted_flags(reloaded) == expected
+    trainable_layers = {e["path"].rsplit("/", 1)[-1] for e in manifest["layers"]
+                        if e["trainable"] and not e["container"] and e["params"]}
+    assert {p.split("/")[-2] for p in trainable_paths(reloaded)} == trainable_layers
+    frozen = frozen_variable_paths(reloaded)
+    steps = train_one_step(reloaded)
+    assert all(np.array_equal(*steps[p]) for p in frozen)
+    assert all(not np.array_equal(*steps[p]) for p in trainable_paths(reloaded))
+
+
+def test_the_same_spec_and_model_give_byte_identical_manifests(work, tmp_path):
+    tmp, spec, model = work
+    first, second = tmp / "a.keras", tmp / "sub"
+    second.mkdir()
+    assert run("apply", spec, model, "-o", first) == 0
+    assert run("apply", spec, model, "-o", second / "b.keras",
+               "--manifest", second / "m.json") == 0
+    assert Path(f"{first}.manifest.json").read_bytes() == (second / "m.json").read_bytes()
+
+
+def test_refuses_an_existing_output_unless_forced(work, capsys):
+    tmp, spec, model = work
+    out = tmp / "tuned.keras"
+    out.write_bytes(b"precious")
+    assert run("apply", spec, model, "-o", out) == 2
+    assert capsys.readouterr().err == (
+        f"surgery: error: {out}: already exists; pass --force to replace it\n")
+    assert out.read_bytes() == b"precious"
+    assert run("apply", spec, model, "-o", out, "--force") == 0
+    assert out.read_bytes() != b"precious"
+
+
+def test_never_overwrites_the_input_even_with_force(work, capsys):
+    tmp, spec, model = work
+    before = sha(model)
+    assert run("apply", spec, model, "-o", model, "--force") == 2
+    assert "never modifies its input" in capsys.readouterr().err
+    assert sha(model) == before
+
+
+def test_spec_errors_exit_2_with_a_caret_and_write_nothing(work, capsys):
+    tmp, spec, model = work
+    spec.write_text("freeze all\nunfreez head\n")
+    out = tmp / "tuned.keras"
+    assert run("apply", spec, model, "-o", out) == 2
+    assert capsys.readouterr().err == (
+        f"{spec}:2:1: error: unknown statement 'unfreez'; did you mean 'unfreeze'?\n"
+        "  unfreez head\n"
+        "  ^\n")
+    assert sorted(p.name for p in tmp.iterdir()) == ["spec.frz"]
+
+
+def test_every_unmatched_selector_is_reported_at_once(work, capsys):
+    tmp, spec, model = work
+    spec.write_text("freeze stme, haed\n")
+    assert run("apply", spec, model, "-o", tmp / "t.keras") == 2
+    err = capsys.readouterr().err
+    assert f"{spec}:1:8: error: 'stme' matches no layer; did you mean 'stem'?" in err
+    assert f"{spec}:1:14: error: 'haed' matches no layer; did you mean 'head'?" in err
+    assert sorted(p.name for p in tmp.iterdir()) == ["spec.frz"]
+
+
+def test_allow_empty_turns_unmatched_selectors_into_warnings(work, capsys):
+    tmp, spec, model = work
+    spec.write_text("freeze stem, nothing_like_this\n")
+    assert run("apply", spec, model, "-o", tmp / "t.keras", "--allow-empty") == 0
+    err = capsys.readouterr().err
+    assert f"{spec}:1:14: warning: 'nothing_like_this' matches no layer" in err
+    manifest = json.loads((tmp / "t.keras.manifest.json").read_text())
+    assert manifest["warnings"][0]["message"] == "'nothing_like_this' matches no layer"
+
+
+@pytest.mark.parametrize("make,problem", [
+    (lambda d: d / "missing.keras", "no such file"),
+    (lambda d: d, "is a directory, not a model file (.keras or .h5)"),
+    (lambda d: (d / "notes.txt").write_text("hi") and d / "notes.txt",
+     "unsupported model format: expected a .keras or .h5 file, or keras.applications.NAME"),
+])
+def test_model_path_errors(tmp_path, capsys, make, problem):
+    spec = tmp_path / "spec.frz"
+    spec.write_text("freeze all\n")
+    model = make(tmp_path)
+    assert run("plan", spec, model) == 2
+    assert capsys.readouterr().err == f"surgery: error: {model}: {problem}\n"
+
+
+def test_random_bytes_and_truncated_files_are_one_line_errors(tmp_path, model_file, capsys):
+    spec = tmp_path / "spec.frz"
+    spec.write_text("freeze all\n")
+    junk = tmp_path / "junk.keras"
+    junk.write_bytes(os.urandom(4096))
+    truncated = tmp_path / "cut.keras"
+    truncated.write_bytes(model_file.read_bytes()[:2000])
+    for bad in (junk, truncated):
+        assert run("apply", spec, bad, "-o", tmp_path / "out.keras") == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"surgery: error: {bad}: cannot load the model: ")
+        assert err.count("\n") == 1
+    assert not (tmp_path / "out.keras").exists()
+
+
+def test_unknown_application_suggests_the_right_one(tmp_path, capsys):
+    spec = tmp_path / "spec.frz"
+    spec.write_text("freeze all\n")
+    assert run("plan", spec, "keras.applications.Resnet50") == 2
+    assert capsys.readouterr().err == (
+        "surgery: error: keras.applications.Resnet50: keras.applications has no model "
+        "'Resnet50'; did you mean keras.applications.ResNet50?\n")
+
+
+def test_lambda_layers_are_refused_in_safe_mode(tmp_path, capsys):
+    import keras
+
+    inputs = keras.Input((3,))
+    outputs = keras.layers.Lambda(lambda t: t * 2, name="double")(inputs)
+    path = tmp_path / "lambda.keras"
+    keras.Model(inputs, outputs).save(path)
+    spec = tmp_path / "spec.frz"
+    spec.write_text("freeze all\n")
+    assert run("apply", spec, path, "-o", tmp_path / "out.keras") == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"surgery: error: {path}: cannot load the model: ")
+    assert "safe" in err
+    assert not (tmp_path / "out.keras").exists()
+
+
+def test_plan_shows_every_layer_with_the_deciding_rule(work, capsys):
+    tmp, spec, model = work
+    assert run("plan", spec, model) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["#", "layer", "class", "params", "before", "after", "rule"]
+    rows = {line.split()[1]: line for line in out[2:9]}
+    assert set(rows) == {"x", "stem", "block", "block/b1", "block/b_bn", "block/b2", "head"}
+    assert rows["stem"].split()[4:7] == ["trainable", "frozen", "*"]
+    assert rows["stem"].endswith("line 1: freeze all")
+    assert rows["head"].endswith("line 2: unfreeze head, block/b2")
+    assert rows["block"].endswith("(follows the layers inside)")
+    assert any(line.startswith("note: 1 BatchNormalization layer is frozen") for line in out)
+    assert not list(tmp.glob("*.keras"))  # a dry run writes nothing
+
+
+def test_show_lists_layers_and_totals(work, capsys):
+    tmp, spec, model = work
+    assert run("show", model) == 0
+    out = capsys.readouterr().out
+    assert "block/b_bn" in out and "BatchNormalization" in out
+    assert "trainable params: " in out and "rule" not in out.splitlines()[0]
+
+
+def test_output_folder_must_exist(work, capsys):
+    tmp, spec, model = work
+    assert run("apply", spec, model, "-o", tmp / "nope" / "t.keras") == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_console_script_and_module_agree_and_never_print_a_traceback(tmp_path):
+    spec = tmp_path / "spec.frz"
+    spec.write_text("freeze all\n")
+    junk = tmp_path / "junk.keras"
+    junk.write_bytes(b"\x00" * 100)
+    for cmd in ([SURGERY], [sys.executable, "-m", "surgery"]):
+        proc = subprocess.run(cmd + ["apply", str(spec), str(junk), "-o", str(tmp_path / "o.keras")],
+                              capture_output=True, text=True)
+        assert proc.returncode == 2
+        assert proc.stdout == ""
+        assert "Traceback" not in proc.stderr
+        assert proc.stderr.startswith(f"surgery: error: {junk}: cannot load the model")
+    version = subprocess.run([SURGERY, "--version"], capture_output=True, text=True)
+    assert version.returncode == 0 and version.stdout.startswith("surgery ")
+
+
+def test_bad_arguments_exit_2():
+    proc = subprocess.run([SURGERY, "apply", "only-one-arg"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "usage:" in proc.stderr
