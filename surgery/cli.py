@@ -64,6 +64,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL", help=model_help)
     p.add_argument("--unsafe", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_show, allow_empty=False)
+
+    p = sub.add_parser("lint", help="check specs without loading TensorFlow (exit 1 on findings)")
+    p.add_argument("specs", metavar="SPEC", nargs="+", help="spec files (.frz, .yaml, .yml)")
+    p.add_argument("--model", metavar="MODEL",
+                   help="also report selectors that match nothing in this model (loads Keras)")
+    p.add_argument("--unsafe", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(func=_cmd_lint)
+
+    p = sub.add_parser("fmt", help="print specs in canonical form, or check or rewrite them")
+    p.add_argument("specs", metavar="SPEC", nargs="+", help="spec files (.frz, .yaml, .yml)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--check", action="store_true",
+                      help="exit 1 if a file is not in canonical form; change nothing")
+    mode.add_argument("--write", action="store_true", help="rewrite files in canonical form")
+    p.add_argument("--to", choices=("frz", "yaml"),
+                   help="print the spec converted to this form instead")
+    p.set_defaults(func=_cmd_fmt)
+
+    p = sub.add_parser("compile", help="print a spec's ordered operations as canonical JSON")
+    p.add_argument("spec", metavar="SPEC")
+    p.set_defaults(func=_cmd_compile)
+
+    p = sub.add_parser("verify", help="check a model's trainable state against a manifest "
+                                      "(exit 1 on differences)")
+    p.add_argument("manifest", metavar="MANIFEST")
+    p.add_argument("model", metavar="MODEL", help=model_help)
+    p.add_argument("--unsafe", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(func=_cmd_verify)
+
+    p = sub.add_parser("diff", help="compare two manifests, or one spec applied to two models "
+                                    "(exit 1 on differences)")
+    p.add_argument("a", metavar="A", help="a manifest (or a model, with --spec)")
+    p.add_argument("b", metavar="B", help="a manifest (or a model, with --spec)")
+    p.add_argument("--spec", metavar="SPEC", help="plan SPEC on the models A and B and compare")
+    p.add_argument("--unsafe", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(func=_cmd_diff)
     return parser
 
 
@@ -161,6 +197,137 @@ def _cmd_show(args) -> int:
     empty = Spec(rules=(), source="")
     print(plan_table(plan_spec(empty, tree), with_rules=False))
     return EXIT_OK
+
+
+def _cmd_lint(args) -> int:
+    from .lint import lint, lint_with_model
+
+    tree = None
+    if args.model:
+        from .engines import live
+
+        tree, _ = live.describe(_load_model(live, args))
+    status = EXIT_OK
+    for path in args.specs:
+        try:
+            spec = _read_spec(path)
+        except SpecError as exc:  # not a spec at all: the parser's findings
+            print(exc.render(), file=sys.stderr)
+            status = max(status, EXIT_FINDINGS)
+            continue
+        except UsageError as exc:
+            print(f"surgery: error: {exc}", file=sys.stderr)
+            status = EXIT_ERROR
+            continue
+        found = lint(spec) if tree is None else lint_with_model(spec, tree)
+        _print_diagnostics(found, spec)
+        if found:
+            status = max(status, EXIT_FINDINGS)
+    return status
+
+
+def _cmd_fmt(args) -> int:
+    from .atomic import AtomicOutputs
+    from .fmt import format_spec
+    from .yamlspec import is_embedded, is_yaml_path, to_yaml
+
+    if len(args.specs) > 1 and not (args.check or args.write):
+        raise UsageError("several files: pass --check or --write (printing is for one file)")
+    status = EXIT_OK
+    for path in args.specs:
+        spec = _read_spec(path)
+        target = args.to or ("yaml" if is_yaml_path(path) else "frz")
+        if target == "yaml" and is_yaml_path(path) and is_embedded(spec.source) and not args.to:
+            raise UsageError(f"{path}: the rules sit inside a larger config; fmt rewrites "
+                             f"standalone spec files only (use --to frz or --to yaml to print)")
+        text = to_yaml(spec) if target == "yaml" else format_spec(spec)
+        if args.to and (args.check or args.write):
+            raise UsageError("--to prints the converted spec; it does not combine with "
+                             "--check or --write")
+        if args.check:
+            if text != spec.source:
+                print(f"{path}: not in canonical form (surgery fmt --write {path})",
+                      file=sys.stderr)
+                status = EXIT_FINDINGS
+        elif args.write:
+            if text != spec.source:
+                with AtomicOutputs() as outputs:
+                    tmp = outputs.reserve(path, ".tmp")
+                    tmp.write_text(text, encoding="utf-8")
+                    outputs.commit()
+                print(f"reformatted {path}")
+        else:
+            sys.stdout.write(text)
+    return status
+
+
+def _cmd_compile(args) -> int:
+    from .compiled import compile_spec
+    from .manifest import canonical_json
+
+    sys.stdout.write(canonical_json(compile_spec(_read_spec(args.spec))))
+    return EXIT_OK
+
+
+def _read_manifest(path: str):
+    from .manifest import load_manifest
+
+    try:
+        return load_manifest(path)
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such manifest") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{path}: cannot read the manifest: {exc}") from None
+    except ValueError as exc:
+        raise UsageError(f"{path}: {exc}") from None
+
+
+def _cmd_verify(args) -> int:
+    from .engines import live
+    from .manifest import verify
+
+    manifest = _read_manifest(args.manifest)
+    tree, _ = live.describe(_load_model(live, args))
+    differences = verify(manifest, tree)
+    for line in differences:
+        print(line)
+    if differences:
+        print(f"{args.model} does not match {args.manifest}: {len(differences)} "
+              f"difference{'s' if len(differences) != 1 else ''}", file=sys.stderr)
+        return EXIT_FINDINGS
+    print(f"{args.model} matches {args.manifest} ({len(manifest.layers)} layers)")
+    return EXIT_OK
+
+
+def _cmd_diff(args) -> int:
+    from .manifest import diff
+
+    if args.spec:
+        a, b = (_planned_manifest(args, args.spec, m) for m in (args.a, args.b))
+    else:
+        a, b = _read_manifest(args.a), _read_manifest(args.b)
+    lines = diff(a, b)
+    for line in lines:
+        print(line)
+    if not lines:
+        print("no differences")
+    return EXIT_FINDINGS if lines else EXIT_OK
+
+
+def _planned_manifest(args, spec_path: str, model_path: str):
+    """The manifest `apply` would write for this spec and model, computed without writing."""
+    from . import __version__
+    from .engines import live
+    from .manifest import build_manifest, sha256_file
+    from .plan import plan_spec
+
+    spec = _read_spec(spec_path)
+    model = _load_model(live, argparse.Namespace(model=model_path, unsafe=args.unsafe))
+    tree, _ = live.describe(model)
+    digest = None if model_path.startswith(live.APPLICATIONS_PREFIX) else sha256_file(model_path)
+    return build_manifest(plan_spec(spec, tree), spec, model_source=model_path,
+                          model_sha256=digest, model_name=model.name, versions=live.versions(),
+                          surgery_version=__version__)
 
 
 # --- helpers ---------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from typing import Optional, Union
 
 __all__ = [
     "Span", "Name", "Glob", "Regex", "TypeGlob", "Index", "Slice", "Range", "All", "AnyDepth",
-    "Segment", "Selector", "Rule", "Spec", "FREEZE", "UNFREEZE",
+    "Segment", "Selector", "Rule", "Comment", "Spec", "FREEZE", "UNFREEZE",
 ]
 
 FREEZE = "freeze"
@@ -143,9 +143,21 @@ class Rule:
 
 
 @dataclass(frozen=True)
+class Comment:
+    """A ``#`` comment, kept so that formatting and conversion do not lose it."""
+
+    text: str  # with the leading '#'
+    span: Span
+
+
+@dataclass(frozen=True)
 class Spec:
-    """A parsed spec: its rules in order, and the text they came from (for messages and manifests)."""
+    """A parsed spec: its rules in order, and the text they came from (for messages and manifests).
+
+    ``comments`` are carried for `fmt` and conversions only; they never change what a spec means.
+    """
 
     rules: tuple[Rule, ...]
     source: str
     file: str = "<string>"
+    comments: tuple[Comment, ...] = ()

@@ -13,11 +13,13 @@ import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from .compiled import compile_spec
 from .ir import Spec
 from .plan import Plan
 from .tree import LayerTree
 
-__all__ = ["Manifest", "build_manifest", "architecture_fingerprint", "sha256_file", "FORMAT"]
+__all__ = ["Manifest", "build_manifest", "architecture_fingerprint", "sha256_file", "verify",
+           "diff", "load_manifest", "FORMAT"]
 
 FORMAT = 1
 
@@ -84,6 +86,7 @@ def build_manifest(plan: Plan, spec: Spec, *, model_source: str, model_sha256: O
             "architecture": architecture_fingerprint(plan.tree),
             "layers": len(plan.layers),
         },
+        "compiled": compile_spec(spec),
         "rules": [
             {
                 "number": r.rule.number,
@@ -133,3 +136,85 @@ def _shown_source(source: str) -> str:
     if source.startswith("keras.applications."):
         return source
     return os.path.basename(source)
+
+
+def load_manifest(path: str) -> Manifest:
+    """Read a manifest written by `surgery apply`; ValueError says what is wrong with it."""
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not a manifest: invalid JSON at line {exc.lineno}, column "
+                             f"{exc.colno}: {exc.msg}") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT or "layers" not in data:
+        raise ValueError(f"not a surgery manifest (format {FORMAT})")
+    return Manifest(data)
+
+
+def _state(trainable: bool) -> str:
+    return "trainable" if trainable else "frozen"
+
+
+def verify(manifest: Manifest, tree: LayerTree) -> list[str]:
+    """Every difference between the trainable state a manifest records and a model's, by path.
+
+    Layers without weights are compared for presence and class only: their flag carries no
+    meaning for training, and Keras does not keep an InputLayer's flag across save/load.
+    """
+    differences = []
+    nodes = {n.path: n for n in tree.layers()}
+    recorded = set()
+    for entry in manifest.layers:
+        path = entry["path"]
+        recorded.add(path)
+        node = nodes.get(path)
+        if node is None:
+            differences.append(f"{path}: in the manifest, missing from the model")
+            continue
+        if node.cls != entry["class"]:
+            differences.append(f"{path}: the manifest has a {entry['class']}, the model a "
+                               f"{node.cls}")
+            continue
+        if not node.children and node.params == 0:
+            continue
+        actual = tree.effectively_trainable(node)
+        if actual != entry["trainable"]:
+            differences.append(f"{path}: the manifest says {_state(entry['trainable'])}, the "
+                               f"model has it {_state(actual)}")
+    for path in nodes:
+        if path not in recorded:
+            differences.append(f"{path}: in the model, missing from the manifest")
+    return differences
+
+
+def diff(a: Manifest, b: Manifest) -> list[str]:
+    """What changed from manifest ``a`` to manifest ``b``, one line each, layers by path."""
+    lines = []
+    for key, label in (("spec", "spec"), ("model", "model")):
+        if a.data[key]["sha256"] != b.data[key]["sha256"]:
+            lines.append(f"{label}: {a.data[key].get('file') or a.data[key].get('source')} "
+                         f"({_short(a.data[key]['sha256'])}) -> "
+                         f"{b.data[key].get('file') or b.data[key].get('source')} "
+                         f"({_short(b.data[key]['sha256'])})")
+    if a.data["model"]["architecture"] != b.data["model"]["architecture"]:
+        lines.append("architecture: differs (layers added, removed or reshaped)")
+    layers_a = {e["path"]: e for e in a.layers}
+    layers_b = {e["path"]: e for e in b.layers}
+    for path, ea in layers_a.items():
+        eb = layers_b.get(path)
+        if eb is None:
+            lines.append(f"- {path}: {_state(ea['trainable'])} (only in the first)")
+        elif ea["trainable"] != eb["trainable"]:
+            lines.append(f"~ {path}: {_state(ea['trainable'])} -> {_state(eb['trainable'])}")
+    for path, eb in layers_b.items():
+        if path not in layers_a:
+            lines.append(f"+ {path}: {_state(eb['trainable'])} (only in the second)")
+    ta, tb = a.data["totals"], b.data["totals"]
+    if ta["trainable_params"]["after"] != tb["trainable_params"]["after"]:
+        lines.append(f"trainable params: {ta['trainable_params']['after']:,} -> "
+                     f"{tb['trainable_params']['after']:,}")
+    return lines
+
+
+def _short(digest: Optional[str]) -> str:
+    return digest[:12] if digest else "no file"

@@ -11,6 +11,8 @@ import difflib
 import fnmatch
 import functools
 import re
+import threading
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 
@@ -19,7 +21,7 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedTok
 
 from .errors import SpecSyntaxError
 from .ir import (
-    FREEZE, UNFREEZE, All, AnyDepth, Glob, Index, Name, Range, Regex, Rule, Selector, Slice, Span,
+    FREEZE, UNFREEZE, All, AnyDepth, Comment, Glob, Index, Name, Range, Regex, Rule, Selector, Slice, Span,
     Spec, TypeGlob,
 )
 
@@ -39,24 +41,50 @@ def grammar_text() -> str:
         encoding="utf-8")
 
 
+class _CommentSink:
+    """Collects COMMENT tokens (which the grammar ignores) during one parse."""
+
+    def __init__(self) -> None:
+        self.tokens: list[Token] = []
+
+    def __call__(self, token: Token) -> Token:
+        self.tokens.append(token)
+        return token
+
+
+_comments = _CommentSink()
+_lock = threading.Lock()
+
+
 @functools.lru_cache(maxsize=1)
 def _parser() -> Lark:
-    return Lark(grammar_text(), parser="lalr", propagate_positions=True, maybe_placeholders=True)
+    # One parser for the process; the lexer callback feeds a module-level sink that `parse`
+    # empties around each run, under a lock so that threads do not share comments.
+    return Lark(grammar_text(), parser="lalr", propagate_positions=True, maybe_placeholders=True,
+                lexer_callbacks={"COMMENT": _comments})
 
 
 def parse(text: str, file: str = "<string>") -> Spec:
     """Parse spec text into a `Spec`. Raises `SpecSyntaxError` (with line and column) on bad input."""
     if not isinstance(text, str):
         raise TypeError(f"spec text must be str, not {type(text).__name__}")
-    try:
-        tree = _parser().parse(text)
-    except UnexpectedInput as exc:
-        raise _syntax_error(exc, text, file) from None
-    return _Builder(text, file).spec(tree)
+    parser = _parser()
+    with _lock:
+        _comments.tokens = []
+        try:
+            tree = parser.parse(text)
+        except UnexpectedInput as exc:
+            raise _syntax_error(exc, text, file) from None
+        finally:
+            tokens, _comments.tokens = _comments.tokens, []
+    builder = _Builder(text, file)
+    comments = tuple(Comment(str(t).rstrip(), builder.span(t)) for t in tokens)
+    return replace(builder.spec(tree), comments=comments)
 
 
 def load_spec(path: str | Path) -> Spec:
-    """Read and parse a spec file. The path is kept as given, for messages."""
+    """Read and parse a spec file: .frz text, or the YAML form (.yaml, .yml). The path is kept
+    as given, for messages."""
     shown = str(path)
     data = Path(path).read_bytes()
     try:
@@ -67,6 +95,10 @@ def load_spec(path: str | Path) -> Spec:
         span = Span(shown, line, column, line, column + 1)
         raise SpecSyntaxError(f"the file is not UTF-8 text (byte 0x{data[exc.start]:02x})", span,
                               source=data.decode("utf-8", "replace")) from None
+    if shown.endswith((".yaml", ".yml")):
+        from .yamlspec import parse_yaml  # yamlspec builds on this module
+
+        return parse_yaml(text, shown)
     return parse(text, shown)
 
 
@@ -138,10 +170,12 @@ class _Builder:
         if kind == "layers":
             return self.index(tree.children[1], span)
         if kind == "range":
-            first, _dots, last = tree.children
+            first, dots, last = tree.children
+            self.tight(first, dots, last)
             return self.range(span, first, last)
         if kind == "range_to":
-            _dots, last = tree.children
+            dots, last = tree.children
+            self.tight(None, dots, last)
             return self.range(span, None, last)
         raise AssertionError(f"grammar rule without a builder: {kind}")  # pragma: no cover
 
@@ -184,6 +218,15 @@ class _Builder:
             return int(str(token))
         except ValueError:  # more digits than Python converts (sys.get_int_max_str_digits)
             raise self.error("number is too large", token) from None
+
+    def tight(self, first, dots: Token, last) -> None:
+        """A range is written without blanks: commas between selectors are optional, so
+        'a.. b' would otherwise silently read as the range 'a..b'."""
+        before = first is not None and first.meta.end_pos != dots.start_pos
+        after = last is not None and dots.end_pos != last.meta.start_pos
+        if before or after:
+            raise self.error("write a range without blanks ('a..b'); to list an open range and "
+                             "another selector, separate them with a comma ('a.., b')", dots)
 
     def range(self, span: Span, first, last) -> Range:
         ends = []

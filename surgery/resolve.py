@@ -35,7 +35,15 @@ class RuleResult:
 class Resolution:
     rules: tuple[RuleResult, ...]
     deciding: Mapping[str, Rule]  # leaf path -> the last rule that covers it
-    diagnostics: tuple[Diagnostic, ...]  # warnings; errors are raised
+    unmatched: tuple[Diagnostic, ...]  # selectors that match nothing (kept only with allow_empty)
+    findings: tuple[Diagnostic, ...]  # rules with no effect, rules emptied by 'except'
+
+    @property
+    def diagnostics(self) -> tuple[Diagnostic, ...]:
+        """Everything worth telling the user, as warnings, in source order."""
+        found = [Diagnostic("warning", d.message, d.span) for d in self.unmatched]
+        found += self.findings
+        return tuple(sorted(found, key=lambda d: (d.span.line, d.span.column)))
 
 
 def resolve(spec: Spec, tree: LayerTree, *, allow_empty: bool = False) -> Resolution:
@@ -66,12 +74,10 @@ def resolve(spec: Spec, tree: LayerTree, *, allow_empty: bool = False) -> Resolu
                 "warning", "this rule covers no layer once 'except' is applied", rule.span))
         covered_by_rule.append(covered)
 
-    if errors:
-        if not allow_empty:
-            first = errors[0]
-            raise SelectorError(first.message, first.span, source=spec.source,
-                                diagnostics=tuple(errors))
-        warnings = [Diagnostic("warning", d.message, d.span) for d in errors] + warnings
+    if errors and not allow_empty:
+        first = errors[0]
+        raise SelectorError(first.message, first.span, source=spec.source,
+                            diagnostics=tuple(errors))
 
     deciding: dict[str, Rule] = {}
     for rule, covered in zip(spec.rules, covered_by_rule):
@@ -85,12 +91,11 @@ def resolve(spec: Spec, tree: LayerTree, *, allow_empty: bool = False) -> Resolu
             later = sorted({deciding[p] for p in covered}, key=lambda r: r.number)
             named = ", ".join(f"'{r.text}' (line {r.span.line})" for r in later[:3])
             warnings.append(Diagnostic(
-                "warning", f"this rule has no effect: every layer it covers is decided again by "
-                f"later rules: {named}{', ...' if len(later) > 3 else ''}", rule.span))
+                "warning", f"this rule has no effect: later rules decide every layer it covers: "
+                f"{named}{', ...' if len(later) > 3 else ''}", rule.span))
         results.append(RuleResult(rule, tuple(covered), decided))
 
-    warnings.sort(key=lambda d: (d.span.line, d.span.column))
-    return Resolution(tuple(results), deciding, tuple(warnings))
+    return Resolution(tuple(results), deciding, tuple(errors), tuple(warnings))
 
 
 class _Resolver:

@@ -1,0 +1,114 @@
+"""Checks on a spec alone, without a model and without TensorFlow (a pre-commit hook must be fast).
+
+Syntax problems are caught by the parser; this module finds what parses but cannot be meant:
+slices that are empty for every model, statements written twice, selectors listed twice, and
+rules that later rules override completely, where that can be decided from the text alone.
+Given a model's LayerTree, it also reports every selector that matches nothing.
+"""
+
+from __future__ import annotations
+
+from .errors import Diagnostic
+from .fmt import format_rule, format_selector
+from .ir import All, Rule, Slice, Spec
+from .resolve import resolve
+from .tree import LayerTree
+
+__all__ = ["lint", "lint_with_model"]
+
+
+def lint(spec: Spec) -> list[Diagnostic]:
+    found: list[Diagnostic] = []
+    found += _empty_slices(spec)
+    found += _repeated(spec)
+    found += _dead_rules(spec)
+    return sorted(found, key=lambda d: (d.span.line, d.span.column))
+
+
+def lint_with_model(spec: Spec, tree: LayerTree) -> list[Diagnostic]:
+    """`lint` plus what only a model can tell: selectors that match nothing (errors, as in
+    `apply`) and rules that the model's layers make ineffective."""
+    resolution = resolve(spec, tree, allow_empty=True)
+    errors = {(d.span.line, d.span.column) for d in resolution.unmatched}
+    found = [d for d in lint(spec) if (d.span.line, d.span.column) not in errors]
+    found += resolution.unmatched
+    # A rule the text already shows dead is not reported again by the model.
+    seen = {(d.span.line, d.span.column) for d in found}
+    found += [d for d in resolution.findings if (d.span.line, d.span.column) not in seen]
+    return sorted(found, key=lambda d: (d.span.line, d.span.column))
+
+
+def _empty_slices(spec: Spec) -> list[Diagnostic]:
+    out = []
+    for rule in spec.rules:
+        for sel in rule.selectors + rule.excepts:
+            for seg in sel.segments:
+                if isinstance(seg, Slice) and _always_empty(seg):
+                    out.append(Diagnostic("warning", f"'{format_selector(sel)}' is empty for "
+                                          "every model: the slice selects no layer", seg.span))
+    return out
+
+
+def _always_empty(s: Slice) -> bool:
+    """True when the slice is empty whatever the number of layers: both bounds on the same side
+    (both from the start or both from the end) and not in the direction of the step."""
+    if s.start is None or s.stop is None or (s.start < 0) != (s.stop < 0):
+        return False
+    step = s.step if s.step is not None else 1
+    return s.start >= s.stop if step > 0 else s.start <= s.stop
+
+
+def _repeated(spec: Spec) -> list[Diagnostic]:
+    out = []
+    first_seen: dict[str, Rule] = {}
+    for rule in spec.rules:
+        text = format_rule(rule)
+        if text in first_seen:
+            out.append(Diagnostic("warning", f"duplicate statement: the same as line "
+                                  f"{first_seen[text].span.line}", rule.span))
+        else:
+            first_seen[text] = rule
+        listed: set[str] = set()
+        for sel in rule.selectors + rule.excepts:
+            key = format_selector(sel)
+            if key in listed:
+                out.append(Diagnostic("warning", f"'{key}' is listed twice in this statement",
+                                      sel.span))
+            listed.add(key)
+    return out
+
+
+def _dead_rules(spec: Spec) -> list[Diagnostic]:
+    """A rule is dead when later rules without 'except' cover each of its selectors: a later
+    'all' (at the top level) covers everything; otherwise the same selector written later."""
+    out = []
+    rules = spec.rules
+    texts = [format_rule(r) for r in rules]
+    first_index: dict[str, int] = {}
+    for i, t in enumerate(texts):
+        first_index.setdefault(t, i)
+    covered_after: set[str] = set()
+    everything_after: Rule | None = None
+    deciders: dict[str, Rule] = {}
+    for i in range(len(rules) - 1, -1, -1):
+        rule = rules[i]
+        keys = [format_selector(s) for s in rule.selectors]
+        if first_index[texts[i]] == i:  # a repeat is reported as such, once
+            if everything_after is not None:
+                out.append(_dead(rule, [everything_after]))
+            elif keys and all(k in covered_after for k in keys):
+                out.append(_dead(rule, [deciders[k] for k in keys]))
+        if not rule.excepts:
+            for k, sel in zip(keys, rule.selectors):
+                covered_after.add(k)
+                deciders.setdefault(k, rule)
+                if len(sel.segments) == 1 and isinstance(sel.segments[0], All):
+                    everything_after = everything_after or rule
+    return out
+
+
+def _dead(rule: Rule, by: list[Rule]) -> Diagnostic:
+    unique = sorted({r.number: r for r in by}.values(), key=lambda r: r.number)
+    named = ", ".join(f"'{format_rule(r)}' (line {r.span.line})" for r in unique[:3])
+    return Diagnostic("warning", f"this rule has no effect: later rules decide every layer it "
+                      f"covers: {named}", rule.span)

@@ -1,0 +1,414 @@
+"""Fuzzing the parser and the resolver: for any text whatsoever, `surgery.parse` and
+parse + resolve + plan either return or raise `surgery.SpecError` with a usable position.
+
+Property checked on every input (``_check``):
+
+* nothing but `SpecError` (or a subclass) escapes: no Lark exception, no IndexError, no
+  RecursionError, no re.error;
+* the error's ``.line`` and ``.column`` are ints >= 1 that point into the text (Lark counts lines
+  by '\\n' only, so the text has ``text.count('\\n') + 1`` lines and a column is at most one past
+  the end of its line);
+* ``.render()`` returns a string.
+
+Three input sources: raw text (every code point hypothesis draws, NUL and control characters
+included), raw bytes decoded as latin-1 and with 'surrogateescape' (what a careless reader of a
+binary file would hand over), and a grammar-aware strategy that assembles statements from the
+pieces of the language, valid and broken, then mutates them (drop / duplicate / insert
+characters, swap pieces). Budgets are fixed and derandomized, so the file takes the same time and
+finds the same things on every run. Then explicit, non-hypothesis cases for sizes a random search
+never reaches: 1 MB lines, 100k repeated tokens, 10k nested '**/', a million-digit index.
+
+No TensorFlow: everything runs on plain `LayerTree`s.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import surgery
+from surgery.plan import plan_spec
+from surgery.tree import LayerTree
+
+# --- the models the fuzzed specs resolve against ----------------------------------------------
+
+# Names the grammar pieces below refer to, so a fair share of fuzzed specs resolve for real
+# (and walk into nested models) instead of all failing on the first unknown name.
+TREES = {
+    "flat": LayerTree.from_dict({"name": "m", "layers": [
+        "input_1:InputLayer", "conv1_pad:ZeroPadding2D", "conv1_conv:Conv2D",
+        "conv1_bn:BatchNormalization", "conv1_relu:Activation",
+        "conv5_block1_1_conv:Conv2D", "conv5_block1_1_bn:BatchNormalization",
+        "conv5_block1_out:Add", "avg_pool:GlobalAveragePooling2D", "predictions:Dense",
+    ]}),
+    "nested": LayerTree.from_dict({"name": "classifier", "layers": [
+        "input_layer_1:InputLayer",
+        {"name": "mobilenetv2_1.00_224", "class": "Functional", "layers": [
+            "input_layer:InputLayer", "Conv1:Conv2D", "bn_Conv1:BatchNormalization",
+            {"name": "inner", "class": "Sequential", "layers": [
+                "a:Dense", "b:Dense", {"name": "deepest", "layers": ["x:Dense", "y:Dense"]}]},
+            "block_16_project:Conv2D", "out_relu:ReLU",
+        ]},
+        {"name": "empty", "class": "Sequential", "layers": []},
+        "dropout:Dropout", "head:Dense", {"name": "dup", "layers": ["a:Dense"]},
+    ]}),
+    "empty": LayerTree.from_dict({"name": "nothing", "layers": []}),
+}
+
+
+# --- the property ------------------------------------------------------------------------------
+
+
+def _check_error(err: surgery.SpecError, text: str) -> None:
+    assert isinstance(err.line, int) and not isinstance(err.line, bool), err.line
+    assert isinstance(err.column, int) and not isinstance(err.column, bool), err.column
+    assert err.line >= 1 and err.column >= 1, (err.line, err.column, err.message)
+    lines = text.split("\n")
+    assert err.line <= len(lines), (err.line, len(lines), err.message)
+    assert err.column <= len(lines[err.line - 1]) + 1, (
+        err.line, err.column, len(lines[err.line - 1]), err.message)
+    assert isinstance(err.message, str) and err.message
+    rendered = err.render()
+    assert isinstance(rendered, str) and rendered
+    for d in err.diagnostics:  # every diagnostic of a multi-error report is in range too
+        assert 1 <= d.span.line <= len(lines) and d.span.column >= 1, d
+
+
+def _check(text: str, *, resolve: bool = True) -> None:
+    """Parse (and resolve against every tree): return, or a SpecError with a sane position."""
+    try:
+        spec = surgery.parse(text, "fuzz.frz")
+    except surgery.SpecError as err:
+        _check_error(err, text)
+        return
+    assert isinstance(spec, surgery.Spec)
+    if not resolve:
+        return
+    for tree in TREES.values():
+        for allow_empty in (False, True):
+            try:
+                plan = plan_spec(spec, tree, allow_empty=allow_empty)
+            except surgery.SpecError as err:
+                assert not allow_empty, f"allow_empty must not raise: {err}"
+                _check_error(err, text)
+            else:
+                assert len(plan.layers) == len(tree.layers())
+                for d in plan.diagnostics:
+                    assert d.span.line >= 1 and d.span.column >= 1
+
+
+FUZZ = settings(deadline=None, derandomize=True, database=None, print_blob=True,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                       HealthCheck.filter_too_much])
+
+
+# --- raw text and bytes ------------------------------------------------------------------------
+
+# Every code point except lone surrogates (a str from a file decoded as UTF-8 cannot hold them;
+# the bytes test below covers them through 'surrogateescape').
+ANY_CHAR = st.characters(codec=None, exclude_categories=("Cs",))
+CONTROL = st.sampled_from(["\x00", "\x01", "\x07", "\x08", "\x0b", "\x0c", "\x1b", "\x1c",
+                           "\x7f", "\x85", "\u2028", "\u2029", "\ufeff", "\r", "\n",
+                           "\t"])
+
+
+@settings(FUZZ, max_examples=1500)
+@given(st.text(alphabet=st.one_of(ANY_CHAR, CONTROL), max_size=80))
+def test_raw_text(text):
+    _check(text)
+
+
+@settings(FUZZ, max_examples=800)
+@given(st.binary(max_size=120), st.sampled_from(["latin-1", "surrogateescape"]))
+def test_raw_bytes(data, how):
+    text = data.decode("latin-1") if how == "latin-1" else data.decode("utf-8", "surrogateescape")
+    _check(text)
+
+
+@settings(FUZZ, max_examples=600)
+@given(st.text(alphabet=st.one_of(ANY_CHAR, CONTROL), max_size=40))
+def test_raw_text_after_a_valid_prefix(tail):
+    # Random text where a selector, a path or a slice is expected, not only at the start.
+    for prefix in ("freeze ", "freeze a/", "freeze layers[", "unfreeze all except ", "freeze **/"):
+        _check(prefix + tail)
+
+
+# --- grammar-aware -----------------------------------------------------------------------------
+
+KEYWORDS = st.sampled_from(["freeze", "unfreeze", "all", "except", "unfreez", "Freeze", "FREEZE",
+                            "freezeall", "exceptx", "freeze:", "layers", "type"])
+NAMES = st.sampled_from([
+    "conv1_conv", "conv1_bn", "bn_conv1", "conv5_*", "conv5_block1_*", "block_1?_*",
+    "conv[45]_*", "[!c]*", "[a-z]*", "[z-a]", "[&&]x", "[\\]x", "*", "?", "**x", "a-b", "_",
+    "head", "predictions", "Conv1", "a", "b", "x", "y", "inner", "deepest", "mobilenetv2*",
+    "empty", "dup", "input_1", "0", "-1", "9" * 50,
+])
+QUOTED = st.sampled_from([
+    '"mobilenetv2_1.00_224"', '"conv1_*"', "'a b'", '"with \\" escape"', '""', "''",
+    '"unterminated', "'x\\'", '"a\\\\"', '"tab\there"', '"\\"', "'\u00e9\u4e2d'",
+])
+REGEXES = st.sampled_from([
+    "/conv\\d+_.*/", "/a\\/b/", "/.*/", "/conv[45]_block\\d+_[12]_conv/", "/(/", "/[/",
+    "/a{2,1}/", "/*/", "/(?P<x>a)(?P<x>b)/", "/\\/", "//", "/(((((/", "/a{99999999999}/",
+    "/(?<=a+)b/", "/\\p{L}/", "/(?i)/", "/x**/", "/" + "(" * 300 + "/", "/\\", "/a",
+    "/(?P<n>a)(?P=m)/", "/[[:alpha:]]/", "/(a|)*/", "/\\0/",
+])
+HUGE = st.one_of(st.integers(-12, 12), st.integers(-(10 ** 40), 10 ** 40),
+                 st.sampled_from([0, -0, 2 ** 63, -(2 ** 63) - 1, 10 ** 300, -(10 ** 4000)]))
+
+
+@st.composite
+def layer_indexes(draw):
+    part = lambda: draw(st.one_of(st.just(""), HUGE.map(str), st.sampled_from(["+3", "-", "a"])))  # noqa: E731
+    shape = draw(st.sampled_from(["i", "a:b", "a:b:c", "::c", ":", "::", "a:b:c:d", "", "i,j"]))
+    body = "".join(part() if ch in "abcdij" else ch for ch in shape)
+    close = draw(st.sampled_from(["]", "]", "]", "", "]]", "[", ")"]))
+    return draw(st.sampled_from(["layers[", "layers [", "Layers[", "layers[["])) + body + close
+
+
+@st.composite
+def type_selectors(draw):
+    cls = draw(st.sampled_from(["BatchNormalization", "Conv*", "[!B]*", "Dense", "", "*",
+                                "batchnorm", "Conv2D?", "[", "type:", "Conv 2D"]))
+    return "type:" + cls
+
+
+@st.composite
+def ranges(draw):
+    end = lambda: draw(st.one_of(NAMES, QUOTED, st.just("")))  # noqa: E731
+    shape = draw(st.sampled_from(["a..b", "..b", "a..", "..", "a..b..c", "a...b", "a. .b"]))
+    return "".join(end() if ch in "abc" else ch for ch in shape)
+
+
+ATOMS = st.one_of(NAMES, QUOTED, REGEXES, layer_indexes(), type_selectors(), ranges(),
+                  st.sampled_from(["all", "**", "***", "*"]))
+
+
+@st.composite
+def selectors(draw):
+    n = draw(st.integers(1, 4))
+    parts = [draw(ATOMS) for _ in range(n)]
+    seps = [draw(st.sampled_from(["/", "/", "/", "//", " / ", "/**/"])) for _ in range(n - 1)]
+    out = parts[0]
+    for sep, part in zip(seps, parts[1:]):
+        out += sep + part
+    if draw(st.booleans()):
+        out = draw(st.sampled_from(["**/", "**/**/", "/", "/**/"])) + out
+    return out
+
+
+SELECTOR_SEPS = st.sampled_from([", ", ",", " ", "  ", " , ", ",,", "\t", ", \\\n"])
+STATEMENT_SEPS = st.sampled_from(["\n", "\n", ";", "; ", " ; ", "\r\n", "\n\n", ";;", "\n;\n",
+                                  " # comment\n", "#\n", "\x0c\n", "\r", ""])
+
+
+@st.composite
+def statements(draw):
+    head = draw(st.one_of(st.sampled_from(["freeze", "unfreeze", "freeze", "unfreeze"]), KEYWORDS))
+    sels = [draw(selectors()) for _ in range(draw(st.integers(0, 4)))]
+    text = head + " " + "".join(s + draw(SELECTOR_SEPS) for s in sels).rstrip(" ,")
+    if draw(st.integers(0, 3)) == 0:
+        excepts = [draw(selectors()) for _ in range(draw(st.integers(0, 3)))]
+        text += " except " + ", ".join(excepts)
+    return text
+
+
+@st.composite
+def specs(draw):
+    n = draw(st.integers(0, 6))
+    text = draw(st.sampled_from(["", "", "# header\n", "\ufeff", "\n\n", ";"]))
+    for _ in range(n):
+        text += draw(statements()) + draw(STATEMENT_SEPS)
+    return text
+
+
+JUNK = st.one_of(st.sampled_from(list("\x00\x0b\x7f\"'/\\[]:.,;#*?!- \t\n\r") +
+                                 ["..", "**", "layers[", "type:", "except", "freeze", "\u2028",
+                                  "\x85", "é", "\U0001F600"]), ANY_CHAR)
+
+
+@st.composite
+def mutated(draw, base):
+    text = draw(base)
+    for _ in range(draw(st.integers(0, 4))):
+        op = draw(st.sampled_from(["drop", "dup", "insert", "swap", "cut"]))
+        if not text and op != "insert":
+            continue
+        i = draw(st.integers(0, max(0, len(text) - 1)))
+        j = draw(st.integers(i, min(len(text), i + 12)))
+        if op == "drop":
+            text = text[:i] + text[j:]
+        elif op == "dup":
+            text = text[:j] + text[i:j] * draw(st.integers(1, 5)) + text[j:]
+        elif op == "insert":
+            text = text[:i] + draw(JUNK) + text[i:]
+        elif op == "swap":  # move a chunk elsewhere
+            chunk, rest = text[i:j], text[:i] + text[j:]
+            k = draw(st.integers(0, len(rest)))
+            text = rest[:k] + chunk + rest[k:]
+        else:
+            text = text[:j]
+    return text
+
+
+@settings(FUZZ, max_examples=2500)
+@given(specs())
+def test_grammar_pieces(text):
+    _check(text)
+
+
+@settings(FUZZ, max_examples=2500)
+@given(mutated(specs()))
+def test_grammar_pieces_mutated(text):
+    _check(text)
+
+
+# --- explicit sizes a random search never reaches ----------------------------------------------
+
+MB = 1_000_000
+
+
+def _assert_spec_error(text: str, message_part: str | None = None) -> surgery.SpecError:
+    with pytest.raises(surgery.SpecError) as info:
+        spec = surgery.parse(text, "big.frz")
+        for tree in TREES.values():
+            plan_spec(spec, tree)
+    _check_error(info.value, text)
+    if message_part is not None:
+        assert message_part in info.value.message
+    return info.value
+
+
+@pytest.mark.parametrize("make", [
+    pytest.param(lambda: "freeze " + "a" * MB, id="one 1MB name"),
+    pytest.param(lambda: 'freeze "' + "x" * MB + '"', id="one 1MB quoted name"),
+    pytest.param(lambda: "freeze /" + "x" * MB + "/", id="one 1MB regex"),
+    pytest.param(lambda: "freeze a # " + "c" * MB + "\nfreez b", id="1MB comment, then an error"),
+    pytest.param(lambda: "freeze a " + "\x00" * MB, id="1MB of NUL"),
+    pytest.param(lambda: "freeze " + "a" * MB + " \x00", id="error at column 1M"),
+    pytest.param(lambda: 'freeze "' + "x" * MB, id="1MB unterminated string"),
+    pytest.param(lambda: "freeze layers[" + "1:" * (MB // 2) + "]", id="1MB of slice colons"),
+])
+def test_one_megabyte_lines(make):
+    text = make()
+    assert len(text) >= MB
+    _check(text)
+
+
+def test_a_megabyte_name_reports_its_error_with_a_short_rendered_line():
+    err = _assert_spec_error("freeze " + "a" * MB + " \x00", "unexpected character")
+    assert (err.line, err.column) == (1, MB + 9)
+    shown = err.render().splitlines()
+    assert len(shown) == 3 and all(len(line) < 300 for line in shown)
+
+
+def test_a_million_digit_index_is_a_spec_error():
+    err = _assert_spec_error("freeze layers[" + "7" * MB + "]", "too large")
+    assert (err.line, err.column) == (1, 15)
+
+
+@pytest.mark.parametrize("text", [
+    "freeze layers[" + "9" * 4300 + "]",  # at Python's int-from-str limit: converts
+    "freeze layers[-" + "9" * 4300 + ":" + "9" * 4300 + ":-" + "9" * 4300 + "]",
+    "freeze layers[" + "9" * 4301 + "]",  # one past it: 'number is too large'
+    "freeze layers[::-" + "9" * 4301 + "]",
+    "freeze layers[" + str(2 ** 63) + ":" + str(-(2 ** 63) - 1) + ":" + str(2 ** 64) + "]",
+])
+def test_huge_numbers_in_slices(text):
+    _check(text)
+
+
+def test_huge_slice_bounds_resolve_as_python_slices():
+    tree = TREES["flat"]
+    spec = surgery.parse(f"freeze layers[-{10 ** 50}:{10 ** 50}:{10 ** 40}]")
+    plan = plan_spec(spec, tree)
+    assert [lp.path for lp in plan.layers if not lp.after] == ["input_1"]
+    with pytest.raises(surgery.SelectorError) as info:
+        plan_spec(surgery.parse(f"freeze layers[{10 ** 50}]"), tree)
+    assert "out of range" in info.value.message
+
+
+@pytest.mark.slow
+def test_a_hundred_thousand_repeated_selectors():
+    text = "freeze " + ",".join(["conv1_conv"] * 100_000)
+    spec = surgery.parse(text)
+    assert len(spec.rules[0].selectors) == 100_000
+    plan = plan_spec(spec, TREES["flat"])
+    assert plan.by_path["conv1_conv"].after is False
+    _check(text + ",\x00", resolve=False)  # and an error at its end still has a position
+
+
+def test_ten_thousand_repeated_statements_and_separators():
+    _check("freeze all;" * 10_000)
+    _check(";" * 100_000 + "\n" * 100_000 + "freez x")
+    err = _assert_spec_error("\n" * 100_000 + "freez x")
+    assert (err.line, err.column) == (100_001, 1)
+
+
+@pytest.mark.parametrize("depth", [1_000, 10_000])
+def test_deeply_repeated_any_depth(depth):
+    spec = surgery.parse("freeze " + "**/" * depth + "x")
+    plan = plan_spec(spec, TREES["nested"])
+    assert not plan.by_path["mobilenetv2_1.00_224/inner/deepest/x"].after
+    _check("freeze " + "**/" * depth)  # '**/' with nothing after it
+    _check("freeze " + "**" * depth)
+    _check("freeze " + "a/" * depth + "a")
+    _check("freeze " + "/" * depth)
+
+
+@pytest.mark.parametrize("text", [
+    "freeze /" + "(" * 100_000 + "/",
+    "freeze /" + "(" * 100_000 + ")" * 100_000 + "/",
+    "freeze /" + "(?:" * 5_000 + "a" + ")" * 5_000 + "/",
+    "freeze /" + "a{1000}" * 1000 + "/",
+    "freeze /(?:a{65535}){65535}/",
+    "freeze /" + "[" * 10_000 + "/",
+    "freeze /" + "\\" * 10_001 + "/",
+])
+def test_pathological_regexes(text):
+    _check(text)
+
+
+@pytest.mark.parametrize("text", [
+    "freeze " + "[" * 10_000,
+    "freeze " + "[a]" * 10_000,
+    "freeze " + '"' * 10_001,
+    "freeze " + "'" * 10_001,
+    "freeze " + "layers[" * 10_000,
+    "freeze " + "]" * 10_000,
+    "freeze " + ".." * 10_000,
+    "freeze " + "a.." * 10_000 + "b",
+    "freeze " + "type:" * 10_000,
+    "freeze all " + "except " * 10_000,
+    "freeze " + "except all " * 10_000,
+    "freeze " + "#" * 10_000,
+    "freeze a" + "\\" * 10_000,
+    "\ufeff" * 10_000 + "freeze a",
+    "\r" * 10_000 + "freeze",
+])
+def test_unbalanced_and_repeated_tokens(text):
+    _check(text)
+
+
+# --- render shows the line Lark counted -------------------------------------------------------
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "errors.render_diagnostic picks the source line with str.splitlines(), which also breaks at "
+    "\\f, \\v, \\r, \\x1c-\\x1e, \\x85, \\u2028 and \\u2029; Lark (and SpecError.line) count "
+    "'\\n' only, so after such a character the caret is shown under the wrong line"))
+@pytest.mark.parametrize("text", [
+    "freeze a\x0cb\nfreez x",          # form feed: whitespace in the grammar
+    "freeze a\rb\nfreez x",            # a lone CR: whitespace in the grammar
+    "# note\u2028more\nfreez x",       # any character is allowed in a comment
+    "# note\x1c\nfreez x",
+])
+def test_render_shows_the_line_the_error_is_on(text):
+    with pytest.raises(surgery.SpecError) as info:
+        surgery.parse(text, "f.frz")
+    err = info.value
+    assert (err.line, err.column) == (2, 1)
+    assert err.render().splitlines()[1] == "  freez x"
