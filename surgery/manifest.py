@@ -159,7 +159,9 @@ def verify(manifest: Manifest, tree: LayerTree) -> list[str]:
     """Every difference between the trainable state a manifest records and a model's, by path.
 
     Layers without weights are compared for presence and class only: their flag carries no
-    meaning for training, and Keras does not keep an InputLayer's flag across save/load.
+    meaning for training, and Keras does not keep an InputLayer's flag across save/load. A nested
+    model is compared by what it trains (whether any layer inside it does), not by its own flag,
+    which Keras may restore differently from its children's after a reload.
     """
     differences = []
     nodes = {n.path: n for n in tree.layers()}
@@ -175,9 +177,9 @@ def verify(manifest: Manifest, tree: LayerTree) -> list[str]:
             differences.append(f"{path}: the manifest has a {entry['class']}, the model a "
                                f"{node.cls}")
             continue
-        if not node.children and node.params == 0:
+        if node.params == 0:
             continue
-        actual = tree.effectively_trainable(node)
+        actual = _trains(tree, node)
         if actual != entry["trainable"]:
             differences.append(f"{path}: the manifest says {_state(entry['trainable'])}, the "
                                f"model has it {_state(actual)}")
@@ -185,6 +187,12 @@ def verify(manifest: Manifest, tree: LayerTree) -> list[str]:
         if path not in recorded:
             differences.append(f"{path}: in the model, missing from the manifest")
     return differences
+
+
+def _trains(tree: LayerTree, node) -> bool:
+    if not node.children:
+        return tree.effectively_trainable(node)
+    return any(_trains(tree, c) for c in node.children if c.params)
 
 
 def diff(a: Manifest, b: Manifest) -> list[str]:

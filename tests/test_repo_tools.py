@@ -1,0 +1,351 @@
+"""Specs in repositories: lint without TensorFlow, fmt, the YAML form, compile, verify, diff."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+import surgery
+from surgery.cli import main
+from surgery.compiled import compile_spec
+from surgery.fmt import format_spec
+from surgery.yamlspec import parse_yaml, to_yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+SPECS = sorted((ROOT / "specs").glob("*.frz"))
+
+
+def run(*args):
+    return main([str(a) for a in args])
+
+
+def _layout_free(compiled):
+    """The compiled operations without positions: what a spec means, not where it was written."""
+    return [{k: v for k, v in op.items() if k not in ("line", "column")}
+            for op in compiled["operations"]]
+
+
+# --- lint ------------------------------------------------------------------------------------
+
+
+def test_lint_clean_spec_exits_0(tmp_path, capsys):
+    spec = tmp_path / "ok.frz"
+    spec.write_text("freeze all\nunfreeze conv5_*\n")
+    assert run("lint", spec) == 0
+    assert capsys.readouterr() == ("", "")
+
+
+def test_lint_reports_each_finding_with_position(tmp_path, capsys):
+    spec = tmp_path / "s.frz"
+    spec.write_text("freeze a\nfreeze layers[5:2], b, b\nfreeze a\nfreeze x\nfreeze all\n"
+                    "unfreeze c\n")
+    assert run("lint", spec) == 1
+    err = capsys.readouterr().err
+    headlines = [line for line in err.splitlines() if line.startswith(str(spec))]
+    assert headlines == [
+        f"{spec}:1:1: warning: this rule has no effect: later rules decide every layer it "
+        f"covers: 'freeze all' (line 5)",
+        f"{spec}:2:1: warning: this rule has no effect: later rules decide every layer it "
+        f"covers: 'freeze all' (line 5)",
+        f"{spec}:2:8: warning: 'layers[5:2]' is empty for every model: the slice selects no layer",
+        f"{spec}:2:24: warning: 'b' is listed twice in this statement",
+        f"{spec}:3:1: warning: duplicate statement: the same as line 1",
+        f"{spec}:4:1: warning: this rule has no effect: later rules decide every layer it "
+        f"covers: 'freeze all' (line 5)",
+    ]
+
+
+def test_lint_dead_rule_by_later_selectors(tmp_path, capsys):
+    spec = tmp_path / "s.frz"
+    spec.write_text("freeze x, y\nunfreeze x\nunfreeze y, z\nfreeze w except x\nunfreeze w\n")
+    assert run("lint", spec) == 1
+    err = capsys.readouterr().err
+    assert f"{spec}:1:1: warning: this rule has no effect: later rules decide every layer it " \
+           f"covers: 'unfreeze x' (line 2), 'unfreeze y, z' (line 3)" in err
+    assert f"{spec}:4:1: warning" in err
+    assert f"{spec}:2:1" not in err  # only partly covered by later rules: not dead
+
+
+def test_lint_syntax_error_is_a_finding_and_missing_file_is_exit_2(tmp_path, capsys):
+    spec = tmp_path / "s.frz"
+    spec.write_text("unfreez a\n")
+    assert run("lint", spec) == 1
+    assert "did you mean 'unfreeze'?" in capsys.readouterr().err
+    assert run("lint", tmp_path / "missing.frz") == 2
+    assert "no such spec file" in capsys.readouterr().err
+
+
+def test_lint_with_model_reports_every_selector_that_matches_nothing(tmp_path, capsys):
+    spec = tmp_path / "s.frz"
+    spec.write_text("freeze bn_conv1, conv1_conv\nunfreeze conv9_*\n")
+    assert run("lint", spec, "--model", "keras.applications.VGG16") == 1
+    err = capsys.readouterr().err
+    assert f"{spec}:1:8: error: 'bn_conv1' matches no layer" in err
+    assert f"{spec}:1:18: error: 'conv1_conv' matches no layer" in err
+    assert f"{spec}:2:10: error: 'conv9_*' matches no layer" in err
+
+
+def test_lint_imports_neither_tensorflow_nor_keras(tmp_path):
+    spec = tmp_path / "s.frz"
+    spec.write_text("freeze all\nunfreeze conv5_*\n")
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "surgery", "lint", str(spec)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0
+    modules = [line.split("|")[-1].strip() for line in proc.stderr.splitlines()
+               if line.startswith("import time:")]
+    assert "lark" in modules and "surgery.lint" in modules  # the measurement worked
+    heavy = [m for m in modules if m.split(".")[0] in ("tensorflow", "keras", "numpy", "h5py")]
+    assert heavy == []
+
+
+# --- fmt -------------------------------------------------------------------------------------
+
+MESSY = """# header
+
+freeze   conv1_* ;freeze layers[ 0 : 10 ]   # inline
+unfreeze "conv5_block1_out" , type:BatchNormalization except   /conv5_block\\d_1_.*/
+
+
+
+# trailing comment
+"""
+
+CANONICAL = """# header
+
+freeze conv1_*
+freeze layers[0:10]  # inline
+unfreeze conv5_block1_out, type:BatchNormalization except /conv5_block\\d_1_.*/
+
+# trailing comment
+"""
+
+
+def test_fmt_canonical_form_and_fixed_point():
+    assert format_spec(surgery.parse(MESSY)) == CANONICAL
+    assert format_spec(surgery.parse(CANONICAL)) == CANONICAL
+
+
+@pytest.mark.parametrize("path", SPECS, ids=lambda p: p.name)
+def test_every_example_spec_is_canonical_and_round_trips_through_yaml(path):
+    spec = surgery.load_spec(path)
+    assert format_spec(spec) == path.read_text()
+    as_yaml = to_yaml(spec)
+    back = parse_yaml(as_yaml, "x.yaml")
+    assert format_spec(back) == path.read_text()  # comments and blank lines included
+    assert _layout_free(compile_spec(back)) == _layout_free(compile_spec(spec))
+    assert to_yaml(back) == as_yaml
+
+
+def test_fmt_check_write_and_print(tmp_path, capsys):
+    spec = tmp_path / "s.frz"
+    spec.write_text(MESSY)
+    assert run("fmt", "--check", spec) == 1
+    assert "not in canonical form" in capsys.readouterr().err
+    assert spec.read_text() == MESSY
+    assert run("fmt", spec) == 0
+    assert capsys.readouterr().out == CANONICAL
+    assert run("fmt", "--write", spec) == 0
+    assert spec.read_text() == CANONICAL
+    assert run("fmt", "--check", spec) == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["s.frz"]  # no temporary left
+
+
+def test_fmt_converts_between_forms(tmp_path, capsys):
+    spec = tmp_path / "s.frz"
+    spec.write_text(CANONICAL)
+    assert run("fmt", "--to", "yaml", spec) == 0
+    as_yaml = capsys.readouterr().out
+    (tmp_path / "s.yaml").write_text(as_yaml)
+    assert run("fmt", "--to", "frz", tmp_path / "s.yaml") == 0
+    assert capsys.readouterr().out == CANONICAL
+
+
+def test_fmt_refuses_to_rewrite_a_larger_config(tmp_path, capsys):
+    config = tmp_path / "train.yaml"
+    config.write_text("lr: 0.001\nsurgery:\n  rules:\n    - freeze: all\n")
+    assert run("fmt", "--write", config) == 2
+    assert "inside a larger config" in capsys.readouterr().err
+    assert config.read_text().startswith("lr: 0.001")
+
+
+# --- the YAML form ---------------------------------------------------------------------------
+
+ISSUE_YAML = """version: 1
+rules:
+  - freeze: all
+  - unfreeze: [conv5_*, 'type:BatchNormalization']
+  - freeze: 'layers[0:10]'
+"""
+
+
+def test_yaml_compiles_to_the_same_rules_as_frz():
+    from_yaml = parse_yaml(ISSUE_YAML, "s.yaml")
+    from_frz = surgery.parse("freeze all\nunfreeze conv5_*, type:BatchNormalization\n"
+                             "freeze layers[0:10]\n")
+    assert _layout_free(compile_spec(from_yaml)) == _layout_free(compile_spec(from_frz))
+    assert [r.span.line for r in from_yaml.rules] == [3, 4, 5]
+
+
+def test_yaml_inside_a_larger_config_and_load_spec_by_suffix(tmp_path):
+    config = tmp_path / "train.yml"
+    config.write_text("model: resnet50\nepochs: 3\nsurgery:\n  version: 1\n  rules:\n"
+                      "    - freeze: all\n      except: [conv5_*, predictions]\n")
+    spec = surgery.load_spec(config)
+    (rule,) = spec.rules
+    assert rule.text == "freeze all except conv5_*, predictions"
+    assert (rule.span.line, rule.span.column) == (6, 7)
+    listed = surgery.load_spec(tmp_path / "train.yml")
+    assert listed.rules == spec.rules
+
+
+@pytest.mark.parametrize("text,line,column,message", [
+    ("rules:\n  - freeze: bn_conv1 layers[a]\n", 2, 29,
+     "expected an integer, ':' or ']', found 'a'"),
+    ("rules:\n  - freeze: 'layers[::0]'\n", 2, 23, "slice step cannot be zero"),
+    ("rules:\n  - frezee: all\n", 2, 5, "unknown key 'frezee'; did you mean 'freeze'?"),
+    ("rules:\n  - freeze: **/conv1_*\n", 2, 14,
+     "invalid YAML: expected alphabetic or numeric character, but found '*'; in YAML, quote a "
+     "selector that starts with '*' (such as '**/conv1_*') or contains '[' or ','"),
+    ("rules:\n  - freeze: !!python/object/apply:os.system ['echo pwned']\n", 2, 13,
+     "the YAML tag '!!python/object/apply:os.system' is not allowed: specs are read with safe "
+     "loading only"),
+    ("rules:\n  - freeze: 3\n", 2, 13,
+     "expected a selector string, found '3'; quote it if it is a layer name"),
+    ("version: 2\nrules: []\n", 1, 10, "unsupported version '2': this surgery reads version 1"),
+    ("rules:\n  - freeze: 'a; unfreeze b'\n", 2, 13,
+     "one rule per list item: write selectors, not statements, here"),
+])
+def test_yaml_errors_point_at_the_yaml_line_and_column(text, line, column, message):
+    with pytest.raises(surgery.SpecError) as info:
+        parse_yaml(text, "s.yaml")
+    assert (info.value.line, info.value.column, info.value.message) == (line, column, message)
+
+
+def test_yaml_python_tags_are_never_executed(tmp_path):
+    marker = tmp_path / "pwned"
+    text = f"rules:\n  - freeze: !!python/object/apply:os.system ['touch {marker}']\n"
+    with pytest.raises(surgery.SpecError):
+        parse_yaml(text, "s.yaml")
+    assert not marker.exists()
+
+
+# --- compile ---------------------------------------------------------------------------------
+
+
+def test_compile_prints_canonical_json(tmp_path, capsys):
+    spec = tmp_path / "s.frz"
+    spec.write_text("freeze all except conv5_*\nunfreeze layers[-3:]\n")
+    assert run("compile", spec) == 0
+    out = capsys.readouterr().out
+    data = json.loads(out)
+    assert out == json.dumps(data, sort_keys=True, indent=2) + "\n"
+    ops = data["operations"]
+    assert [op["statement"] for op in ops] == ["freeze all except conv5_*",
+                                               "unfreeze layers[-3:]"]
+    assert ops[1]["select"][0]["path"] == [{"kind": "slice", "start": -3, "stop": None,
+                                            "step": None}]
+
+
+# --- verify and diff -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def applied(tmp_path_factory):
+    """A nested model, a spec applied to it by `surgery apply`, the output and its manifest."""
+    import keras
+
+    tmp = tmp_path_factory.mktemp("verify")
+    inner = keras.Sequential([keras.layers.Dense(4, name="i1"), keras.layers.Dense(4, name="i2")],
+                             name="inner")
+    x = keras.Input((3,), name="x")
+    out = keras.layers.Dense(2, name="head")(inner(keras.layers.Dense(4, name="stem")(x)))
+    model_path = tmp / "model.keras"
+    keras.Model(x, out).save(model_path)
+    spec = tmp / "spec.frz"
+    spec.write_text("freeze all\nunfreeze head, inner/i2\n")
+    tuned = tmp / "tuned.keras"
+    assert main(["apply", str(spec), str(model_path), "-o", str(tuned)]) == 0
+    return tmp, spec, model_path, tuned
+
+
+def _resave(src, dst, change):
+    import keras
+
+    model = keras.models.load_model(src)
+    change(model)
+    model.save(dst)
+
+
+def test_verify_passes_on_the_applied_model(applied, capsys):
+    tmp, _, _, tuned = applied
+    capsys.readouterr()
+    assert run("verify", f"{tuned}.manifest.json", tuned) == 0
+    assert "matches" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("change,expected", [
+    (lambda m: setattr(m.get_layer("stem"), "trainable", True),
+     ["stem: the manifest says frozen, the model has it trainable"]),
+    (lambda m: setattr(m.get_layer("inner").get_layer("i1"), "trainable", True),
+     ["inner/i1: the manifest says frozen, the model has it trainable"]),
+    # A container is compared by what it trains (its own flag does not survive save/load
+    # reliably): frozen whole, it trains nothing, and neither does its trainable layer.
+    (lambda m: setattr(m.get_layer("inner"), "trainable", False),
+     ["inner: the manifest says trainable, the model has it frozen",
+      "inner/i2: the manifest says trainable, the model has it frozen"]),
+])
+def test_verify_catches_a_changed_layer(applied, tmp_path, capsys, change, expected):
+    _, _, _, tuned = applied
+    drifted = tmp_path / "drifted.keras"
+    _resave(tuned, drifted, change)
+    capsys.readouterr()
+    assert run("verify", f"{tuned}.manifest.json", drifted) == 1
+    out, err = capsys.readouterr()
+    assert out.splitlines() == expected
+    assert "does not match" in err
+
+
+def test_verify_rejects_a_file_that_is_not_a_manifest(applied, capsys):
+    tmp, spec, _, tuned = applied
+    assert run("verify", spec, tuned) == 2
+    assert "not a manifest" in capsys.readouterr().err
+
+
+def test_diff_two_manifests_and_a_spec_on_two_models(applied, tmp_path, capsys):
+    tmp, spec, model_path, tuned = applied
+    other_spec = tmp_path / "other.frz"
+    other_spec.write_text("freeze all\nunfreeze head\n")
+    other = tmp_path / "other.keras"
+    assert run("apply", other_spec, model_path, "-o", other) == 0
+    capsys.readouterr()
+    assert run("diff", f"{tuned}.manifest.json", f"{other}.manifest.json") == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("spec: spec.frz (") and "-> other.frz (" in out[0]
+    assert "~ inner: trainable -> frozen" in out
+    assert "~ inner/i2: trainable -> frozen" in out
+    assert run("diff", f"{tuned}.manifest.json", f"{tuned}.manifest.json") == 0
+    assert capsys.readouterr().out == "no differences\n"
+    # The same spec planned on the input and on the output: only the files differ.
+    assert run("diff", "--spec", spec, model_path, tuned) == 1
+    assert capsys.readouterr().out.splitlines() == [
+        f"model: model.keras ({_sha(model_path)[:12]}) -> tuned.keras ({_sha(tuned)[:12]})"]
+
+
+def _sha(path):
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def test_pre_commit_hooks_offer_lint_and_fmt():
+    hooks = yaml.safe_load((ROOT / ".pre-commit-hooks.yaml").read_text())
+    by_id = {h["id"]: h for h in hooks}
+    assert by_id["surgery-lint"]["entry"] == "surgery lint"
+    assert by_id["surgery-fmt"]["entry"] == "surgery fmt --check"
+    for hook in hooks:
+        assert hook["language"] == "python"
+        assert re.search(hook["files"], "specs/x.frz") and not re.search(hook["files"], "a.py")
