@@ -8,6 +8,7 @@ with the closest names; ``allow_empty`` turns those errors into warnings.
 
 from __future__ import annotations
 
+import bisect
 import difflib
 import fnmatch
 import re
@@ -79,22 +80,25 @@ def resolve(spec: Spec, tree: LayerTree, *, allow_empty: bool = False) -> Resolu
         raise SelectorError(first.message, first.span, source=spec.source,
                             diagnostics=tuple(errors))
 
-    deciding: dict[str, Rule] = {}
-    for rule, covered in zip(spec.rules, covered_by_rule):
+    # Rule numbers, not Rule objects, in the hot loops: hashing a frozen dataclass walks all of
+    # its fields, which made long specs slow.
+    last: dict[str, int] = {}
+    for n, covered in enumerate(covered_by_rule):
         for path in covered:
-            deciding[path] = rule
+            last[path] = n
 
     results = []
-    for rule, covered in zip(spec.rules, covered_by_rule):
-        decided = tuple(p for p in covered if deciding[p] is rule)
+    for n, (rule, covered) in enumerate(zip(spec.rules, covered_by_rule)):
+        decided = tuple(p for p in covered if last[p] == n)
         if covered and not decided:
-            later = sorted({deciding[p] for p in covered}, key=lambda r: r.number)
+            later = [spec.rules[k] for k in sorted({last[p] for p in covered})]
             named = ", ".join(f"'{r.text}' (line {r.span.line})" for r in later[:3])
             warnings.append(Diagnostic(
                 "warning", f"this rule has no effect: later rules decide every layer it covers: "
                 f"{named}{', ...' if len(later) > 3 else ''}", rule.span))
         results.append(RuleResult(rule, tuple(covered), decided))
 
+    deciding = {path: spec.rules[n] for path, n in last.items()}
     return Resolution(tuple(results), deciding, tuple(errors), tuple(warnings))
 
 
@@ -104,6 +108,7 @@ class _Resolver:
         self.order = {n.path: i for i, n in enumerate(tree.layers())}
         self._units: dict[str, tuple[str, ...]] = {}
         self._by_name: dict[str, dict[str, Layer]] = {}
+        self._sorted: dict[str, tuple[list[str], list[int]]] = {}
 
     def units(self, node: Layer) -> tuple[str, ...]:
         """The leaf layers a match on ``node`` covers: itself, or everything inside a container."""
@@ -122,6 +127,21 @@ class _Resolver:
             table = {c.name: c for c in scope.children}
             self._by_name[scope.path] = table
         return table
+
+    def _with_prefix(self, scope: Layer, prefix: str) -> list[Layer]:
+        """The children whose names start with ``prefix``, in layer order: a sorted index makes
+        a glob like conv5_* cost a bisection, not a scan of every layer, when specs are long."""
+        if not prefix:
+            return list(scope.children)
+        index = self._sorted.get(scope.path)
+        if index is None:
+            pairs = sorted((c.name, c.index) for c in scope.children)
+            index = ([name for name, _ in pairs], [i for _, i in pairs])
+            self._sorted[scope.path] = index
+        names, positions = index
+        lo = bisect.bisect_left(names, prefix)
+        hi = bisect.bisect_left(names, prefix + "\U0010ffff")
+        return [scope.children[i] for i in sorted(positions[lo:hi])]
 
     def select(self, sel: Selector) -> tuple[list[Layer], Optional[Diagnostic]]:
         """The layers a selector names, or the diagnostic that explains why it names none."""
@@ -166,7 +186,11 @@ class _Resolver:
         if isinstance(seg, Name):
             hit = self.children_by_name(scope).get(seg.value)
             return [hit] if hit is not None else []
-        if isinstance(seg, (Glob, Regex)):
+        if isinstance(seg, Glob):
+            match = seg.regex.fullmatch
+            return [c for c in self._with_prefix(scope, _literal_prefix(seg.pattern))
+                    if match(c.name)]
+        if isinstance(seg, Regex):
             match = seg.regex.fullmatch
             return [c for c in children if match(c.name)]
         if isinstance(seg, TypeGlob):
@@ -240,6 +264,11 @@ class _Resolver:
                     return (f"; it is inside the nested model '{node.name}': write "
                             f"'**/{written}' or '{rel}/{written}'")
         return ""
+
+
+def _literal_prefix(pattern: str) -> str:
+    m = re.search(r"[*?\[]", pattern)
+    return pattern[:m.start()] if m else pattern
 
 
 def _quoted(name: str) -> str:
