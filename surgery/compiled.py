@@ -38,7 +38,12 @@ def _segment(seg) -> dict:
 
 
 def _selector(sel: Selector) -> dict:
-    return {"text": format_selector(sel), "path": [_segment(s) for s in sel.segments]}
+    out = {"text": format_selector(sel), "path": [_segment(s) for s in sel.segments]}
+    if sel.part is not None:
+        p = sel.part
+        out["part"] = {"kind": p.kind, "name": p.name,
+                       "channels": _segment(p.channels) if p.channels is not None else None}
+    return out
 
 
 def _operation(rule: Rule) -> dict:

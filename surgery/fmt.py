@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 from .ir import (
-    All, AnyDepth, Comment, Glob, Index, Name, Range, Regex, Rule, Selector, Slice, Spec, TypeGlob,
+    WEIGHT, All, AnyDepth, Comment, Glob, Index, Name, Part, Range, Regex, Rule, Selector, Slice,
+    Spec, TypeGlob,
 )
 from .parse import KEYWORDS
 
@@ -56,8 +57,15 @@ def _segment(seg) -> str:
     raise AssertionError(f"unknown segment {seg!r}")  # pragma: no cover
 
 
+def format_part(part: Part) -> str:
+    if part.kind == WEIGHT:
+        return f".{part.name}"
+    return f".{part.kind}{_segment(part.channels)[len('layers'):]}"
+
+
 def format_selector(sel: Selector) -> str:
-    return "/".join(_segment(s) for s in sel.segments)
+    text = "/".join(_segment(s) for s in sel.segments)
+    return text + format_part(sel.part) if sel.part is not None else text
 
 
 def format_rule(rule: Rule) -> str:

@@ -12,7 +12,7 @@ from typing import Optional, Union
 
 __all__ = [
     "Span", "Name", "Glob", "Regex", "TypeGlob", "Index", "Slice", "Range", "All", "AnyDepth",
-    "Segment", "Selector", "Rule", "Comment", "Spec", "FREEZE", "UNFREEZE",
+    "Segment", "Part", "WEIGHT", "FILTERS", "UNITS", "Selector", "Rule", "Comment", "Spec", "FREEZE", "UNFREEZE",
 ]
 
 FREEZE = "freeze"
@@ -113,14 +113,35 @@ class AnyDepth:
 
 Segment = Union[Name, Glob, Regex, TypeGlob, Index, Slice, Range, All, AnyDepth]
 
+WEIGHT = "weight"
+FILTERS = "filters"
+UNITS = "units"
+
+
+@dataclass(frozen=True)
+class Part:
+    """A part of each selected layer's weights.
+
+    ``.kernel`` (kind "weight", ``name`` the weight's name) is one whole weight; ``.filters[...]``
+    and ``.units[...]`` (``channels`` an Index or Slice over the layer's output channels) are the
+    entries that produce those outputs: the kernel slice and the matching bias entries.
+    """
+
+    kind: str
+    name: Optional[str]
+    channels: Optional[Union[Index, Slice]]
+    span: Span
+
 
 @dataclass(frozen=True)
 class Selector:
-    """A path of segments; ``/`` walks into nested models. ``text`` is the selector as written."""
+    """A path of segments; ``/`` walks into nested models; an optional ``part`` narrows the
+    selection to some weights of the layers. ``text`` is the selector as written."""
 
     segments: tuple[Segment, ...]
     text: str
     span: Span
+    part: Optional[Part] = None
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,8 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedTok
 
 from .errors import SpecSyntaxError
 from .ir import (
-    FREEZE, UNFREEZE, All, AnyDepth, Comment, Glob, Index, Name, Range, Regex, Rule, Selector, Slice, Span,
-    Spec, TypeGlob,
+    FILTERS, FREEZE, UNFREEZE, UNITS, WEIGHT, All, AnyDepth, Comment, Glob, Index, Name, Part, Range,
+    Regex, Rule, Selector, Slice, Span, Spec, TypeGlob,
 )
 
 __all__ = ["parse", "load_spec", "grammar_text", "KEYWORDS"]
@@ -145,11 +145,22 @@ class _Builder:
         return tuple(self.selector(s) for s in tree.children)
 
     def selector(self, tree: Tree) -> Selector:
-        segments = tuple(self.segment(c) for c in tree.children if not isinstance(c, Token))
+        *path, part_tree = tree.children
+        segments = tuple(self.segment(c) for c in path if not isinstance(c, Token))
         if isinstance(segments[-1], AnyDepth):
             raise self.error("'**' must be followed by '/' and a selector, as in '**/conv1_*'",
                              segments[-1].span)
-        return Selector(segments=segments, text=self.source_of(tree), span=self.span(tree))
+        part = self.part(part_tree) if part_tree is not None else None
+        return Selector(segments=segments, text=self.source_of(tree), span=self.span(tree),
+                        part=part)
+
+    def part(self, tree: Tree) -> Part:
+        span = self.span(tree)
+        if tree.data == "weight_part":
+            return Part(WEIGHT, str(tree.children[1]), None, span)
+        _dot, opener, index = tree.children
+        kind = FILTERS if str(opener).startswith(FILTERS) else UNITS
+        return Part(kind, None, self.index(index, span), span)
 
     def segment(self, tree: Tree):
         kind = tree.data
@@ -320,8 +331,17 @@ def _unexpected_token_message(token: Token, expected: set[str], text: str) -> st
     if token.type in ("LAYERS_OPEN", "TYPE_PREFIX", "STRING", "REGEX", "GLOB") and \
             "SLASH" in expected:
         return f"expected ',' or end of statement before '{word}'"
+    if "PART_NAME" in expected and token.type == "GLOB":
+        before = _before(text, token)
+        name = re.split(r"[\s,;/]", before)[-1] + word
+        return (f"unexpected '{word}' after '.': a name containing '.' is written quoted, as in "
+                f"\"{name}\"; after a layer, '.' names a part: .kernel, .bias, .filters[...], "
+                f".units[...]")
+    if "PART_NAME" in expected:
+        return ("expected a part after '.': a weight name (.kernel, .bias, ...), "
+                ".filters[...] or .units[...]")
     if token.type in ("_NL", "$END") and "RSQB" in expected:
-        return "unclosed 'layers[': expected ']'"
+        return "unclosed '[': expected ']'"
     if token.type == "SLASH" and "REGEX" in expected:
         return "unterminated regular expression: add the closing '/'"
     before = _before(text, token)

@@ -65,11 +65,11 @@ class _Rule:
 
 _CONV = (_Rule("kernel", "kernel_constraint", (-1,), True),
          _Rule("bias", "bias_constraint", (0,), True))
-_CONV_TRANSPOSE = (_Rule("kernel", "kernel_constraint", (-2,), True),
+_CONV_TRANSPOSE = (_Rule("kernel", "kernel_constraint", (-1,), True),
                    _Rule("bias", "bias_constraint", (0,), True))
 # Depthwise kernels are (*k, in, multiplier) and TensorFlow numbers output channels
 # in * multiplier + m: the C-order flattening of the last two axes.
-_DEPTHWISE = (_Rule("kernel", "depthwise_constraint", (-2, -1), True),
+_DEPTHWISE = (_Rule("kernel", "depthwise_constraint", (-2,), True),
               _Rule("bias", "bias_constraint", (0,), True))
 _SEPARABLE = (_Rule("depthwise_kernel", "depthwise_constraint", (-2, -1), False),
               _Rule("pointwise_kernel", "pointwise_constraint", (-1,), True),

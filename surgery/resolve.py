@@ -54,6 +54,10 @@ def resolve(spec: Spec, tree: LayerTree, *, allow_empty: bool = False) -> Resolu
     covered_by_rule: list[list[str]] = []
 
     for rule in spec.rules:
+        for sel in rule.selectors + rule.excepts:
+            if sel.part is not None:  # until sub-layer freezing lands, never widen it silently
+                raise SelectorError("freezing parts of a layer is not supported yet",
+                                    sel.part.span, source=spec.source)
         picked: dict[str, None] = {}
         for sel in rule.selectors:
             nodes, problem = r.select(sel)

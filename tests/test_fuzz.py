@@ -30,6 +30,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import surgery
+from surgery.errors import Diagnostic
+from surgery.ir import Span
 from surgery.plan import plan_spec
 from surgery.tree import LayerTree
 
@@ -54,6 +56,8 @@ TREES = {
         ]},
         {"name": "empty", "class": "Sequential", "layers": []},
         "dropout:Dropout", "head:Dense", {"name": "dup", "layers": ["a:Dense"]},
+        "conv1_pad:ZeroPadding2D", "conv1_conv:Conv2D", "conv1_bn:BatchNormalization",
+        "conv1_relu:Activation", "conv5_block1_1_conv:Conv2D", "predictions:Dense",
     ]}),
     "empty": LayerTree.from_dict({"name": "nothing", "layers": []}),
 }
@@ -143,16 +147,20 @@ def test_raw_text_after_a_valid_prefix(tail):
 # resolver's error paths and hints) or from both; `mutated` then damages it character by
 # character.
 
-VALID_NAMES = [
-    "conv1_conv", "conv1_bn", "bn_conv1", "conv5_*", "conv5_block1_*", "block_1?_*", "conv[45]_*",
-    "[!c]*", "[a-z]*", "*", "?", "a-b", "_", "head", "predictions", "Conv1", "a", "b", "x", "y",
-    "inner", "deepest", "mobilenetv2*", "empty", "dup", "input_1", "0", "-1", "9" * 50,
-    '"mobilenetv2_1.00_224"', '"conv1_*"', "'a b'", '"with \\" escape"', '""', "''",
-    '"a\\\\"', "'\u00e9\u4e2d'", "conv1_pad..conv1_relu", "..head", "dropout..", '"a".."b"',
-    "conv1_relu..conv1_pad", "a..zz", "all", "type:BatchNormalization", "type:Conv*",
-    "type:[!B]*", "type:batchnorm", "type:*", "type:Conv2D?",
-    "/conv\\d+_.*/", "/a\\/b/", "/.*/", "/conv[45]_block\\d+_[12]_conv/", "/(?i)CONV1_.*/",
-    "/x+/", "/(a|)*/", "/\\w+_bn/",
+# Names and selectors that match something in the trees above ...
+MATCHING = [
+    "conv1_conv", "conv1_bn", "conv5_*", "conv5_block1_*", "conv[45]_*", "[!c]*", "[a-z]*", "*",
+    "head", "predictions", "conv1_?ad", '"conv1_conv"', "'conv1_bn'", "conv1_pad..conv1_relu",
+    "..conv1_bn", "conv1_relu..", "all", "type:BatchNormalization", "type:Conv*", "type:[!B]*",
+    "type:*", "type:Conv2?", "/conv\\d+_.*/", "/.*/", "/conv[45]_block\\d+_[12]_conv/",
+    "/(?i)CONV1_.*/", "/\\w+_bn/", "/(a|c)onv.*/",
+]
+# ... and well-formed ones that match nothing, to reach the resolver's hints.
+MISSING = [
+    "bn_conv1", "block_1?_*", "?", "a-b", "_", "Conv1", "x", "inner", "deepest", "0", "-1",
+    "9" * 50, '"mobilenetv2_1.00_224"', "'a b'", '"with \\" escape"', '""', "''", '"a\\\\"',
+    "'\u00e9\u4e2d'", "conv1_relu..conv1_pad", "a..zz", '"a".."b"', "type:batchnorm",
+    "/a\\/b/", "/x+/", "/(a|)*/", "/conv1/", "CONV1_*", "mobilenetv2*", "empty", "dup",
 ]
 BROKEN_NAMES = [
     "[z-a]", "[&&]x", "[\\]x", "**x", "***", "**", '"unterminated', "'x\\'", '"\\"', '"tab\there"',
@@ -168,48 +176,56 @@ INTS = [0, 1, -1, 3, -3, 9, 12, -12, 2 ** 31, 2 ** 63, -(2 ** 63) - 1, 10 ** 40,
 SLICE_SHAPES = ["i", "a:b", "a:b:c", "::c", ":", "::", "a:", ":b", "::-1", "a::c"]
 
 
+CLEAN, VALID, BROKEN = 0, 1, 2  # how a spec is drawn: see `specs`
+
+
 @st.composite
-def layer_indexes(draw):
+def layer_indexes(draw, mode):
     shape = draw(st.sampled_from(SLICE_SHAPES))
-    body = "".join(str(draw(st.sampled_from(INTS))) if ch in "abci" else ch for ch in shape)
+    ints = INTS[:6] if mode == CLEAN else INTS
+    body = "".join(str(draw(st.sampled_from(ints))) if ch in "abci" else ch for ch in shape)
     return f"layers[{body}]"
 
 
 @st.composite
-def segments(draw, broken):
-    kind = draw(st.integers(0, 5))
+def segments(draw, mode):
+    kind = draw(st.integers(0, 7))
     if kind == 0:
-        return draw(layer_indexes())
-    if broken and kind == 1:
-        return draw(st.sampled_from(BROKEN_NAMES))
-    return draw(st.sampled_from(VALID_NAMES))
+        return draw(layer_indexes(mode))
+    if kind == 1 and mode != CLEAN:
+        return draw(st.sampled_from(BROKEN_NAMES if mode == BROKEN else MISSING))
+    if kind == 2 and mode == BROKEN:
+        return draw(st.sampled_from(MISSING))
+    return draw(st.sampled_from(MATCHING))
 
 
 @st.composite
-def selectors(draw, broken):
+def selectors(draw, mode):
     # Valid paths walk through the nested models the trees really have; broken ones anywhere.
-    out = draw(st.sampled_from(["", "", "", "**/", "**/**/", "mobilenetv2*/", "**/inner/",
-                                '"mobilenetv2_1.00_224"/inner/deepest/', "dup/"]))
-    out += draw(segments(broken))
-    if broken:
+    prefixes = ["", "**/"] if mode == CLEAN else [
+        "", "", "", "", "", "**/", "**/**/", "mobilenetv2*/", "**/inner/",
+        '"mobilenetv2_1.00_224"/inner/deepest/', "dup/"]
+    out = draw(st.sampled_from(prefixes)) + draw(segments(mode))
+    if mode == BROKEN:
         for _ in range(draw(st.integers(0, 2))):
             out += draw(st.sampled_from(["/", "/", "//", " / ", "/**/"]))
-            out += draw(segments(broken))
+            out += draw(segments(mode))
     return out
 
 
 @st.composite
-def statements(draw, broken):
+def statements(draw, mode):
+    broken = mode == BROKEN
     heads = ["freeze", "unfreeze"] + (["all", "except", "unfreez", "Freeze", "freezeall", ""]
                                       if broken else [])
     text = draw(st.sampled_from(heads)) + " "
     seps = [", ", ",", " ", "  ", " , "] + ([",,", "\t", ", \\\n", ";"] if broken else [])
     for i in range(draw(st.integers(0 if broken else 1, 3))):
-        text += (draw(st.sampled_from(seps)) if i else "") + draw(selectors(broken))
+        text += (draw(st.sampled_from(seps)) if i else "") + draw(selectors(mode))
     if draw(st.integers(0, 3)) == 0:
         text += " except "
         for i in range(draw(st.integers(0 if broken else 1, 2))):
-            text += (", " if i else "") + draw(selectors(broken))
+            text += (", " if i else "") + draw(selectors(mode))
     return text
 
 
@@ -219,11 +235,14 @@ STATEMENT_SEPS = ["\n", ";", "; ", " ; ", "\r\n", "\n\n", ";;", "\n;\n", " # com
 
 @st.composite
 def specs(draw):
-    broken = draw(st.booleans())
+    # CLEAN: only selectors that match at the top level, so many specs resolve and plan;
+    # VALID: also well-formed selectors that match nothing and paths into nested models (the
+    # resolver's errors and hints); BROKEN: also malformed pieces (the parser's errors).
+    mode = draw(st.sampled_from([CLEAN, VALID, BROKEN]))
     text = draw(st.sampled_from(["", "", "# header\n", "\n\n", ";"]))
+    extra = ["", "\r", " "] if mode == BROKEN else []
     for _ in range(draw(st.integers(1, 4))):
-        text += draw(statements(broken))
-        text += draw(st.sampled_from(STATEMENT_SEPS + (["", "\r", " "] if broken else [])))
+        text += draw(statements(mode)) + draw(st.sampled_from(STATEMENT_SEPS + extra))
     return text
 
 
@@ -265,14 +284,16 @@ def _tally(text: str) -> str:
         spec = surgery.parse(text)
     except surgery.SpecError:
         return "syntax error"
-    try:
-        plan_spec(spec, TREES["nested"])
-    except surgery.SpecError:
-        return "selector error"
-    return "resolved"
+    for tree in TREES.values():
+        try:
+            plan_spec(spec, tree)
+        except surgery.SpecError:
+            continue
+        return "resolved"
+    return "selector error"
 
 
-@settings(FUZZ, max_examples=800)
+@settings(FUZZ, max_examples=400)
 @given(specs())
 def test_grammar_pieces(text):
     _check(text)
@@ -289,7 +310,7 @@ def test_grammar_pieces_reach_every_stage():
     assert min(_outcomes.values()) >= 50, _outcomes
 
 
-@settings(FUZZ, max_examples=800)
+@settings(FUZZ, max_examples=400)
 @given(mutated(specs()))
 def test_grammar_pieces_mutated(text):
     _check(text)
@@ -371,10 +392,11 @@ def test_a_hundred_thousand_repeated_selectors():
 
 
 def test_ten_thousand_repeated_statements_and_separators():
-    _check("freeze all;" * 10_000)
-    _check(";" * 100_000 + "\n" * 100_000 + "freez x")
-    err = _assert_spec_error("\n" * 100_000 + "freez x")
-    assert (err.line, err.column) == (100_001, 1)
+    text = "freeze all;" * 10_000
+    plan = plan_spec(surgery.parse(text), TREES["flat"])
+    assert len(plan.diagnostics) == 9_999  # every rule but the last has no effect
+    err = _assert_spec_error(";" * 20_000 + "\n" * 20_000 + "freez x")
+    assert (err.line, err.column) == (20_001, 1)
 
 
 @pytest.mark.parametrize("depth", [1_000, 10_000])
@@ -409,7 +431,7 @@ def test_pathological_regexes(text):
     "freeze " + "layers[" * 10_000,
     "freeze " + "]" * 10_000,
     "freeze " + ".." * 10_000,
-    "freeze " + "a.." * 10_000 + "b",
+    "freeze " + "a.." * 2_000 + "b",
     "freeze " + "type:" * 10_000,
     "freeze all " + "except " * 10_000,
     "freeze " + "except all " * 10_000,
@@ -441,3 +463,25 @@ def test_render_shows_the_line_the_error_is_on(text):
     err = info.value
     assert (err.line, err.column) == (2, 1)
     assert err.render().splitlines()[1] == "  freez x"
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "quadratic: errors.render_diagnostic splits the whole source (source.splitlines()) once per "
+    "diagnostic, and SpecError.render calls it for each of its diagnostics, so a long spec with "
+    "many errors renders in O(diagnostics x lines); the CLI's warnings (_print_diagnostics) "
+    "take the same path"))
+def test_rendering_many_diagnostics_is_linear():
+    import time
+
+    lines = 20_000
+    source = "freeze conv1_conv  # filler\n" * lines
+    diags = tuple(Diagnostic("error", "'zz' matches no layer", Span("big.frz", n, 8, n, 10))
+                  for n in range(1, lines + 1, 10))  # 2,000 errors
+    err = surgery.SelectorError(diags[0].message, diags[0].span, source=source, diagnostics=diags)
+    start = time.perf_counter()
+    rendered = err.render()
+    elapsed = time.perf_counter() - start
+    assert rendered.count("\n") == 3 * len(diags) - 1
+    # Linear work is ~2,000 short lines (milliseconds); quadratic re-splits 20,000 lines 2,000
+    # times (seconds). The bound sits two orders of magnitude above the linear cost.
+    assert elapsed < 0.5, f"{len(diags)} diagnostics took {elapsed:.2f} s to render"

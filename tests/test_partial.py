@@ -383,6 +383,8 @@ def _assert_frozen_exact_and_rest_learned(model, snapshot):
         idx = np.asarray(f.indices)
         rest = np.setdiff1d(np.arange(b.shape[a0]), idx)
         assert np.array_equal(np.take(a, idx, a0), np.take(b, idx, a0)), f"{v.path} frozen moved"
+        if not len(rest):
+            continue
         # Every trainable channel moved somewhere: the rest of the weight still learns.
         moved = np.moveaxis(np.take(a, rest, a0) != np.take(b, rest, a0), a0, 0)
         assert moved.reshape(len(rest), -1).any(axis=1).all(), f"{v.path} stopped learning"
@@ -476,7 +478,11 @@ def test_saved_model_reloaded_in_a_fresh_process_keeps_frozen_entries(keras, tmp
         from surgery.engines.constraint import FrozenEntries, frozen_weights
 
         d = {str(tmp_path)!r}
-        model = keras.models.load_model(d + "/m{ext}")
+        if "{ext}" == ".h5":  # legacy HDF5 cannot restore a compiled "mse" (a Keras limit)
+            model = keras.models.load_model(d + "/m{ext}", compile=False)
+            model.compile(keras.optimizers.AdamW(0.01, weight_decay=0.5), "mse")
+        else:
+            model = keras.models.load_model(d + "/m{ext}")  # its AdamW state comes back too
         found = frozen_weights(model)
         assert all(f.on_variable and f.in_config for f in found), found
         print(json.dumps([[f"{{f.path}}/{{f.weight}}", list(f.indices), f.inner] for f in found]))
@@ -501,7 +507,7 @@ def test_saved_model_reloaded_in_a_fresh_process_keeps_frozen_entries(keras, tmp
                     assert not np.array_equal(np.take(now, rest, a0), np.take(last, rest, a0)), (
                         tag, v.path)
 
-        # more fit with the optimizer that came back (AdamW, weight decay, its moments)
+        # more fit: AdamW with weight decay
         model.fit(data["x"], data["y"], batch_size=8, epochs=1, verbose=0)
         check("fit")
         # a custom loop with a new optimizer that has momentum
@@ -514,7 +520,7 @@ def test_saved_model_reloaded_in_a_fresh_process_keeps_frozen_entries(keras, tmp
         check("tape")
         # and a second generation: save, load, train
         model.save(d + "/again{ext}")
-        model = keras.models.load_model(d + "/again{ext}")
+        model = keras.models.load_model(d + "/again{ext}", compile=False)
         frozen = {{f"{{f.path}}/{{f.weight}}": f for f in frozen_weights(model)}}
         assert len(frozen) == len(found)
         saved = {{v.path: v.numpy() for v in model.trainable_weights}}
