@@ -295,7 +295,7 @@ def _expected_words(expected: set[str]) -> str:
 
 
 def _found(token: Token) -> str:
-    if token.type in _TOKEN_WORDS and token.type in ("_NL", "$END"):
+    if token.type in ("_NL", "$END"):
         return _TOKEN_WORDS[token.type]
     return f"'{token}'"
 
@@ -370,7 +370,7 @@ def _unexpected_char_message(text: str, pos: int, allowed: set[str]) -> str:
         return f"unterminated string: add the closing {ch}"
     if ch == "/" and "REGEX" in allowed:
         return "unterminated regular expression: add the closing '/'"
-    if ch == "." and allowed & {"SLASH", "RANGE"}:
+    if ch == ".":
         start = pos
         while start > 0 and not text[start - 1].isspace() and text[start - 1] not in ",;/":
             start -= 1
@@ -381,7 +381,7 @@ def _unexpected_char_message(text: str, pos: int, allowed: set[str]) -> str:
         return (f"unexpected '.': a name containing '.' is written quoted, as in \"{name}\"; "
                 f"'..' makes a range")
     if "INT" in allowed:
-        return f"expected an integer, ':' or ']' inside 'layers[...]', found {_char(ch)}"
+        return f"expected an integer, ':' or ']' inside '[...]', found {_char(ch)}"
     if allowed & _SELECTOR_START:
         return (f"unexpected {_char(ch)}: names with special characters are written quoted, "
                 f"as in \"my layer\"")
