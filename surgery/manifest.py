@@ -59,6 +59,30 @@ def sha256_file(path: str) -> str:
     return digest.hexdigest()
 
 
+def environment_versions() -> dict[str, Optional[str]]:
+    """Keras, TensorFlow and backend versions, read from package metadata and Keras's settings
+    without importing either: both engines (one never imports TensorFlow) record the same."""
+    from importlib import metadata
+
+    def version(dist: str) -> Optional[str]:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return None
+
+    backend = os.environ.get("KERAS_BACKEND")
+    if not backend:
+        config = os.path.join(os.environ.get("KERAS_HOME", os.path.expanduser("~/.keras")),
+                              "keras.json")
+        try:
+            with open(config, encoding="utf-8") as f:
+                backend = json.load(f).get("backend")
+        except (OSError, ValueError, AttributeError):
+            backend = None
+    return {"keras": version("keras"), "tensorflow": version("tensorflow"),
+            "backend": backend or "tensorflow"}
+
+
 def architecture_fingerprint(tree: LayerTree) -> str:
     """sha256 of the structure the spec resolves against: paths, classes, weight shapes.
 
@@ -69,7 +93,12 @@ def architecture_fingerprint(tree: LayerTree) -> str:
 
 
 def build_manifest(plan: Plan, spec: Spec, *, model_source: str, model_sha256: Optional[str],
-                   model_name: str, versions: dict, surgery_version: str) -> Manifest:
+                   model_name: str, versions: Optional[dict] = None,
+                   surgery_version: Optional[str] = None) -> Manifest:
+    if versions is None:
+        versions = environment_versions()
+    if surgery_version is None:
+        from . import __version__ as surgery_version
     totals = plan.totals
     data = {
         "format": FORMAT,

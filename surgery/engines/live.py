@@ -173,14 +173,9 @@ def save(model, path: str) -> None:
 
 
 def versions() -> dict[str, str | None]:
-    try:
-        import tensorflow as tf
+    from ..manifest import environment_versions
 
-        tf_version = tf.__version__
-    except ImportError:  # another Keras backend, no TensorFlow installed
-        tf_version = None
-    return {"keras": keras.__version__, "tensorflow": tf_version,
-            "backend": keras.backend.backend()}
+    return environment_versions()
 
 
 def _first_line(exc: BaseException) -> str:
