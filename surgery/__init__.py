@@ -11,6 +11,11 @@ from .errors import ModelError, SelectorError, SpecError, SpecSyntaxError, Surge
 from .ir import Spec
 from .manifest import Manifest
 from .parse import load_spec, parse
+from ._register import install as _install_keras_hooks
+
+# Registers surgery's Keras classes (the sub-layer freezing constraint) the moment Keras is
+# imported, so keras.models.load_model reads models surgery wrote; Keras itself is not imported.
+_install_keras_hooks()
 
 __version__ = "0.1.0"
 

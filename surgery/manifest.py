@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 from .compiled import compile_spec
 from .ir import Spec
-from .plan import Plan
+from .plan import Plan, compact_ranges
 from .tree import LayerTree
 
 __all__ = ["Manifest", "build_manifest", "architecture_fingerprint", "sha256_file", "verify",
@@ -139,6 +139,10 @@ def build_manifest(plan: Plan, spec: Spec, *, model_source: str, model_sha256: O
                 "before": lp.before,
                 "trainable": lp.after,
                 "rule": lp.rule.number if lp.rule is not None else None,
+                **({"frozen_parts": [
+                    {"weight": p.weight, "shape": list(p.shape), "axes": list(p.axes),
+                     "frozen": p.ranges, "of": p.size, "entries": p.entries}
+                    for p in lp.frozen_parts]} if lp.frozen_parts else {}),
             }
             for lp in plan.layers
         ],
@@ -212,6 +216,15 @@ def verify(manifest: Manifest, tree: LayerTree) -> list[str]:
         if actual != entry["trainable"]:
             differences.append(f"{path}: the manifest says {_state(entry['trainable'])}, the "
                                f"model has it {_state(actual)}")
+            continue
+        if not node.children and actual:
+            recorded_parts = {p["weight"]: p["frozen"] for p in entry.get("frozen_parts", ())}
+            model_parts = {w.name: compact_ranges(w.frozen) for w in node.weights if w.frozen}
+            for weight in sorted(set(recorded_parts) | set(model_parts)):
+                want, have = recorded_parts.get(weight, ""), model_parts.get(weight, "")
+                if want != have:
+                    differences.append(f"{path}.{weight}: the manifest has entries "
+                                       f"[{want or 'none'}] frozen, the model [{have or 'none'}]")
     for path in nodes:
         if path not in recorded:
             differences.append(f"{path}: in the model, missing from the manifest")

@@ -12,20 +12,51 @@ import functools
 from dataclasses import dataclass
 from typing import Optional
 
-from .errors import Diagnostic
+from .errors import Diagnostic, SelectorError, SurgeryError
 from .ir import Rule, Spec
-from .resolve import Resolution, RuleResult, resolve
+from .parts import PartError
+from .parts import select as select_part
+from .resolve import PartOp, Resolution, RuleResult, resolve
 from .tree import Layer, LayerTree
 
-__all__ = ["LayerPlan", "Plan", "Totals", "make_plan", "plan_spec"]
+__all__ = ["compact_ranges", "FrozenPart", "LayerPlan", "Plan", "Totals", "make_plan", "plan_spec"]
 
 _BATCHNORM = ("BatchNormalization", "SyncBatchNormalization")
 
 
 @dataclass(frozen=True)
+class FrozenPart:
+    """Entries of one weight frozen inside a trainable layer: ``indices`` are positions on the
+    weight's output ``axes`` (channels), ``entries`` the scalars they hold."""
+
+    weight: str
+    shape: tuple[int, ...]
+    axes: tuple[int, ...]
+    indices: tuple[int, ...]
+    size: int  # positions on the axes
+    entries: int
+
+    @property
+    def ranges(self) -> str:
+        """The frozen positions as compact inclusive ranges: ``0-31,40,48-63``."""
+        return compact_ranges(self.indices)
+
+
+def compact_ranges(indices) -> str:
+    runs: list[list[int]] = []
+    for i in sorted(indices):
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs)
+
+
+@dataclass(frozen=True)
 class LayerPlan:
     """One layer's state before and after, and the rule that decided it (None: no rule covered
-    it, or it is a container whose state follows from the layers inside it)."""
+    it, or it is a container whose state follows from the layers inside it). ``frozen_parts``:
+    weights frozen entry by entry inside a layer left trainable."""
 
     layer: Layer
     before: bool
@@ -33,6 +64,11 @@ class LayerPlan:
     rule: Optional[Rule]
     trainable_params_before: int
     trainable_params_after: int
+    frozen_parts: tuple[FrozenPart, ...] = ()
+
+    @property
+    def partial(self) -> bool:
+        return bool(self.frozen_parts)
 
     @property
     def path(self) -> str:
@@ -40,7 +76,7 @@ class LayerPlan:
 
     @property
     def changed(self) -> bool:
-        return self.before != self.after
+        return self.before != self.after or self.partial
 
 
 @dataclass(frozen=True)
@@ -92,6 +128,12 @@ class Plan:
         frozen = sum(1 for lp in bn if not lp.after)
         trainable = len(bn) - frozen
         notes = []
+        partial_bn = [lp for lp in bn if lp.partial]
+        if partial_bn:
+            notes.append(
+                f"{len(partial_bn)} BatchNormalization layer{'s have' if len(partial_bn) > 1 else ' has'}"
+                " frozen parts but stay trainable: in training they normalize with batch "
+                "statistics and update their moving averages.")
         if frozen:
             notes.append(
                 f"{frozen} BatchNormalization layer{'s are' if frozen > 1 else ' is'} frozen: "
@@ -105,15 +147,88 @@ class Plan:
         return tuple(notes)
 
 
-def make_plan(tree: LayerTree, resolution: Resolution) -> Plan:
+def _settle_parts(node: Layer, state: bool, rule: Optional[Rule], ops: tuple[PartOp, ...],
+                  source: str) -> tuple[bool, Optional[Rule], tuple[FrozenPart, ...]]:
+    """A leaf's final state once part rules apply after its whole-layer state: the layer flag,
+    the last rule that touched it, and the entries frozen inside it."""
+    existing = {w.name: w.frozen for w in node.weights if w.frozen}
+    if not ops:
+        if state and rule is None and existing:  # earlier sub-layer freezes stay as they were
+            return True, None, _frozen_parts(node, {n: set(i) for n, i in existing.items()},
+                                             source, None)
+        return state, rule, ()
+    if not state and not any(op.rule.trainable for op in ops):
+        return False, rule, ()  # freezing parts of a frozen layer changes nothing
+    frozen: dict[str, set[int]] = {}
+    if state:
+        if rule is None:  # untouched by whole rules: start from what the model carries
+            frozen = {name: set(idx) for name, idx in existing.items()}
+    else:
+        # Unfreezing part of a frozen layer: every weight that trains with it starts frozen.
+        for w in node.weights:
+            if w.trainable:
+                frozen[w.name] = set(range(_positions(node, w.name, ops[0], source)))
+    for op in ops:
+        for sel in op.selections:
+            current = frozen.setdefault(sel.weight, set())
+            if op.rule.trainable:
+                current.difference_update(sel.indices)
+            else:
+                current.update(sel.indices)
+    last_rule = ops[-1].rule
+    sizes = {w.name: _positions(node, w.name, ops[-1], source) for w in node.weights
+             if w.trainable and w.name in frozen}
+    capable = [w.name for w in node.weights if w.trainable]
+    if not state and all(len(frozen.get(n, ())) == sizes.get(n, -1) for n in capable):
+        # Frozen whole in the end: the flag says it for free. The rule to name is the one that
+        # froze it back, if parts of it were unfrozen on the way; else the whole-layer rule.
+        refrozen = any(op.rule.trainable for op in ops)
+        return False, (last_rule if refrozen else rule), ()
+    if not any(frozen.values()):
+        return True, last_rule, ()
+    return True, last_rule, _frozen_parts(node, frozen, source, ops[-1])
+
+
+def _positions(node: Layer, weight: str, op: PartOp, source: str) -> int:
+    try:
+        (sel,) = select_part(node.path, node.cls, node.shapes, weight, None, dict(node.details))
+    except PartError as exc:
+        raise SelectorError(f"{exc}; so its other weights cannot stay frozen around a part",
+                            op.rule.span, source=source) from None
+    return sel.size
+
+
+def _frozen_parts(node: Layer, frozen: dict[str, set[int]], source: str,
+                  op: Optional[PartOp]) -> tuple[FrozenPart, ...]:
+    out = []
+    for w in node.weights:
+        idx = frozen.get(w.name)
+        if not idx:
+            continue
+        try:
+            (sel,) = select_part(node.path, node.cls, node.shapes, w.name, sorted(idx),
+                                 dict(node.details))
+        except PartError as exc:
+            if op is None:  # the model's own record disagrees with its shapes
+                raise SurgeryError(str(exc)) from None
+            raise SelectorError(str(exc), op.rule.span, source=source) from None
+        out.append(FrozenPart(w.name, sel.shape, sel.axes, sel.indices, sel.size, sel.entries))
+    return tuple(out)
+
+
+def make_plan(tree: LayerTree, resolution: Resolution, source: str = "") -> Plan:
     after: dict[str, bool] = {}
     rule_of: dict[str, Optional[Rule]] = {}
+    parts_of: dict[str, tuple[FrozenPart, ...]] = {}
 
     def settle(node: Layer) -> bool:
         if not node.children:
             rule = resolution.deciding.get(node.path)
             state = rule.trainable if rule is not None else tree.effectively_trainable(node)
+            state, rule, parts = _settle_parts(node, state, rule,
+                                               resolution.part_ops.get(node.path, ()), source)
             rule_of[node.path] = rule
+            parts_of[node.path] = parts
         else:
             # Evaluate every child (no short-circuit: each needs its own state).
             state = any([settle(c) for c in node.children])
@@ -123,12 +238,18 @@ def make_plan(tree: LayerTree, resolution: Resolution) -> Plan:
 
     root_after = settle(tree.root)
 
-    def trainable_params(node: Layer, trains) -> int:
+    def trainable_params(node: Layer, trains, parts) -> int:
         if node.children:
-            return sum(trainable_params(c, trains) for c in node.children)
-        return node.trainable_capable_params if trains(node) else 0
+            return sum(trainable_params(c, trains, parts) for c in node.children)
+        if not trains(node):
+            return 0
+        return node.trainable_capable_params - sum(p.entries for p in parts(node))
 
     trains_after = lambda n: after[n.path]  # noqa: E731
+    parts_after = lambda n: parts_of.get(n.path, ())  # noqa: E731
+    parts_before = lambda n: tuple(  # noqa: E731
+        FrozenPart(w.name, w.shape, (), w.frozen, 0, w.frozen_entries)
+        for w in n.weights if w.frozen)
 
     layers = tuple(
         LayerPlan(
@@ -136,8 +257,9 @@ def make_plan(tree: LayerTree, resolution: Resolution) -> Plan:
             before=tree.effectively_trainable(n),
             after=after[n.path],
             rule=rule_of[n.path],
-            trainable_params_before=trainable_params(n, tree.effectively_trainable),
-            trainable_params_after=trainable_params(n, trains_after),
+            trainable_params_before=trainable_params(n, tree.effectively_trainable, parts_before),
+            trainable_params_after=trainable_params(n, trains_after, parts_after),
+            frozen_parts=parts_of.get(n.path, ()),
         )
         for n in tree.layers()
     )
@@ -147,4 +269,4 @@ def make_plan(tree: LayerTree, resolution: Resolution) -> Plan:
 
 def plan_spec(spec: Spec, tree: LayerTree, *, allow_empty: bool = False) -> Plan:
     """Resolve ``spec`` against ``tree`` and compute the plan: the pure core of every command."""
-    return make_plan(tree, resolve(spec, tree, allow_empty=allow_empty))
+    return make_plan(tree, resolve(spec, tree, allow_empty=allow_empty), spec.source)

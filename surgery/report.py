@@ -37,7 +37,7 @@ def plan_table(plan: Plan, *, with_rules: bool = True) -> str:
             lp.layer.cls,
             f"{lp.layer.params:,}",
             state_word(lp.before),
-            state_word(lp.after) + mark,
+            ("partial" if lp.partial else state_word(lp.after)) + mark,
         ] + ([_rule_cell(lp, with_rules)] if with_rules else []))
     right = {0, 3}
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
@@ -47,6 +47,15 @@ def plan_table(plan: Plan, *, with_rules: bool = True) -> str:
         lines.append("  ".join(cells).rstrip())
     lines.insert(1, "  ".join("-" * w for w in widths))
     lines.append("")
+    partial = [lp for lp in plan.layers if lp.partial]
+    if partial:
+        lines.append("frozen inside trainable layers:")
+        for lp in partial:
+            for p in lp.frozen_parts:
+                axis = "positions" if len(p.axes) != 1 else f"axis {p.axes[0]}"
+                lines.append(f"  {lp.path}.{p.weight} {p.shape}: {p.ranges} of {p.size} on "
+                             f"{axis} ({p.entries:,} entries)")
+        lines.append("")
     lines.extend(_totals(plan, with_change=with_rules))
     if with_rules and any(lp.changed for lp in plan.layers):
         lines.append("* state changed by the spec")
@@ -74,7 +83,9 @@ def plan_summary(plan: Plan) -> str:
                      f", decides {d})")
     frozen = sum(1 for lp in plan.layers if not lp.layer.children and not lp.after)
     leaves = sum(1 for lp in plan.layers if not lp.layer.children)
-    lines.append(f"{frozen} of {leaves} layers frozen")
+    partial = sum(1 for lp in plan.layers if lp.partial)
+    lines.append(f"{frozen} of {leaves} layers frozen" + (
+        f", {partial} frozen in part" if partial else ""))
     lines.extend(_totals(plan, with_change=True))
     lines.extend(f"note: {n}" for n in plan.notes)
     return "\n".join(lines)

@@ -16,16 +16,21 @@ from dataclasses import dataclass
 from typing import Mapping, Optional
 
 from .errors import Diagnostic, SelectorError
-from .ir import All, AnyDepth, Glob, Index, Name, Range, Regex, Rule, Selector, Slice, Spec, TypeGlob
+from .ir import (
+    WEIGHT, All, AnyDepth, Glob, Index, Name, Range, Regex, Rule, Selector, Slice, Spec, TypeGlob,
+)
+from .parts import PartError, Selection
+from .parts import select as select_part
 from .tree import Layer, LayerTree
 
-__all__ = ["RuleResult", "Resolution", "resolve", "suggest"]
+__all__ = ["RuleResult", "PartOp", "Resolution", "resolve", "suggest"]
 
 
 @dataclass(frozen=True)
 class RuleResult:
     """What one rule did: the leaf layers it covers (after ``except``), in model order, and the
-    ones it still decides once every later rule has been applied."""
+    ones it still decides once every later rule has been applied. A rule on parts of layers
+    (``conv1.filters[0:8]``) covers and decides those layers' entries, not the layers."""
 
     rule: Rule
     covered: tuple[str, ...]
@@ -33,9 +38,18 @@ class RuleResult:
 
 
 @dataclass(frozen=True)
+class PartOp:
+    """One rule's effect on entries of one layer's weights (surgery/parts.py selections)."""
+
+    rule: Rule
+    selections: tuple[Selection, ...]
+
+
+@dataclass(frozen=True)
 class Resolution:
     rules: tuple[RuleResult, ...]
-    deciding: Mapping[str, Rule]  # leaf path -> the last rule that covers it
+    deciding: Mapping[str, Rule]  # leaf path -> the last rule that covers it whole
+    part_ops: Mapping[str, tuple[PartOp, ...]]  # leaf path -> part rules after that one, in order
     unmatched: tuple[Diagnostic, ...]  # selectors that match nothing (kept only with allow_empty)
     findings: tuple[Diagnostic, ...]  # rules with no effect, rules emptied by 'except'
 
@@ -53,20 +67,34 @@ def resolve(spec: Spec, tree: LayerTree, *, allow_empty: bool = False) -> Resolu
     warnings: list[Diagnostic] = []
     covered_by_rule: list[list[str]] = []
 
+    parts_by_rule: list[dict[str, tuple[Selection, ...]]] = []
+
     for rule in spec.rules:
-        for sel in rule.selectors + rule.excepts:
-            if sel.part is not None:  # until sub-layer freezing lands, never widen it silently
-                raise SelectorError("freezing parts of a layer is not supported yet",
-                                    sel.part.span, source=spec.source)
         picked: dict[str, None] = {}
+        parts: dict[str, tuple[Selection, ...]] = {}
         for sel in rule.selectors:
             nodes, problem = r.select(sel)
             if problem:
                 errors.append(problem)
+            if sel.part is None:
+                for node in nodes:
+                    picked.update(dict.fromkeys(r.units(node)))
+                continue
             for node in nodes:
-                picked.update(dict.fromkeys(r.units(node)))
+                selections, problem = _part_selections(sel, node)
+                if problem:
+                    errors.append(problem)
+                    break
+                parts[node.path] = parts.get(node.path, ()) + selections
+        for sel in rule.excepts:
+            if sel.part is not None:
+                errors.append(Diagnostic(
+                    "error", "a part cannot follow 'except': write a later rule instead, as in "
+                    f"'{_opposite(rule.action)} {sel.text}'", sel.part.span))
         removed: dict[str, None] = {}
         for sel in rule.excepts:
+            if sel.part is not None:
+                continue
             nodes, problem = r.select(sel)
             if problem:
                 errors.append(problem)
@@ -74,10 +102,11 @@ def resolve(spec: Spec, tree: LayerTree, *, allow_empty: bool = False) -> Resolu
                 removed.update(dict.fromkeys(r.units(node)))
         covered = [p for p in picked if p not in removed]
         covered.sort(key=r.order.__getitem__)
-        if picked and not covered:
+        if picked and not covered and not parts:
             warnings.append(Diagnostic(
                 "warning", "this rule covers no layer once 'except' is applied", rule.span))
         covered_by_rule.append(covered)
+        parts_by_rule.append(parts)
 
     if errors and not allow_empty:
         first = errors[0]
@@ -91,19 +120,54 @@ def resolve(spec: Spec, tree: LayerTree, *, allow_empty: bool = False) -> Resolu
         for path in covered:
             last[path] = n
 
+    # A part rule counts only after the last rule that decides its layer whole.
+    part_ops: dict[str, list[PartOp]] = {}
+    for n, parts in enumerate(parts_by_rule):
+        for path, selections in parts.items():
+            if last.get(path, -1) < n:
+                part_ops.setdefault(path, []).append(PartOp(spec.rules[n], selections))
+
     results = []
     for n, (rule, covered) in enumerate(zip(spec.rules, covered_by_rule)):
-        decided = tuple(p for p in covered if last[p] == n)
-        if covered and not decided:
-            later = [spec.rules[k] for k in sorted({last[p] for p in covered})]
+        parts = parts_by_rule[n]
+        decided = tuple(p for p in covered if last[p] == n) + tuple(
+            p for p in parts if last.get(p, -1) < n)
+        touched = list(covered) + list(parts)
+        if touched and not decided:
+            later = [spec.rules[k] for k in sorted({last[p] for p in touched})]
             named = ", ".join(f"'{r.text}' (line {r.span.line})" for r in later[:3])
             warnings.append(Diagnostic(
                 "warning", f"this rule has no effect: later rules decide every layer it covers: "
                 f"{named}{', ...' if len(later) > 3 else ''}", rule.span))
-        results.append(RuleResult(rule, tuple(covered), decided))
+        results.append(RuleResult(rule, tuple(covered) + tuple(
+            sorted(parts, key=r.order.__getitem__)), decided))
 
     deciding = {path: spec.rules[n] for path, n in last.items()}
-    return Resolution(tuple(results), deciding, tuple(errors), tuple(warnings))
+    ops = {path: tuple(v) for path, v in part_ops.items()}
+    return Resolution(tuple(results), deciding, ops, tuple(errors), tuple(warnings))
+
+
+def _opposite(action: str) -> str:
+    return "unfreeze" if action == "freeze" else "freeze"
+
+
+def _part_selections(sel: Selector, node: Layer) -> tuple[tuple[Selection, ...], Optional[Diagnostic]]:
+    """The entries ``sel.part`` names on one layer, or why it names none."""
+    part = sel.part
+    if node.children:
+        return (), Diagnostic("error", f"'{node.path}' is a nested model: a part names weights of "
+                              f"one layer, as in '{node.path}/conv1.kernel'", part.span)
+    if part.kind == WEIGHT:
+        name, index = part.name, None
+    else:
+        name = part.kind
+        ch = part.channels
+        index = ch.index if isinstance(ch, Index) else slice(ch.start, ch.stop, ch.step)
+    try:
+        return select_part(node.path, node.cls, node.shapes, name, index,
+                           dict(node.details)), None
+    except PartError as exc:
+        return (), Diagnostic("error", str(exc), part.span)
 
 
 class _Resolver:

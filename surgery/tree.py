@@ -23,6 +23,10 @@ class Weight:
     name: str
     shape: tuple[int, ...]
     trainable: bool = True
+    # Positions on the weight's output axes already frozen entry by entry (surgery/parts.py),
+    # and how many scalars that is: a sub-layer freeze the model carries from an earlier run.
+    frozen: tuple[int, ...] = ()
+    frozen_entries: int = 0
 
     @property
     def size(self) -> int:
@@ -42,6 +46,13 @@ class Layer:
     weights: tuple[Weight, ...] = ()
     children: tuple["Layer", ...] = ()
     container: bool = False
+    # The few config values that decide where a layer's output axis is (EinsumDense's equation
+    # and bias_axes), as (key, value) pairs so the dataclass stays hashable.
+    details: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {w.name: w.shape for w in self.weights}
 
     @property
     def params(self) -> int:
@@ -122,6 +133,16 @@ class LayerTree:
         return cls(_layer_from_dict(description, "", 0, is_root=True))
 
 
+# Default weights for test descriptions: small, but with the layouts Keras uses, so parts
+# (filters, units) resolve on them as on real layers.
+_SHAPES = {
+    "Conv2D": {"kernel": (3, 3, 3, 8), "bias": (8,)},
+    "Dense": {"kernel": (8, 4), "bias": (4,)},
+    "BatchNormalization": {"gamma": (8,), "beta": (8,), "moving_mean": (8,),
+                           "moving_variance": (8,)},
+}
+
+
 def _layer_from_dict(d, parent_path: str, index: int, is_root: bool = False) -> Layer:
     if isinstance(d, str):
         name, _, klass = d.partition(":")
@@ -133,6 +154,9 @@ def _layer_from_dict(d, parent_path: str, index: int, is_root: bool = False) -> 
     if "weights" in d:
         weights = tuple(Weight(w[0], tuple(w[1]), bool(w[2]) if len(w) > 2 else True)
                         for w in d["weights"])
+    elif klass in _SHAPES:
+        weights = tuple(Weight(n, shape, n not in ("moving_mean", "moving_variance"))
+                        for n, shape in _SHAPES[klass].items())
     elif children or klass == "InputLayer" or "layers" in d:
         weights = ()
     else:

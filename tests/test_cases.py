@@ -43,5 +43,9 @@ def test_case(tree, case):
         assert containers[path] is True, path
     for path in case.get("frozen_containers", []):
         assert containers[path] is False, path
+    if "parts" in case:
+        parts = {lp.path: {p.weight: list(p.indices) for p in lp.frozen_parts}
+                 for lp in leaves if lp.frozen_parts}
+        assert parts == case["parts"]
     warnings = [f"{d.span.line}:{d.span.column}: {d.message}" for d in plan.diagnostics]
     assert warnings == case.get("warnings", [])

@@ -44,6 +44,7 @@ with _native_stderr_captured():
     import keras  # noqa: E402
 
 from ..errors import ModelError, SurgeryError  # noqa: E402
+from .constraint import FrozenEntries, set_frozen  # noqa: E402
 from ..plan import Plan  # noqa: E402
 from ..tree import Layer, LayerTree, Weight  # noqa: E402
 
@@ -76,7 +77,7 @@ def _node(layer, parent_path: str, index: int, objects: dict, is_root: bool = Fa
         weights = _weights(layer)
     return Layer(name=layer.name, path=path, cls=type(layer).__name__, index=index,
                  trainable=bool(layer.trainable), weights=weights, children=children,
-                 container=_is_container(layer))
+                 container=_is_container(layer), details=_details(layer))
 
 
 def _weights(layer) -> tuple[Weight, ...]:
@@ -85,8 +86,23 @@ def _weights(layer) -> tuple[Weight, ...]:
     # alone cannot tell a frozen kernel from BatchNormalization's moving mean).
     capable = {id(v) for sub in layer._flatten_layers(include_self=True)
                for v in getattr(sub, "_trainable_variables", ())}
-    return tuple(Weight(v.name, tuple(int(d) for d in v.shape), id(v) in capable)
-                 for v in layer.weights)
+    out = []
+    for v in layer.weights:
+        c = getattr(v, "constraint", None)
+        frozen = c if isinstance(c, FrozenEntries) else None
+        out.append(Weight(v.name, tuple(int(d) for d in v.shape), id(v) in capable,
+                          frozen.indices if frozen else (),
+                          int(frozen.values.size) if frozen else 0))
+    return tuple(out)
+
+
+def _details(layer) -> tuple[tuple[str, str], ...]:
+    # Only what decides a part's output axis (surgery/parts.py reads EinsumDense's equation).
+    if type(layer).__name__ != "EinsumDense":
+        return ()
+    config = layer.get_config()
+    return tuple((k, str(config.get(k))) for k in ("equation", "bias_axes")
+                 if config.get(k) is not None)
 
 
 def write(model, plan: Plan, objects: dict[str, object]) -> None:
@@ -98,6 +114,16 @@ def write(model, plan: Plan, objects: dict[str, object]) -> None:
     model.trainable = plan.root_after
     for lp in plan.layers:
         objects[lp.path].trainable = lp.after
+    # Entries frozen inside trainable layers: one constraint per weight, installed from the final
+    # state (and removed where a layer no longer has any), never per rule.
+    for lp in plan.layers:
+        if lp.layer.children:
+            continue
+        wanted = {p.weight: p.indices for p in lp.frozen_parts}
+        carried = {w.name: w.frozen for w in lp.layer.weights if w.frozen}
+        for weight in sorted(set(wanted) | set(carried)):
+            if wanted.get(weight, ()) != carried.get(weight, ()):
+                set_frozen(objects[lp.path], weight, wanted.get(weight, ()))
 
     expected = set()
     for lp in plan.layers:
