@@ -65,11 +65,11 @@ class _Rule:
 
 _CONV = (_Rule("kernel", "kernel_constraint", (-1,), True),
          _Rule("bias", "bias_constraint", (0,), True))
-_CONV_TRANSPOSE = (_Rule("kernel", "kernel_constraint", (-1,), True),
+_CONV_TRANSPOSE = (_Rule("kernel", "kernel_constraint", (-2,), True),
                    _Rule("bias", "bias_constraint", (0,), True))
 # Depthwise kernels are (*k, in, multiplier) and TensorFlow numbers output channels
 # in * multiplier + m: the C-order flattening of the last two axes.
-_DEPTHWISE = (_Rule("kernel", "depthwise_constraint", (-2,), True),
+_DEPTHWISE = (_Rule("kernel", "depthwise_constraint", (-2, -1), True),
               _Rule("bias", "bias_constraint", (0,), True))
 _SEPARABLE = (_Rule("depthwise_kernel", "depthwise_constraint", (-2, -1), False),
               _Rule("pointwise_kernel", "pointwise_constraint", (-1,), True),
@@ -143,7 +143,7 @@ def _class_rules(classes: Sequence[str]) -> tuple[str, str, tuple[_Rule, ...]]:
     return "", "", ()
 
 
-def _weights(layer: str, classes: Sequence[str], shapes: Mapping[str, Sequence[int]],
+def _weights(classes: Sequence[str], shapes: Mapping[str, Sequence[int]],
              config: Mapping) -> tuple[str, dict[str, _Weight]]:
     """The unit part's name and every weight the layer has that a part can name."""
     known, unit, rules = _class_rules(classes)
@@ -206,7 +206,7 @@ def parts_of(layer: str, classes: Union[str, Sequence[str]], shapes: Mapping[str
              config: Optional[Mapping] = None) -> tuple[str, ...]:
     """The part names the layer has: its unit part (``filters``/``units``) first, then weights."""
     classes = (classes,) if isinstance(classes, str) else tuple(classes)
-    unit, weights = _weights(layer, classes, shapes, config or {})
+    unit, weights = _weights(classes, shapes, config or {})
     names = [unit] if unit and any(w.rule.unit for w in weights.values()) else []
     return tuple(names + list(weights))
 
@@ -227,7 +227,7 @@ def select(layer: str, classes: Union[str, Sequence[str]], shapes: Mapping[str, 
     cls = classes[0] if classes else "?"
     if index is not None and not isinstance(index, (int, slice)):
         index = tuple(index)  # read twice: once to pick, once for an error message
-    unit, weights = _weights(layer, classes, shapes, config or {})
+    unit, weights = _weights(classes, shapes, config or {})
     if part and part == unit:
         chosen = [w for w in weights.values() if w.rule.unit]
         if not chosen:

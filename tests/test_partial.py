@@ -3,9 +3,11 @@
 What is frozen is checked against Keras's own computation: perturbing the frozen entries of a
 layer must move exactly the frozen output channels, and perturbing the rest exactly the others.
 What "frozen" means is checked bit for bit after training: through fit with each optimizer
-family (momentum, Adam, decoupled weight decay, RMSprop), a GradientTape loop, save and load in a
-fresh process, and MirroredStrategy on two logical CPUs (a fresh process too: logical devices
-must be configured before TensorFlow initializes its own).
+family (momentum, Adam, decoupled weight decay, RMSprop, and loss scaling, accumulation,
+clipping, XLA), a GradientTape loop, save and load in a fresh process (.keras and .h5), and
+MirroredStrategy on two logical CPUs (a fresh process too: logical devices must be configured
+before TensorFlow initializes its own). Keras's EMA, which bypasses constraints, is pinned down
+with the `restore` that undoes it.
 """
 
 import json
@@ -26,19 +28,25 @@ from surgery.parts import PartError
 ROOT = Path(__file__).resolve().parent.parent
 
 
-# --- pure resolution: no Keras ------------------------------------------------------------------
+# --- registration: `import surgery` stays light, `import keras` registers -----------------------
 
 
-def test_importing_surgery_and_installing_the_hook_loads_no_tensorflow_then_keras_registers():
+def test_installing_the_hook_loads_no_tensorflow_then_importing_keras_registers():
+    # Through tf.keras here: TensorFlow imports Keras lazily, through the import system, like
+    # any `import keras` (which the save/load and MirroredStrategy tests below go through).
     code = """
         import sys
         import surgery, surgery.parts, surgery._register
         surgery._register.install()
-        heavy = sorted(m for m in ("tensorflow", "keras") if m in sys.modules)
+        heavy = sorted(m for m in ("tensorflow", "keras", "wrapt") if m in sys.modules)
         assert not heavy, heavy
-        import keras  # the post-import hook fires here
+        import tensorflow as tf
+        tf.keras.layers.Dense  # the hook fires when this imports keras
+        import keras
         from surgery.engines.constraint import FrozenEntries
         assert keras.saving.get_registered_object("surgery>FrozenEntries") is FrozenEntries
+        assert not [f for f in sys.meta_path if type(f).__module__ == "surgery._register"]
+        assert "exec_module" not in vars(keras.__spec__.loader)  # the loader is itself again
         print("OK")
     """
     assert _python(code).strip().endswith("OK")
@@ -51,10 +59,12 @@ def test_install_runs_the_hook_at_once_when_keras_is_already_imported(monkeypatc
 
     calls = []
     monkeypatch.setattr(register, "_installed", False)
+    monkeypatch.setattr(sys, "meta_path", list(sys.meta_path))
     monkeypatch.setattr(register, "_on_keras", lambda module: calls.append(module.__name__))
     register.install()
     register.install()  # idempotent
     assert calls == ["keras"]
+    assert not [f for f in sys.meta_path if type(f).__module__ == "surgery._register"]
 
 
 def test_import_surgery_alone_registers_for_load_model():
@@ -66,6 +76,8 @@ def test_import_surgery_alone_registers_for_load_model():
     """)
     assert "FrozenEntries" in out
 
+
+# --- pure resolution: no Keras ------------------------------------------------------------------
 
 CONV = {"kernel": (3, 3, 3, 8), "bias": (8,)}
 
@@ -313,6 +325,36 @@ def test_freeze_adds_unfreeze_removes_and_the_layers_own_constraint_comes_back(k
     assert layer.bias_constraint is None and layer.bias.constraint is None
 
 
+def test_in_sync_tells_when_the_variable_was_written_since(keras):
+    from surgery.engines.constraint import freeze, frozen_weights
+
+    layer = keras.layers.Dense(4, name="d")
+    layer.build((None, 3))
+    freeze(layer, "units", [1, 2])
+    assert [f.in_sync for f in frozen_weights(layer)] == [True, True]
+    layer.kernel.assign(np.zeros((3, 4), "float32"))  # as load_weights would
+    assert [f.in_sync for f in frozen_weights(layer)] == [False, True]
+    freeze(layer, "units", [1])  # freezing again keeps the values there now
+    assert [f.in_sync for f in frozen_weights(layer)] == [True, True]
+    assert not layer.kernel_constraint.values.any()
+
+
+def test_a_damaged_config_is_refused(keras):
+    import base64
+    import zlib
+
+    from surgery.engines.constraint import FrozenEntries
+
+    good = FrozenEntries((2, 4), (1,), [0], np.ones((2, 1), "float32")).get_config()
+    bomb = dict(good, values=base64.b64encode(zlib.compress(bytes(10**7))).decode())
+    with pytest.raises(ValueError, match="do not fill shape"):
+        FrozenEntries.from_config(bomb)
+    with pytest.raises(ValueError, match="dtype 'object'"):
+        FrozenEntries.from_config(dict(good, dtype="object"))
+    with pytest.raises(ValueError, match=r"distinct, in \[0, 4\)"):
+        FrozenEntries.from_config(dict(good, indices=[[4, 5]]))
+
+
 def test_config_round_trip_is_exact_and_compact(keras):
     from surgery.engines.constraint import FrozenEntries
 
@@ -336,7 +378,7 @@ def test_config_round_trip_is_exact_and_compact(keras):
 
 def _model(keras):
     """Small, with every restore path: a slice of filters (with bias), depthwise channels
-    (input x multiplier), a whole bias, and many alternating units (the gather path)."""
+    (input x multiplier), a whole bias, and many alternating units (the select path)."""
     from surgery.engines.constraint import freeze
 
     L = keras.layers
@@ -350,7 +392,7 @@ def _model(keras):
     model = keras.Model(inputs, outputs)
     freeze(model.get_layer("conv"), "filters", slice(0, 4))
     freeze(model.get_layer("dw"), "filters", [1, 4, 9, 15])
-    freeze(model.get_layer("mid"), "units", slice(None, None, 2))  # 40 runs: gather
+    freeze(model.get_layer("mid"), "units", slice(None, None, 2))  # 40 runs: select
     freeze(model.get_layer("head"), "bias")
     return model
 
@@ -404,6 +446,61 @@ def test_fit_keeps_frozen_entries_bit_exact(keras, name):
     model = _model(keras)
     snapshot = _snapshot(model)
     model.compile(OPTIMIZERS[name](keras), "mse")
+    x, y = _data()
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    _assert_frozen_exact_and_rest_learned(model, snapshot)
+
+
+def test_fit_under_xla_keeps_frozen_entries_bit_exact(keras):
+    # jit_compile="auto" means XLA wherever TensorFlow sees a GPU: the same restore, compiled.
+    model = _model(keras)
+    snapshot = _snapshot(model)
+    model.compile(keras.optimizers.AdamW(0.01, weight_decay=0.5), "mse", jit_compile=True)
+    x, y = _data()
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    _assert_frozen_exact_and_rest_learned(model, snapshot)
+
+
+def test_ema_overwrites_at_the_end_of_fit_and_restore_puts_frozen_entries_back(keras):
+    # Keras averages the values from before constraints run and writes the averages into the
+    # model when fit ends, bypassing constraints: restore() from on_train_end undoes that.
+    from surgery.engines.constraint import restore
+
+    model = _model(keras)
+    snapshot = _snapshot(model)
+    model.compile(keras.optimizers.Adam(0.01, use_ema=True, ema_momentum=0.5), "mse")
+    x, y = _data()
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    with pytest.raises(AssertionError, match="frozen moved"):
+        _assert_frozen_exact_and_rest_learned(model, snapshot)
+    assert restore(model) == 7
+    _assert_frozen_exact_and_rest_learned(model, snapshot)
+
+    model = _model(keras)
+    snapshot = _snapshot(model)
+    model.compile(keras.optimizers.Adam(0.01, use_ema=True, ema_momentum=0.5), "mse")
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[
+        keras.callbacks.LambdaCallback(on_train_end=lambda logs: restore(model))])
+    _assert_frozen_exact_and_rest_learned(model, snapshot)
+
+
+MORE_OPTIMIZERS = {
+    # Loss scaling (mixed precision), gradient accumulation, clipping, Lion: all end in the
+    # optimizer's apply(), which runs the constraints.
+    "LossScaleOptimizer(AdamW)": lambda k: k.optimizers.LossScaleOptimizer(
+        k.optimizers.AdamW(0.01, weight_decay=0.5)),
+    "AdamW gradient_accumulation_steps=2": lambda k: k.optimizers.AdamW(
+        0.01, weight_decay=0.5, gradient_accumulation_steps=2),
+    "SGD clipnorm": lambda k: k.optimizers.SGD(0.05, momentum=0.9, clipnorm=0.1),
+    "Lion": lambda k: k.optimizers.Lion(0.001, weight_decay=0.3),
+}
+
+
+@pytest.mark.parametrize("name", list(MORE_OPTIMIZERS))
+def test_other_optimizer_paths(keras, name):
+    model = _model(keras)
+    snapshot = _snapshot(model)
+    model.compile(MORE_OPTIMIZERS[name](keras), "mse")
     x, y = _data()
     model.fit(x, y, batch_size=8, epochs=1, verbose=0)
     _assert_frozen_exact_and_rest_learned(model, snapshot)
@@ -541,7 +638,8 @@ def test_mirrored_strategy_on_two_logical_cpus(tmp_path):
         import numpy as np
         import tensorflow as tf
         cpu = tf.config.list_physical_devices("CPU")[0]
-        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        two = [tf.config.LogicalDeviceConfiguration()] * 2
+        tf.config.set_logical_device_configuration(cpu, two)
         import surgery, surgery._register
         surgery._register.install()
         import keras

@@ -46,9 +46,10 @@ __all__ = [
     "unfreeze",
     "set_frozen",
     "frozen_weights",
+    "restore",
 ]
 
-# Above this many alternating frozen/trainable runs on the axis, one gather replaces slicing:
+# Above this many alternating frozen/trainable runs on the axis, one select replaces slicing:
 # a concatenation of hundreds of slices makes a large graph for no gain.
 _MAX_PIECES = 16
 
@@ -100,7 +101,7 @@ class FrozenEntries(keras.constraints.Constraint):
     def _restore(self, w):
         ops = keras.ops
         if len(self.indices) == self._size:  # the whole weight: nothing of `w` survives
-            return ops.cast(self._constant("whole", w), w.dtype)
+            return self._constant("whole", w)
         flat = ops.reshape(w, self._flat_shape)
         axis = self._axis
         if len(self._pieces) <= _MAX_PIECES:
@@ -112,10 +113,10 @@ class FrozenEntries(keras.constraints.Constraint):
                     parts.append(self._constant(("piece", start), w))
             out = ops.concatenate(parts, axis=axis)
         else:
-            # [w | frozen values] on the axis, then one gather picking, for each position,
-            # either itself or its frozen value.
-            both = ops.concatenate([flat, self._constant("values", w)], axis=axis)
-            out = ops.take(both, self._constant("gather", w), axis=axis)
+            # Many runs ([::2], scattered indices): one select against the frozen values laid
+            # out at their places. It holds a weight-sized tensor where slicing holds only the
+            # frozen entries, but a gather ([w | values] reordered) took up to 7x the time on CPU.
+            out = ops.where(self._constant("mask", w), self._constant("placed", w), flat)
         return ops.reshape(out, self.shape)
 
     def _constant(self, key, w):
@@ -134,11 +135,18 @@ class FrozenEntries(keras.constraints.Constraint):
         axis = self._axis
         if key == "whole":
             return self.values.reshape(self.shape)
-        if key == "values":
-            return self.values
-        if key == "gather":
-            position = {i: self._size + k for k, i in enumerate(self.indices)}
-            return np.array([position.get(i, i) for i in range(self._size)], dtype="int32")
+        if key in ("mask", "placed"):
+            mask = np.zeros(self._size, dtype=bool)
+            mask[list(self.indices)] = True
+            mask = mask.reshape((1,) * axis + (self._size,) + (1,) * (len(self._flat_shape)
+                                                                     - axis - 1))
+            if key == "mask":
+                return mask
+            placed = np.zeros(self._flat_shape, dtype=self.values.dtype)
+            index = [slice(None)] * placed.ndim
+            index[axis] = list(self.indices)
+            placed[tuple(index)] = self.values
+            return placed
         _, start = key
         for s, stop, frozen_at in self._pieces:
             if s == start:
@@ -170,10 +178,18 @@ class FrozenEntries(keras.constraints.Constraint):
         axes = tuple(config["axes"])
         indices = [i for start, stop in config["indices"] for i in range(start, stop)]
         dtype = _np_dtype(config["dtype"])
-        raw = zlib.decompress(base64.b64decode(config["values"]))
         a0, a1 = axes[0], axes[-1]
+        values_shape = shape[:a0] + (len(indices),) + shape[a1 + 1:]
+        # The config comes from a file: inflate no more than the shape says (no zlib bomb),
+        # and refuse anything but the exact byte count.
+        expected = math.prod(values_shape) * dtype.itemsize
+        inflate = zlib.decompressobj()
+        raw = inflate.decompress(base64.b64decode(config["values"], validate=True), expected + 1)
+        if len(raw) != expected or inflate.unconsumed_tail:
+            raise ValueError(f"FrozenEntries: stored values do not fill shape {values_shape} "
+                             f"of {dtype.name}")
         values = np.frombuffer(raw, dtype=dtype.newbyteorder("<")).astype(dtype).reshape(
-            shape[:a0] + (len(indices),) + shape[a1 + 1:])
+            values_shape)
         inner = config.get("inner")
         inner = keras.constraints.deserialize(inner) if inner is not None else None
         out = cls(shape, axes, indices, values, inner)
@@ -194,7 +210,10 @@ class FrozenWeight:
 
     ``on_variable`` / ``in_config``: whether the variable's constraint (what training applies)
     and the layer attribute (what saving keeps) hold it; both are True after `freeze`, and after
-    `keras.models.load_model`."""
+    `keras.models.load_model`. ``in_sync``: whether the variable's frozen entries equal the stored
+    values, bit for bit. It is False when something wrote the variable since (``load_weights``,
+    ``assign``): the next training step would put the stored values back. Freeze after loading
+    the weights to keep, or freeze again to keep the new ones."""
 
     path: str  # the layer's path in the model, '/' through nested models
     cls: str
@@ -206,6 +225,7 @@ class FrozenWeight:
     inner: Optional[str]  # class name of the layer's own constraint kept inside
     on_variable: bool
     in_config: bool
+    in_sync: bool
 
 
 def selections(layer, part: str, index: Index = None) -> tuple[Selection, ...]:
@@ -284,8 +304,24 @@ def frozen_weights(model) -> tuple[FrozenWeight, ...]:
                 path=path, cls=type(layer).__name__, weight=name, shape=c.shape, axes=c.axes,
                 indices=c.indices, entries=int(c.values.size),
                 inner=type(c.inner).__name__ if c.inner is not None else None,
-                on_variable=on_var is c, in_config=in_cfg is c))
+                on_variable=on_var is c, in_config=in_cfg is c, in_sync=_in_sync(c, variable)))
     return tuple(out)
+
+
+def restore(model) -> int:
+    """Put every frozen entry of ``model`` (a model or a layer) back to its stored value, as a
+    training step would; returns how many weights it wrote. For what writes variables outside
+    the optimizer's update and its constraints: an optimizer with ``use_ema=True`` overwrites
+    every variable with its moving average when fit ends (Keras averages the values from
+    before the constraints run), so call it after fit, or from a callback's on_train_end,
+    which runs after that overwrite."""
+    count = 0
+    for _, layer in _walk(model):
+        for variable in _variables(layer, strict=False).values():
+            if isinstance(variable.constraint, FrozenEntries):
+                variable.assign(variable.constraint(variable))
+                count += 1
+    return count
 
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -296,6 +332,15 @@ def _frozen_indices(layer, sel: Selection) -> tuple[int, ...]:
     if isinstance(current, FrozenEntries) and current.axes == sel.axes:
         return current.indices
     return ()
+
+
+def _in_sync(c: FrozenEntries, variable) -> bool:
+    if tuple(variable.shape) != c.shape:
+        return False
+    value = keras.ops.convert_to_numpy(variable).reshape(c._flat_shape)
+    now = np.take(value, np.asarray(c.indices, dtype=np.int64), axis=c._axis)
+    return now.shape == c.values.shape and now.tobytes() == np.ascontiguousarray(
+        c.values, dtype=now.dtype).tobytes()
 
 
 def _check_supported(layer, sel: Selection) -> None:
@@ -385,7 +430,10 @@ def _np_dtype(name: str):
         import ml_dtypes  # a Keras dependency; NumPy has no bfloat16 of its own
 
         return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(name)
+    dtype = np.dtype(name)
+    if dtype.kind not in "fiub":  # weights are numbers; anything else is a damaged config
+        raise ValueError(f"FrozenEntries: values of dtype {name!r}")
+    return dtype
 
 
 def _device_of(w) -> str:
