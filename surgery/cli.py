@@ -165,7 +165,11 @@ def _cmd_apply(args) -> int:
         except Exception as exc:
             raise SurgeryError(f"{out}: cannot save the model: {exc}") from None
         manifest_tmp = outputs.reserve(manifest_path, ".json")
-        manifest_tmp.write_text(manifest.to_json(), encoding="utf-8")
+        try:
+            manifest_tmp.write_text(manifest.to_json(), encoding="utf-8")
+        except OSError as exc:
+            raise SurgeryError(f"{manifest_path}: cannot write the manifest: "
+                               f"{exc.strerror or exc}") from None
         outputs.commit()
     print(plan_summary(the_plan))
     print(f"wrote {out}")

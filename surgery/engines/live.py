@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 import tempfile
 
@@ -171,7 +172,7 @@ def _load(source: str, safe_mode: bool):
     try:
         model = keras.models.load_model(source, compile=False, safe_mode=safe_mode)
     except Exception as exc:  # Keras raises many types for bad files; the user needs one line.
-        raise ModelError(source, f"cannot load the model: {_first_line(exc)}") from None
+        raise ModelError(source, f"cannot load the model: {_load_problem(exc)}") from None
     if not isinstance(model, keras.Model):
         raise ModelError(source, f"holds a {type(model).__name__}, not a Keras model")
     return model
@@ -194,14 +195,34 @@ def _application(source: str):
 
 
 def save(model, path: str) -> None:
-    """Save to ``path`` (which must not be the final destination: see cli's atomic writer)."""
-    model.save(path)
+    """Save to ``path`` (which must not be the final destination: see cli's atomic writer).
+
+    Keras stages a .keras file in a folder of the system temp dir and does not remove it when
+    interrupted; a private scratch folder, removed on every way out, keeps TMPDIR clean."""
+    with tempfile.TemporaryDirectory(prefix="surgery-") as scratch:
+        previous = tempfile.tempdir
+        tempfile.tempdir = scratch
+        try:
+            model.save(path)
+        finally:
+            tempfile.tempdir = previous
 
 
 def versions() -> dict[str, str | None]:
     from ..manifest import environment_versions
 
     return environment_versions()
+
+
+def _load_problem(exc: BaseException) -> str:
+    """One line on why Keras could not load a file. Keras's first line for a missing custom
+    class is about the outer model ("could not be deserialized"); the class is named deeper."""
+    missing = re.search(r"Could not locate class '([^']+)'", str(exc))
+    if missing:
+        return (f"the class '{missing.group(1)}' is not registered: import the module that "
+                f"defines it (decorated with @keras.saving.register_keras_serializable) before "
+                f"loading")
+    return _first_line(exc)
 
 
 def _first_line(exc: BaseException) -> str:
