@@ -30,7 +30,7 @@ def plan_table(plan: Plan, *, with_rules: bool = True) -> str:
     header = ["#", "layer", "class", "params", "before", "after"] + (["rule"] if with_rules else [])
     rows = []
     for lp in plan.layers:
-        mark = " *" if lp.changed else ""
+        mark = " *" if with_rules and lp.changed else ""
         rows.append([
             str(lp.layer.index),
             lp.path,
