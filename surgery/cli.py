@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .errors import SpecError, SurgeryError, UsageError, render_diagnostic
+from .errors import SpecError, SurgeryError, UsageError, render_diagnostics
 from .ir import Spec
 from .parse import load_spec
 
@@ -170,7 +170,15 @@ def _cmd_apply(args) -> int:
         except OSError as exc:
             raise SurgeryError(f"{manifest_path}: cannot write the manifest: "
                                f"{exc.strerror or exc}") from None
-        outputs.commit()
+        try:
+            outputs.commit()
+        except (KeyboardInterrupt, _Terminated):
+            # The commit defers a signal until both files are in place: say what exists.
+            if outputs.committed:
+                print(f"surgery: interrupted after writing {out} and {manifest_path}",
+                      file=sys.stderr)
+                return EXIT_INTERRUPTED
+            raise
     print(plan_summary(the_plan))
     print(f"wrote {out}")
     print(f"manifest {manifest_path}")
@@ -258,7 +266,13 @@ def _cmd_fmt(args) -> int:
                 with AtomicOutputs() as outputs:
                     tmp = outputs.reserve(path, ".tmp")
                     tmp.write_text(text, encoding="utf-8")
-                    outputs.commit()
+                    try:
+                        outputs.commit()
+                    except (KeyboardInterrupt, _Terminated):
+                        if outputs.committed:
+                            print(f"surgery: interrupted after writing {path}", file=sys.stderr)
+                            return EXIT_INTERRUPTED
+                        raise
                 print(f"reformatted {path}")
         else:
             sys.stdout.write(text)
@@ -371,5 +385,5 @@ def _check_output(path: str, model: str, force: bool, *, what: str) -> None:
 
 
 def _print_diagnostics(diagnostics, spec: Spec) -> None:
-    for d in diagnostics:
-        print(render_diagnostic(d, spec.source), file=sys.stderr)
+    if diagnostics:
+        print(render_diagnostics(diagnostics, spec.source), file=sys.stderr)

@@ -20,6 +20,7 @@ __all__ = [
     "ModelError",
     "UsageError",
     "render_diagnostic",
+    "render_diagnostics",
 ]
 
 
@@ -38,18 +39,45 @@ class Diagnostic:
 
 def render_diagnostic(diag: Diagnostic, source: str | None) -> str:
     """``file:line:col: severity: message``, then the source line and one caret under the column."""
+    return _render(diag, _source_lines(source) if source is not None else None)
+
+
+def render_diagnostics(diagnostics, source: str | None) -> str:
+    """Several diagnostics about one source, one after the other; the source is split once."""
+    lines = _source_lines(source) if source is not None else None
+    return "\n".join(_render(d, lines) for d in diagnostics)
+
+
+# The last source split, by identity: callers that render many diagnostics of one spec one at a
+# time (the CLI's warnings) split it once, not once per diagnostic.
+_last_split: tuple[str | None, list[str]] = (None, [])
+
+
+def _source_lines(source: str) -> list[str]:
+    r"""The source's lines as Lark counts them: broken at '\n' only (a '\f', a lone '\r' or a
+    '\u2028' is a character of its line), with the '\r' of a '\r\n' left out of the display."""
+    global _last_split
+    cached_source, cached = _last_split
+    if cached_source is source:
+        return cached
+    lines = source.split("\n")
+    _last_split = (source, lines)
+    return lines
+
+
+def _render(diag: Diagnostic, lines: list[str] | None) -> str:
     out = [diag.headline()]
-    if source is not None:
-        lines = source.splitlines()
-        if 1 <= diag.span.line <= len(lines):
-            text = lines[diag.span.line - 1]
-            # Very long lines are cut around the column so the caret stays on screen.
-            col = diag.span.column - 1
-            start = max(0, col - 60) if len(text) > 120 else 0
-            shown = text[start : start + 120]
-            prefix = "..." if start else ""
-            out.append("  " + prefix + _printable(shown))
-            out.append("  " + " " * (len(prefix) + col - start) + "^")
+    if lines is not None and 1 <= diag.span.line <= len(lines):
+        text = lines[diag.span.line - 1]
+        if text.endswith("\r"):
+            text = text[:-1]
+        # Very long lines are cut around the column so the caret stays on screen.
+        col = max(diag.span.column - 1, 0)
+        start = max(0, col - 60) if len(text) > 120 else 0
+        shown = text[start : start + 120]
+        prefix = "..." if start else ""
+        out.append("  " + prefix + _printable(shown))
+        out.append("  " + " " * (len(prefix) + col - start) + "^")
     return "\n".join(out)
 
 
@@ -88,7 +116,7 @@ class SpecError(SurgeryError):
         return self.span.column
 
     def render(self) -> str:
-        return "\n".join(render_diagnostic(d, self.source) for d in self.diagnostics)
+        return render_diagnostics(self.diagnostics, self.source)
 
 
 class SpecSyntaxError(SpecError):

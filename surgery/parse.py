@@ -205,7 +205,15 @@ class _Builder:
         body = str(token)[1:-1]
         pattern = body.replace("\\/", "/")
         try:
-            compiled = re.compile(pattern)
+            # Python warns about some patterns (a POSIX-style '[[:alpha:]]' is a "possible nested
+            # set"); the pattern is compiled as Python reads it today, and the warning, a message
+            # about Python's future, is not printed as Python's own two lines on the user's stderr.
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                warnings.simplefilter("ignore", DeprecationWarning)
+                compiled = re.compile(pattern)
         except re.error as exc:
             pos = exc.pos or 0
             col = token.column + 1 + min(pos, len(body))

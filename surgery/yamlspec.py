@@ -15,6 +15,7 @@ result is the same IR as the .frz form; `to_yaml` writes it back, comments inclu
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import re
 from typing import Optional
@@ -44,7 +45,7 @@ def is_embedded(text: str) -> bool:
     """Whether the rules sit under a 'surgery:' key of a larger config."""
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         return False
     return isinstance(root, yaml.MappingNode) and any(
         isinstance(k, yaml.ScalarNode) and k.value == "surgery" for k, _ in root.value)
@@ -54,14 +55,39 @@ def parse_yaml(text: str, file: str = "<string>") -> Spec:
     return _Reader(text, file).spec()
 
 
+class _Lines:
+    """Character index -> (line, column), 1-based, with lines broken at '\n' only: the notion of
+    the .frz parser (Lark) and of `render_diagnostic`. PyYAML's own marks also break lines at
+    '\r', '\x85', '\u2028' and '\u2029', so positions are taken from a mark's index instead."""
+
+    def __init__(self, text: str):
+        self.starts = [0]
+        find = text.find
+        i = find("\n")
+        while i >= 0:
+            self.starts.append(i + 1)
+            i = find("\n", i + 1)
+
+    def position(self, index: int) -> tuple[int, int]:
+        n = bisect.bisect_right(self.starts, index) - 1
+        return n + 1, index - self.starts[n] + 1
+
+    def line(self, index: int) -> int:
+        return bisect.bisect_right(self.starts, index)
+
+
 class _Reader:
     def __init__(self, text: str, file: str):
         self.text = text
         self.file = file
+        self.lines = _Lines(text)
 
     def error(self, message: str, mark, width: int = 1) -> SpecSyntaxError:
-        line = (mark.line + 1) if mark is not None else 1
-        col = (mark.column + 1) if mark is not None else 1
+        index = mark.index if mark is not None else 0
+        return self.error_at(message, index, width)
+
+    def error_at(self, message: str, index: int, width: int = 1) -> SpecSyntaxError:
+        line, col = self.lines.position(max(0, min(index, len(self.text))))
         return SpecSyntaxError(message, Span(self.file, line, col, line, col + width),
                                source=self.text)
 
@@ -70,8 +96,14 @@ class _Reader:
             root = yaml.compose(self.text, Loader=yaml.SafeLoader)
         except yaml.MarkedYAMLError as exc:
             raise self._yaml_error(exc) from None
+        except yaml.reader.ReaderError as exc:  # a character YAML does not allow, such as NUL
+            raise self.error_at(f"invalid YAML: the character U+{exc.character:04X} is not "
+                                f"allowed in YAML", exc.position) from None
         except yaml.YAMLError as exc:  # pragma: no cover - unmarked errors are rare
-            raise self.error(f"invalid YAML: {exc}", None) from None
+            first = (str(exc).splitlines() or ["invalid YAML"])[0]
+            raise self.error(f"invalid YAML: {first}", None) from None
+        except RecursionError:
+            raise self.error_at("YAML nested too deeply", self._too_deep()) from None
         self._check_tags(root)
         if root is None:
             raise self.error("empty YAML document: expected 'rules:' (or a 'surgery:' section)",
@@ -90,9 +122,12 @@ class _Reader:
             else:
                 self._check_keys(body, ("version", "rules"), strict=True)
             version = self._get(body, "version")
-            if version is not None and version.value != "1":
-                raise self.error(f"unsupported version {version.value!r}: this surgery reads "
-                                 f"version 1", version.start_mark)
+            if version is not None and not (isinstance(version, yaml.ScalarNode) and
+                                            version.value == "1"):
+                shown = repr(version.value) if isinstance(version, yaml.ScalarNode) else \
+                    "(not a number)"
+                raise self.error(f"unsupported version {shown}: this surgery reads version 1",
+                                 version.start_mark)
             rules_node = self._get(body, "rules")
             if rules_node is None:
                 raise self.error("missing 'rules:' list", body.start_mark)
@@ -107,25 +142,53 @@ class _Reader:
         else:
             items = rules_node.value
         rules = tuple(self.rule(item, n) for n, item in enumerate(items))
-        start, end = (body.start_mark.line, body.end_mark.line) if embedded else (0, 1 << 30)
-        comments = tuple(c for c in _comments(self.text, self.file)
-                         if start <= c.span.line - 1 <= end)
+        if embedded:
+            start = self.lines.line(body.start_mark.index)
+            end = self.lines.line(body.end_mark.index)
+        else:
+            start, end = 1, 1 << 62
+        comments = tuple(c for c in _comments(self.text, self.file, self.lines)
+                         if start <= c.span.line <= end)
         return Spec(rules=rules, source=self.text, file=self.file, comments=comments)
 
     def _yaml_error(self, exc: yaml.MarkedYAMLError) -> SpecSyntaxError:
         mark = exc.problem_mark or exc.context_mark
         problem = (exc.problem or exc.context or "invalid YAML").strip()
+        problem = " ".join(problem.split())  # one line, whatever PyYAML wrote
         if "undefined alias" in problem or "expected alphabetic or numeric character" in problem:
             problem += ("; in YAML, quote a selector that starts with '*' (such as '**/conv1_*') "
                         "or contains '[' or ','")
         return self.error(f"invalid YAML: {problem}", mark)
 
+    def _too_deep(self) -> int:
+        """Where the nesting that exhausted the composer's recursion goes past a sane depth (the
+        event stream is read without recursion)."""
+        depth, deepest, where = 0, 0, 0
+        try:
+            for event in yaml.parse(self.text, Loader=yaml.SafeLoader):
+                if isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+                    depth += 1
+                    if depth > deepest:
+                        deepest, where = depth, event.start_mark.index
+                    if depth > _MAX_DEPTH:
+                        return event.start_mark.index
+                elif isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
+                    depth -= 1
+        except (yaml.YAMLError, RecursionError):
+            pass
+        return where
+
     def _check_tags(self, node) -> None:
         # compose() builds no Python object, so nothing a tag names can run; still, a config
-        # that safe_load would refuse is refused here too, at the tag's position.
+        # that safe_load would refuse is refused here too, at the tag's position. An alias is
+        # the very node of its anchor: each node is checked once, so aliases are never expanded.
         stack = [node] if node is not None else []
+        seen: set[int] = set()
         while stack:
             n = stack.pop()
+            if id(n) in seen:
+                continue
+            seen.add(id(n))
             if n.tag not in _SAFE_TAGS and not n.tag.startswith("!"):
                 raise self.error(f"the YAML tag {n.tag.replace('tag:yaml.org,2002:', '!!')!r} is "
                                  f"not allowed: specs are read with safe loading only",
@@ -145,14 +208,23 @@ class _Reader:
                 return v
         return None
 
+    def _key(self, key) -> str:
+        """A mapping key's name; a list or a mapping used as a key is an error at the key."""
+        if not isinstance(key, yaml.ScalarNode):
+            kind = "list" if isinstance(key, yaml.SequenceNode) else "mapping"
+            raise self.error(f"a key must be a name such as 'freeze', not a {kind}",
+                             key.start_mark)
+        return key.value
+
     def _check_keys(self, mapping: yaml.MappingNode, allowed, *, strict: bool) -> None:
         if not strict:
             return  # a top-level config may hold anything besides our keys
         for k, _ in mapping.value:
-            if k.value not in allowed:
-                close = suggest(k.value, list(allowed))
+            name = self._key(k)
+            if name not in allowed:
+                close = suggest(name, list(allowed))
                 hint = f"; did you mean '{close[0]}'?" if close else ""
-                raise self.error(f"unknown key '{k.value}'{hint}", k.start_mark, len(k.value))
+                raise self.error(f"unknown key '{name}'{hint}", k.start_mark, len(name))
 
     def rule(self, node, number: int) -> Rule:
         if not isinstance(node, yaml.MappingNode):
@@ -161,7 +233,7 @@ class _Reader:
         selectors: tuple[Selector, ...] = ()
         excepts: tuple[Selector, ...] = ()
         for key, value in node.value:
-            name = key.value
+            name = self._key(key)
             if name in _ACTIONS:
                 if action is not None:
                     raise self.error("a rule has one action: 'freeze' or 'unfreeze'",
@@ -178,8 +250,9 @@ class _Reader:
             raise self.error("a rule needs 'freeze:' or 'unfreeze:'", node.start_mark)
         # The mapping's own end mark sits at the next token, past any comment lines; the rule
         # ends where its last value does.
-        end_line = max(v.end_mark.line for _, v in node.value) + 1
-        span = Span(self.file, node.start_mark.line + 1, node.start_mark.column + 1, end_line, 1)
+        end_line = max(self.lines.line(v.end_mark.index) for _, v in node.value)
+        line, col = self.lines.position(node.start_mark.index)
+        span = Span(self.file, line, col, end_line, 1)
         rule = Rule(action=action, selectors=selectors, excepts=excepts, text="", span=span,
                     number=number)
         return dataclasses.replace(rule, text=format_rule(rule))
@@ -199,28 +272,104 @@ class _Reader:
         return tuple(out)
 
     def selector_text(self, item: yaml.ScalarNode) -> tuple[Selector, ...]:
-        line = item.start_mark.line + 1
-        col0 = item.start_mark.column + (1 if item.style in ("'", '"') else 0)
-        shift = col0 - len(_PREFIX)  # synthetic column c (1-based) -> YAML column c + shift
+        synthetic = _PREFIX + item.value
+        offsets = _value_offsets(self.text, item)
+        starts = _Lines(synthetic).starts
+
+        def move(span: Span) -> Span:
+            # A position in the synthetic statement -> the YAML character it came from.
+            def index(line: int, column: int) -> int:
+                at = starts[min(max(line, 1), len(starts)) - 1] + column - 1 - len(_PREFIX)
+                return offsets[min(max(at, 0), len(offsets) - 1)]
+
+            first = index(span.line, span.column)
+            last = max(index(span.end_line, span.end_column), first)
+            line, col = self.lines.position(first)
+            end_line, end_col = self.lines.position(last)
+            return Span(span.file, line, col, end_line, end_col)
+
         try:
-            parsed = parse(_PREFIX + item.value, self.file)
+            parsed = parse(synthetic, self.file)
         except SpecError as exc:
-            raise SpecSyntaxError(exc.message, _moved(exc.span, line, shift),
-                                  source=self.text) from None
+            raise SpecSyntaxError(exc.message, move(exc.span), source=self.text) from None
         if len(parsed.rules) != 1 or parsed.comments or "\n" in item.value:
             raise self.error("one rule per list item: write selectors, not statements, here",
                              item.start_mark)
-        return tuple(_moved(s, line, shift) for s in parsed.rules[0].selectors)
+        return tuple(_moved(s, move) for s in parsed.rules[0].selectors)
 
 
-def _moved(obj, line: int, shift: int):
-    """Every Span inside ``obj`` moved from the synthetic one-line statement to the YAML text."""
+_MAX_DEPTH = 100
+
+
+def _value_offsets(text: str, node: yaml.ScalarNode) -> list[int]:
+    """For each character of the scalar's value, the index in ``text`` of the character (or
+    escape sequence) it was read from; then one entry for the end. A value folded over several
+    lines or written with escapes ('\\x41', '\'\'') maps character by character."""
+    quote = node.style if node.style in ("'", '"') else ""
+    begin = node.start_mark.index + len(quote)
+    end = max(node.end_mark.index - len(quote), begin)
+    value = node.value
+    if node.style in ("|", ">"):
+        return _shifted(text, node, begin, end)
+    out: list[int] = []
+    i = begin
+    for ch in value:
+        while i < end:
+            size, produced = _unit(text, i, quote)
+            if produced == ch:
+                out.append(i)
+                i += size
+                break
+            i += size
+        else:
+            return _shifted(text, node, begin, end)  # not aligned: fall back to the start
+    out.append(min(i, end))
+    return out
+
+
+def _shifted(text: str, node, begin: int, end: int) -> list[int]:
+    # Block scalars and anything that does not align: the scalar's start, clamped to its end.
+    return [min(begin + k, end) for k in range(len(node.value) + 1)]
+
+
+_ESCAPES = yaml.scanner.Scanner.ESCAPE_REPLACEMENTS
+_ESCAPE_CODES = yaml.scanner.Scanner.ESCAPE_CODES
+_BREAKS = "\r\n\x85\u2028\u2029"
+
+
+def _unit(text: str, i: int, quote: str) -> tuple[int, str | None]:
+    """One unit of scalar source at ``i``: (its length, the value character it reads as, or None
+    for what reads as nothing by itself: an escaped line break)."""
+    ch = text[i]
+    if quote == '"' and ch == "\\" and i + 1 < len(text):
+        code = text[i + 1]
+        if code in _ESCAPE_CODES:
+            digits = text[i + 2 : i + 2 + _ESCAPE_CODES[code]]
+            try:
+                return 2 + len(digits), chr(int(digits, 16))
+            except (ValueError, OverflowError):
+                return 2, None
+        if code in _ESCAPES:
+            return 2, _ESCAPES[code]
+        if code in _BREAKS:
+            return (3 if text[i + 1 : i + 3] == "\r\n" else 2), None
+    if quote == "'" and text.startswith("''", i):
+        return 2, "'"
+    if ch == "\r" and text.startswith("\r\n", i):
+        return 2, "\n"
+    if ch in _BREAKS:
+        return 1, "\n"
+    return 1, ch
+
+
+def _moved(obj, move):
+    """Every Span inside ``obj`` moved by ``move`` (synthetic statement -> YAML text)."""
     if isinstance(obj, Span):
-        return Span(obj.file, line, obj.column + shift, line, obj.end_column + shift)
+        return move(obj)
     if isinstance(obj, tuple):
-        return tuple(_moved(x, line, shift) for x in obj)
+        return tuple(_moved(x, move) for x in obj)
     if dataclasses.is_dataclass(obj):
-        changes = {f.name: _moved(getattr(obj, f.name), line, shift)
+        changes = {f.name: _moved(getattr(obj, f.name), move)
                    for f in dataclasses.fields(obj)
                    if isinstance(getattr(obj, f.name), (Span, tuple)) or
                    dataclasses.is_dataclass(getattr(obj, f.name))}
@@ -228,14 +377,20 @@ def _moved(obj, line: int, shift: int):
     return obj
 
 
-_COMMENT = re.compile(r"""(?:^|\s)(#.*)$""")
+_YAML_LINE = re.compile(r"[^\r\n\x85\u2028\u2029]*(?:\r\n|[\r\n\x85\u2028\u2029]|\Z)")
 
 
-def _comments(text: str, file: str) -> list[Comment]:
+def _comments(text: str, file: str, lines: _Lines) -> list[Comment]:
     """YAML comments with their positions (PyYAML drops them): a '#' at the start of a line or
-    after a blank, outside quotes."""
+    after a blank, outside quotes, up to the end of the line as YAML sees lines (which end at
+    '\r', '\x85', '\u2028' and '\u2029' too)."""
     out = []
-    for i, raw in enumerate(text.splitlines(), start=1):
+    for m in _YAML_LINE.finditer(text):
+        raw = m.group().rstrip(_BREAKS)
+        if not raw:
+            if m.end() >= len(text):
+                break
+            continue
         quote = None
         for j, ch in enumerate(raw):
             if quote:
@@ -244,22 +399,49 @@ def _comments(text: str, file: str) -> list[Comment]:
             elif ch in "'\"" and (j == 0 or raw[j - 1] in " \t[,:-{"):
                 quote = ch
             elif ch == "#" and (j == 0 or raw[j - 1] in " \t"):
-                out.append(Comment(raw[j:].rstrip(), Span(file, i, j + 1, i, len(raw) + 1)))
+                line, col = lines.position(m.start() + j)
+                end_line, end_col = lines.position(m.start() + len(raw))
+                out.append(Comment(raw[j:].rstrip(), Span(file, line, col, end_line, end_col)))
                 break
     return out
 
 
 # --- writing -------------------------------------------------------------------------------------
 
-_PLAIN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-?]*\*?[A-Za-z0-9_\-?*]*")
+# Written bare only when plainly safe in a flow list too (PyYAML ends a plain scalar there at any
+# of ',[]{}:?#') and read as a string (not as 'y', 'no', '10', '0x1f' or '2024-01-02').
+_PLAIN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]*\*?[A-Za-z0-9_\-*]*")
+_DOUBLE_QUOTED = {"\\": "\\\\", '"': '\\"', "\t": "\\t", "\r": "\\r", "\n": "\\n",
+                  "\x00": "\\0", "\x85": "\\N", "\u2028": "\\L", "\u2029": "\\P"}
+
+
+_RESOLVER = yaml.resolver.Resolver()
 
 
 def _scalar(text: str) -> str:
-    if _PLAIN.fullmatch(text) and text.lower() not in ("y", "n", "yes", "no", "on", "off",
-                                                      "true", "false", "null", "~") \
-            and not re.fullmatch(r"[0-9][0-9_]*", text):
+    if _PLAIN.fullmatch(text) and \
+            _RESOLVER.resolve(yaml.ScalarNode, text, (True, False)) == "tag:yaml.org,2002:str":
         return text
-    return "'" + text.replace("'", "''") + "'"
+    if text.isprintable():  # no control character, no line break of any kind
+        return "'" + text.replace("'", "''") + "'"
+    # A double-quoted scalar carries any character as an escape.
+    return '"' + "".join(_DOUBLE_QUOTED.get(c) or (c if c.isprintable() else _escape(c))
+                         for c in text) + '"'
+
+
+def _escape(c: str) -> str:
+    n = ord(c)
+    return f"\\x{n:02x}" if n < 0x100 else f"\\u{n:04x}" if n < 0x10000 else f"\\U{n:08x}"
+
+
+def _comment(text: str) -> str:
+    """A comment as YAML can carry it: on one line, with only characters YAML accepts. A
+    character that is not printable (a control character, '\\r', '\\x85', '\\u2028', which
+    YAML would read as a line break and the rest of the comment as YAML) is written as a visible
+    escape."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c == "\t" else _escape(c) for c in text)
 
 
 def _value(selectors: tuple[Selector, ...]) -> str:
@@ -276,16 +458,17 @@ def to_yaml(spec: Spec) -> str:
     for ln in body:
         if ln.blank_before:
             lines.append("")
+        comment = _comment(ln.comment) if ln.comment is not None else None
         if ln.rule is None:
-            lines.append(f"  {ln.comment}")
+            lines.append(f"  {comment}")
             continue
         first = f"  - {ln.rule.action}: {_value(ln.rule.selectors)}"
-        if ln.comment is not None and not ln.rule.excepts:
-            first += f"  {ln.comment}"
+        if comment is not None and not ln.rule.excepts:
+            first += f"  {comment}"
         lines.append(first)
         if ln.rule.excepts:
             last = f"    except: {_value(ln.rule.excepts)}"
-            if ln.comment is not None:
-                last += f"  {ln.comment}"
+            if comment is not None:
+                last += f"  {comment}"
             lines.append(last)
     return "\n".join(lines) + "\n"

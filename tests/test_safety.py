@@ -1,0 +1,532 @@
+"""Model files that cannot be used, Keras safe mode, atomic outputs, and stdout/stderr.
+
+What tests/test_cli.py already covers (a missing path, a directory, random bytes, a truncated
+`.keras`, a Lambda layer refused in safe mode) is not repeated here. This file adds:
+
+* an `.h5` that holds no model, a `.keras` whose custom layer class is not registered, and
+  `--unsafe` (a warning, then a Lambda model loads): exit 2, exactly one line on stderr that
+  names the file as the user typed it (relative paths, run from the folder), nothing written;
+* a real `surgery apply` killed with SIGTERM / SIGINT while it saves over an existing output:
+  the destination is byte-identical afterwards, no temporary file is left (in the output
+  folder, or in TMPDIR), exit 130, no traceback;
+* saves that fail for real reasons once the output folder has been checked (a file size limit
+  inside Keras's save, a name the file system refuses at the final rename): nothing is left
+  behind, and an existing output keeps its bytes; names up to the file system's limit work;
+* `AtomicOutputs` on its own: short hidden temporaries, a best-effort discard, a commit that a
+  failing rename undoes and that SIGINT waits for;
+* results on stdout, diagnostics on stderr, so scripts can pipe them.
+
+The models are built once, in a subprocess, so the custom layer's registration never reaches
+this process: loading it here is exactly what a user without the class's code would do.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+import surgery
+from surgery.atomic import AtomicOutputs
+from surgery.cli import main
+
+SURGERY = str(Path(sys.executable).parent / "surgery")
+
+BUILD_MODELS = textwrap.dedent("""
+    import os, sys
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import h5py, keras, numpy as np
+
+    os.chdir(sys.argv[1])
+
+    @keras.saving.register_keras_serializable(package="private")
+    class Scale(keras.layers.Layer):
+        def __init__(self, factor=2.0, **kwargs):
+            super().__init__(**kwargs)
+            self.factor = factor
+
+        def call(self, x):
+            return x * self.factor
+
+        def get_config(self):
+            return {**super().get_config(), "factor": self.factor}
+
+    def tiny():
+        inputs = keras.Input((4,), name="x")
+        h = keras.layers.Dense(8, name="stem")(inputs)
+        h = keras.layers.BatchNormalization(name="bn")(h)
+        return keras.Model(inputs, keras.layers.Dense(2, name="head")(h), name="tiny")
+
+    tiny().save("tiny.keras")
+    tiny().save_weights("tiny.weights.h5")  # a weights file: an .h5 without a model
+
+    inputs = keras.Input((4,), name="x")
+    outputs = keras.layers.Dense(2, name="head")(Scale(name="scale")(inputs))
+    keras.Model(inputs, outputs, name="custom").save("custom.keras")
+    keras.Model(inputs, outputs, name="custom").save("custom.h5")
+
+    inputs = keras.Input((3,), name="x")
+    doubled = keras.layers.Lambda(lambda t: t * 2, name="double")(inputs)
+    keras.Model(inputs, keras.layers.Dense(2, name="head")(doubled), name="lam").save("lambda.keras")
+
+    # Big enough that saving takes a good fraction of a second (2 x 4096x4096 float32, ~130 MB),
+    # few enough layers that loading it is quick.
+    inputs = keras.Input((4096,), name="x")
+    h = keras.layers.Dense(4096, name="wide1")(inputs)
+    h = keras.layers.Dense(4096, name="wide2")(h)
+    keras.Model(inputs, keras.layers.Dense(2, name="head")(h), name="wide").save("wide.keras")
+
+    with h5py.File("data.h5", "w") as f:  # HDF5, but some data set, not a model
+        f.create_dataset("images", data=np.zeros((4, 8, 8), dtype="uint8"))
+    with h5py.File("empty.h5", "w"):
+        pass
+""")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("models")
+    proc = subprocess.run([sys.executable, "-c", BUILD_MODELS, str(folder)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return folder
+
+
+@pytest.fixture
+def here(tmp_path, models, monkeypatch):
+    """A working folder with the spec, the models and an empty `out/` folder; the test runs
+    from it, so every path below is relative, as a user types it."""
+    for name in ("tiny.keras", "tiny.weights.h5", "custom.keras", "custom.h5", "lambda.keras",
+                 "data.h5", "empty.h5"):
+        os.link(models / name, tmp_path / name)
+    (tmp_path / "spec.frz").write_text("freeze all\nunfreeze head\n")
+    (tmp_path / "out").mkdir()
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def listing(folder) -> list[str]:
+    """Every entry, hidden ones included."""
+    return sorted(os.listdir(folder))
+
+
+def cli(capsys, *args):
+    rc = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def assert_one_line_error(err: str, path: str) -> str:
+    lines = err.splitlines()
+    assert len(lines) == 1 and err.endswith("\n"), err
+    assert lines[0].startswith(f"surgery: error: {path}: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+# --- model files that hold no usable model ------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", [
+    "data.h5",          # HDF5 with a data set, no model
+    "empty.h5",         # HDF5 with nothing in it
+    "tiny.weights.h5",  # the usual mistake: the weights file instead of the model
+    "./out/../data.h5",  # an odd path is quoted exactly as typed, not normalized
+])
+@pytest.mark.parametrize("command", ["apply", "plan"])
+def test_an_h5_file_without_a_model(here, capsys, model, command):
+    extra = ["-o", "out/tuned.keras"] if command == "apply" else []
+    rc, out, err = cli(capsys, command, "spec.frz", model, *extra)
+    assert rc == 2 and out == ""
+    line = assert_one_line_error(err, model)
+    assert "model" in line[len(f"surgery: error: {model}: "):].lower()
+    assert listing("out") == []
+
+
+@pytest.mark.parametrize("model", ["custom.keras", "custom.h5"])
+def test_an_unregistered_custom_layer(here, capsys, model):
+    import keras
+
+    # The class was registered in the subprocess that saved the model, never here.
+    assert keras.saving.get_registered_object("private>Scale") is None
+    rc, out, err = cli(capsys, "apply", "spec.frz", model, "-o", "out/tuned.keras")
+    assert rc == 2 and out == ""
+    assert_one_line_error(err, model)
+    assert listing("out") == []
+
+
+def test_an_unregistered_custom_layer_is_named_in_the_message(here, capsys):
+    rc, out, err = cli(capsys, "apply", "spec.frz", "custom.keras", "-o", "out/tuned.keras")
+    assert rc == 2
+    line = assert_one_line_error(err, "custom.keras")
+    assert "Scale" in line
+
+
+def test_unsafe_warns_and_loads_a_lambda_model(here, capsys):
+    rc, out, err = cli(capsys, "apply", "spec.frz", "lambda.keras", "-o", "out/tuned.keras",
+                       "--unsafe")
+    assert rc == 0
+    assert err.splitlines() == [
+        "surgery: warning: --unsafe: Keras safe mode is off; code stored in the model file may run"]
+    assert "wrote out/tuned.keras" in out.splitlines()
+    assert listing("out") == ["tuned.keras", "tuned.keras.manifest.json"]
+
+    rc, out, err = cli(capsys, "plan", "spec.frz", "lambda.keras", "--unsafe")
+    assert rc == 0 and "double" in out
+    assert err.startswith("surgery: warning: --unsafe") and err.count("\n") == 1
+
+
+def test_safe_mode_is_the_default_for_plan_and_show_too(here, capsys):
+    # apply refusing a Lambda is in test_cli.py; plan and show load the same way.
+    for args in (["plan", "spec.frz", "lambda.keras"], ["show", "lambda.keras"]):
+        rc, out, err = cli(capsys, *args)
+        assert rc == 2 and out == ""
+        assert "safe" in assert_one_line_error(err, "lambda.keras")
+
+
+# --- stdout for results, stderr for diagnostics ------------------------------------------------
+
+
+def test_results_on_stdout_and_nothing_on_stderr_from_the_console_script(here):
+    proc = subprocess.run([SURGERY, "apply", "spec.frz", "tiny.keras", "-o", "out/tuned.keras"],
+                          capture_output=True, text=True, cwd=here, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    lines = proc.stdout.splitlines()
+    assert lines[-2:] == ["wrote out/tuned.keras", "manifest out/tuned.keras.manifest.json"]
+    assert any(line.startswith("trainable params") for line in lines)
+    assert listing(here / "out") == ["tuned.keras", "tuned.keras.manifest.json"]
+
+
+def test_warnings_go_to_stderr_and_the_table_to_stdout(here, capsys):
+    (here / "spec.frz").write_text("freeze stem\nfreeze all\nunfreeze head\n")  # line 1: no effect
+    rc, out, err = cli(capsys, "plan", "spec.frz", "tiny.keras")
+    assert rc == 0
+    assert err.splitlines()[0].startswith("spec.frz:1:1: warning: this rule has no effect")
+    assert "warning" not in out and out.split()[:2] == ["#", "layer"]
+
+
+@pytest.mark.parametrize("spec_text,model", [
+    ("freeze all\nunfreez head\n", "tiny.keras"),  # a spec error: Keras is never imported
+    ("freeze all\n", "missing.keras"),
+])
+def test_failures_print_nothing_on_stdout(here, spec_text, model):
+    Path("sub").mkdir()
+    Path("sub/spec.frz").write_text(spec_text)
+    proc = subprocess.run([SURGERY, "apply", "./sub//spec.frz", model, "-o", "out/t.keras"],
+                          capture_output=True, text=True, cwd=here, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert "Traceback" not in proc.stderr
+    first = proc.stderr.splitlines()[0]
+    assert first.startswith("./sub//spec.frz:2:1: error:" if "unfreez" in spec_text
+                            else "surgery: error: missing.keras: no such file")
+    assert listing(here / "out") == []
+
+
+# --- saves that fail after the checks ----------------------------------------------------------
+
+NAME_MAX = os.pathconf("/", "PC_NAME_MAX") if hasattr(os, "pathconf") else 255
+# One character more than the file system allows. Every check passes (the folder exists, nothing
+# is there); the temporary, which has a short name of its own, is written; the final rename fails
+# with a real OSError (ENAMETOOLONG).
+TOO_LONG_OUT = "out/" + "m" * (NAME_MAX + 1 - len(".keras")) + ".keras"
+TOO_LONG_MANIFEST = "out/" + "j" * (NAME_MAX + 1 - len(".json")) + ".json"
+
+
+def test_a_failing_model_save_leaves_nothing_and_names_the_output_as_typed(here):
+    # A real failure inside Keras's save: the process may not write a file larger than 4 KiB
+    # (RLIMIT_FSIZE; Python ignores SIGXFSZ, so the write fails with EFBIG, 'File too large').
+    resource = pytest.importorskip("resource")
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+    Path("out/tuned.keras").write_bytes(b"previous model\n")
+    Path("out/tuned.keras.manifest.json").write_bytes(b"{}\n")
+    proc = subprocess.run([SURGERY, "apply", "spec.frz", "tiny.keras", "-o", "out/tuned.keras",
+                           "--force"], capture_output=True, text=True, cwd=here, timeout=300,
+                          preexec_fn=limited)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert "cannot save the model" in assert_one_line_error(proc.stderr, "out/tuned.keras")
+    assert listing("out") == ["tuned.keras", "tuned.keras.manifest.json"]
+    assert Path("out/tuned.keras").read_bytes() == b"previous model\n"
+    assert Path("out/tuned.keras.manifest.json").read_bytes() == b"{}\n"
+
+
+def test_an_output_name_the_file_system_refuses_leaves_nothing(here, capsys):
+    rc, stdout, err = cli(capsys, "apply", "spec.frz", "tiny.keras", "-o", TOO_LONG_OUT,
+                          "--manifest", "out/m.json")
+    assert rc == 2 and stdout == ""
+    assert "File name too long" in assert_one_line_error(err, TOO_LONG_OUT)
+    assert listing("out") == []
+
+
+def test_a_failing_manifest_write_removes_the_saved_model(here, capsys):
+    # Both temporaries are written; the model's rename succeeds, the manifest's fails. The
+    # commit is undone: the existing output keeps its bytes and nothing else remains.
+    Path("out/tuned.keras").write_bytes(b"previous model\n")
+    rc, stdout, err = cli(capsys, "apply", "spec.frz", "tiny.keras", "-o", "out/tuned.keras",
+                          "--manifest", TOO_LONG_MANIFEST, "--force")
+    assert rc == 2 and stdout == ""
+    assert_one_line_error(err, TOO_LONG_MANIFEST)
+    assert listing("out") == ["tuned.keras"]
+    assert Path("out/tuned.keras").read_bytes() == b"previous model\n"
+
+
+def test_a_failing_manifest_write_is_reported_for_the_manifest_as_typed(here, capsys,
+                                                                        monkeypatch):
+    # A full disk while the manifest's temporary is written (injected: no real file system
+    # failure hits a small .json write and not the model's save before it).
+    real_write_text = Path.write_text
+
+    def disk_full(self, *args, **kwargs):
+        if self.suffix == ".json":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+        return real_write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    rc, _, err = cli(capsys, "apply", "spec.frz", "tiny.keras", "-o", "out/tuned.keras",
+                     "--manifest", "out/m.json")
+    assert rc == 2
+    assert listing("out") == []
+    assert_one_line_error(err, "out/m.json")
+
+
+@pytest.mark.parametrize("spare", [10, 0])  # 0: the longest name the file system takes
+def test_a_long_but_legal_output_name_can_be_written(here, capsys, spare):
+    out = "out/" + "m" * (NAME_MAX - len(".keras") - spare) + ".keras"
+    rc, _, err = cli(capsys, "apply", "spec.frz", "tiny.keras", "-o", out,
+                     "--manifest", "out/m.json")
+    assert rc == 0, err
+    assert Path(out).exists()
+    assert listing("out") == sorted([out[len("out/"):], "m.json"])
+
+
+def test_an_interrupt_between_the_two_renames_changes_nothing(here, capsys, monkeypatch):
+    # Fault injection at the one point a real signal cannot be aimed at (and, since SIGINT and
+    # SIGTERM are held during the commit, cannot reach): the first rename onto a destination
+    # happens, then something fails. The commit is undone.
+    Path("out/tuned.keras").write_bytes(b"previous model\n")
+    Path("out/tuned.keras.manifest.json").write_bytes(b"{}\n")
+    real_replace = os.replace
+    failed = []
+
+    def replace_then_interrupt(src, dst):
+        real_replace(src, dst)
+        if Path(dst).name == "tuned.keras" and not failed:
+            failed.append(dst)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", replace_then_interrupt)
+    rc, _, err = cli(capsys, "apply", "spec.frz", "tiny.keras", "-o", "out/tuned.keras", "--force")
+    assert failed
+    assert rc == 130 and "nothing was written" in err
+    assert listing("out") == ["tuned.keras", "tuned.keras.manifest.json"]
+    assert Path("out/tuned.keras").read_bytes() == b"previous model\n"
+    assert Path("out/tuned.keras.manifest.json").read_bytes() == b"{}\n"
+
+
+# --- AtomicOutputs on its own ------------------------------------------------------------------
+
+
+def _reserve_and_write(outputs, folder: Path, contents: dict) -> None:
+    for name, data in contents.items():
+        outputs.reserve(folder / name, Path(name).suffix).write_bytes(data)
+
+
+def test_temporaries_are_short_hidden_and_keep_the_suffix(tmp_path):
+    with AtomicOutputs() as outputs:
+        tmp = outputs.reserve(tmp_path / ("m" * (NAME_MAX - 6) + ".keras"), ".keras")
+        assert tmp.parent == tmp_path
+        assert tmp.name.startswith(".surgery-") and tmp.name.endswith(".tmp.keras")
+        assert str(os.getpid()) in tmp.name and len(tmp.name) < 64
+        assert not tmp.exists()  # created by the writer, with the usual permissions
+
+
+def test_discard_removes_every_temporary_and_never_hides_the_error(tmp_path, monkeypatch):
+    real_unlink = Path.unlink
+    refused = []
+
+    def unlink(self, *args, **kwargs):
+        if self.name.endswith(".tmp.keras"):
+            refused.append(self.name)
+            raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), str(self))
+        return real_unlink(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    with pytest.raises(ValueError, match="the real error"):
+        with AtomicOutputs() as outputs:
+            _reserve_and_write(outputs, tmp_path, {"a.keras": b"a", "b.json": b"b", "c.h5": b"c"})
+            raise ValueError("the real error")
+    assert refused  # the first one could not be removed; the later ones still were
+    assert [n for n in listing(tmp_path) if not n.endswith(".tmp.keras")] == []
+
+
+@pytest.mark.parametrize("hard_links", [True, False])
+@pytest.mark.parametrize("existed", [True, False])
+def test_a_failing_rename_undoes_the_commit(tmp_path, monkeypatch, hard_links, existed):
+    if existed:
+        (tmp_path / "a.keras").write_bytes(b"old a")
+    (tmp_path / "b.json").write_bytes(b"old b")
+    before = {n: (tmp_path / n).read_bytes() for n in listing(tmp_path)}
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if Path(dst).name == "b.json" and Path(src).name.startswith(".surgery-") \
+                and ".tmp" in Path(src).name:
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(dst))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    if not hard_links:
+        def no_link(*args, **kwargs):
+            raise OSError(errno.EPERM, os.strerror(errno.EPERM))
+        monkeypatch.setattr(os, "link", no_link)
+    with pytest.raises(surgery.SurgeryError, match="b.json: cannot write: Input/output error"):
+        with AtomicOutputs() as outputs:
+            _reserve_and_write(outputs, tmp_path, {"a.keras": b"new a", "b.json": b"new b"})
+            outputs.commit()
+    assert {n: (tmp_path / n).read_bytes() for n in listing(tmp_path)} == before
+
+
+def test_a_signal_during_the_commit_waits_until_it_is_complete(tmp_path, monkeypatch):
+    (tmp_path / "a.keras").write_bytes(b"old a")
+    (tmp_path / "b.json").write_bytes(b"old b")
+    real_replace = os.replace
+    sent = []
+    handler = signal.getsignal(signal.SIGINT)
+
+    def replace_then_signal(src, dst):
+        real_replace(src, dst)
+        if not sent:
+            sent.append(dst)
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C between the two renames
+
+    monkeypatch.setattr(os, "replace", replace_then_signal)
+    outputs = AtomicOutputs()
+    with pytest.raises(KeyboardInterrupt):
+        with outputs:
+            _reserve_and_write(outputs, tmp_path, {"a.keras": b"new a", "b.json": b"new b"})
+            outputs.commit()
+    assert sent and outputs.committed
+    assert listing(tmp_path) == ["a.keras", "b.json"]
+    assert (tmp_path / "a.keras").read_bytes() == b"new a"
+    assert (tmp_path / "b.json").read_bytes() == b"new b"
+    assert signal.getsignal(signal.SIGINT) is handler  # put back
+
+
+# --- interrupted while saving: a real process, a real signal ----------------------------------
+
+
+def _kill_mid_save(models: Path, work: Path, sig: int, min_size: int, attempts: int = 3):
+    """Run `surgery apply --force` over an existing output and manifest; send ``sig`` once the
+    hidden temporary output exists and holds at least ``min_size`` bytes (0: the moment it
+    appears; a few MB: while Keras copies the weights into it, the last step of the save).
+
+    The copy takes a fraction of a second; on a loaded machine this poller can miss it, and the
+    run then simply completes. Such a miss says nothing about surgery, so the run is repeated
+    (up to ``attempts`` times) and the test skipped if no signal ever lands mid-save."""
+    misses = []
+    for attempt in range(attempts):
+        run = _one_kill(models, work / f"attempt{attempt}", sig, min_size)
+        if run["landed"]:
+            return run
+        misses.append(run["missed"])
+    pytest.skip(f"could not signal mid-save in {attempts} attempts: {misses}")
+
+
+def _one_kill(models: Path, work: Path, sig: int, min_size: int) -> dict:
+    work.mkdir()
+    os.link(models / "wide.keras", work / "wide.keras")
+    full_size = (models / "wide.keras").stat().st_size
+    (work / "spec.frz").write_text("freeze all\nunfreeze head\n")
+    out_dir = work / "out"
+    out_dir.mkdir()
+    old_model, old_manifest = b"previous model bytes\n", b'{"previous": "manifest"}\n'
+    (out_dir / "tuned.keras").write_bytes(old_model)
+    (out_dir / "tuned.keras.manifest.json").write_bytes(old_manifest)
+    before = listing(out_dir)
+    tmpdir = work / "tmpdir"
+    tmpdir.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmpdir)}
+
+    proc = subprocess.Popen([SURGERY, "apply", "spec.frz", "wide.keras", "-o", "out/tuned.keras",
+                             "--force"], cwd=work, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    temporary, size, missed = None, -1, None
+    deadline = time.monotonic() + 240
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            hidden = [n for n in os.listdir(out_dir)
+                      if n.startswith(".surgery-") and n.endswith(".tmp.keras")]
+            if hidden:
+                temporary = hidden[0]
+                try:
+                    size = os.stat(out_dir / temporary).st_size
+                except FileNotFoundError:
+                    size = -1
+                if size >= min_size:
+                    break
+            time.sleep(0.001)
+        if temporary is None or size < min_size:
+            missed = "the save ended before the signal"
+        elif size >= full_size * 0.9:
+            missed = f"too late: {size} of {full_size} bytes already written"
+        else:
+            proc.send_signal(sig)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if missed:
+        return {"landed": False, "missed": missed}
+    assert str(proc.pid) in temporary  # the temporary of this very run
+    return {"landed": True, "rc": proc.returncode, "stdout": stdout, "stderr": stderr,
+            "before": before, "old_model": old_model, "old_manifest": old_manifest,
+            "out_dir": out_dir, "tmpdir": tmpdir}
+
+
+@pytest.fixture(scope="module")
+def sigint_during_weights_copy(models, tmp_path_factory):
+    """One run, Ctrl-C'd while Keras writes the weights into the temporary (shared by the two
+    tests below, so the 10 s run happens once)."""
+    return _kill_mid_save(models, tmp_path_factory.mktemp("sigint"), signal.SIGINT,
+                          min_size=2 ** 20)
+
+
+def _assert_destination_untouched(run):
+    assert run["rc"] == 130, run["stderr"]
+    assert run["stdout"] == ""
+    assert "Traceback" not in run["stderr"]
+    assert run["stderr"].splitlines()[-1] == "surgery: interrupted; nothing was written"
+    assert listing(run["out_dir"]) == run["before"]  # no temporary left, nothing new
+    assert (run["out_dir"] / "tuned.keras").read_bytes() == run["old_model"]
+    assert (run["out_dir"] / "tuned.keras.manifest.json").read_bytes() == run["old_manifest"]
+
+
+@pytest.mark.slow
+def test_sigterm_as_the_temporary_appears_leaves_the_destination_as_it_was(models, tmp_path):
+    run = _kill_mid_save(models, tmp_path, signal.SIGTERM, min_size=0)
+    _assert_destination_untouched(run)
+    assert listing(run["tmpdir"]) == []  # nor anything in TMPDIR
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_the_weights_are_written_leaves_the_destination_as_it_was(
+        sigint_during_weights_copy):
+    _assert_destination_untouched(sigint_during_weights_copy)
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_the_weights_are_written_leaves_no_temporary_in_tmpdir(
+        sigint_during_weights_copy):
+    assert listing(sigint_during_weights_copy["tmpdir"]) == []
