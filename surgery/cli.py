@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("show", help="show every layer of a model and its trainable state")
     p.add_argument("model", metavar="MODEL", help=model_help)
     p.add_argument("--unsafe", action="store_true", help=argparse.SUPPRESS)
+    _engine_option(p)
     p.set_defaults(func=_cmd_show, allow_empty=False)
 
     p = sub.add_parser("lint", help="check specs without loading TensorFlow (exit 1 on findings)")
@@ -91,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("manifest", metavar="MANIFEST")
     p.add_argument("model", metavar="MODEL", help=model_help)
     p.add_argument("--unsafe", action="store_true", help=argparse.SUPPRESS)
+    _engine_option(p)
     p.set_defaults(func=_cmd_verify)
 
     p = sub.add_parser("diff", help="compare two manifests, or one spec applied to two models "
@@ -103,7 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _engine_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine", choices=("keras", "archive", "auto"), default="keras",
+                   help="keras: load through Keras (default); archive: read and rewrite the "
+                        ".keras file directly, without TensorFlow; auto: archive when it can, "
+                        "else keras, with a note")
+
+
 def _common(p: argparse.ArgumentParser) -> None:
+    _engine_option(p)
     p.add_argument("--allow-empty", action="store_true",
                    help="a selector that matches no layer is a warning, not an error")
     p.add_argument("--unsafe", action="store_true",
@@ -147,11 +157,41 @@ def _cmd_apply(args) -> int:
         raise UsageError("the output and the manifest must be different files")
     spec = _read_spec(args.spec)
 
-    from .api import apply_plan
     from .atomic import AtomicOutputs
+    from .report import plan_summary
+
+    tree = _archive_tree(args) if out.endswith(".keras") else _no_archive(args, "an .h5 output")
+    if tree is not None:
+        from .engines import archive
+        from .manifest import build_manifest
+        from .plan import plan_spec
+
+        the_plan = plan_spec(spec, tree, allow_empty=args.allow_empty)
+        reason = archive.unsupported(the_plan)
+        if reason is None:
+            _print_diagnostics(the_plan.diagnostics, spec)
+            with AtomicOutputs() as outputs:
+                model_tmp = outputs.reserve(out, ".keras")
+                try:
+                    written = archive.write(args.model, the_plan, str(model_tmp))
+                except (OSError, archive.ArchiveUnsupported) as exc:
+                    raise SurgeryError(f"{out}: cannot save the model: {exc}") from None
+                manifest = build_manifest(the_plan, spec, model_source=args.model,
+                                          model_sha256=written.source_sha256,
+                                          model_name=archive.model_name(args.model),
+                                          output_sha256=written.sha256)
+                status = _write_manifest_and_commit(outputs, manifest, manifest_path, out)
+            if status is not None:
+                return status
+            print(plan_summary(the_plan))
+            print(f"wrote {out}")
+            print(f"manifest {manifest_path}")
+            return EXIT_OK
+        _fallback(args, reason)
+
+    from .api import apply_plan
     from .engines import live
     from .manifest import sha256_file
-    from .report import plan_summary
 
     model = _load_model(live, args)
     digest = None if args.model.startswith(live.APPLICATIONS_PREFIX) else sha256_file(args.model)
@@ -164,35 +204,82 @@ def _cmd_apply(args) -> int:
             live.save(model, str(model_tmp))
         except Exception as exc:
             raise SurgeryError(f"{out}: cannot save the model: {exc}") from None
-        manifest_tmp = outputs.reserve(manifest_path, ".json")
-        try:
-            manifest_tmp.write_text(manifest.to_json(), encoding="utf-8")
-        except OSError as exc:
-            raise SurgeryError(f"{manifest_path}: cannot write the manifest: "
-                               f"{exc.strerror or exc}") from None
-        try:
-            outputs.commit()
-        except (KeyboardInterrupt, _Terminated):
-            # The commit defers a signal until both files are in place: say what exists.
-            if outputs.committed:
-                print(f"surgery: interrupted after writing {out} and {manifest_path}",
-                      file=sys.stderr)
-                return EXIT_INTERRUPTED
-            raise
+        status = _write_manifest_and_commit(outputs, manifest, manifest_path, out)
+    if status is not None:
+        return status
     print(plan_summary(the_plan))
     print(f"wrote {out}")
     print(f"manifest {manifest_path}")
     return EXIT_OK
 
 
+def _write_manifest_and_commit(outputs, manifest, manifest_path: str, out: str):
+    """Write the manifest beside the model's temporary and commit both; an exit code when
+    interrupted after the commit, else None."""
+    manifest_tmp = outputs.reserve(manifest_path, ".json")
+    try:
+        manifest_tmp.write_text(manifest.to_json(), encoding="utf-8")
+    except OSError as exc:
+        raise SurgeryError(f"{manifest_path}: cannot write the manifest: "
+                           f"{exc.strerror or exc}") from None
+    try:
+        outputs.commit()
+    except (KeyboardInterrupt, _Terminated):
+        # The commit defers a signal until both files are in place: say what exists.
+        if outputs.committed:
+            print(f"surgery: interrupted after writing {out} and {manifest_path}",
+                  file=sys.stderr)
+            return EXIT_INTERRUPTED
+        raise
+    return None
+
+
+def _no_archive(args, why: str):
+    if getattr(args, "engine", "keras") == "archive":
+        raise UsageError(f"--engine archive cannot handle {why}")
+    return None
+
+
+def _fallback(args, reason: str) -> None:
+    if args.engine == "archive":
+        raise SurgeryError(f"{args.model}: the archive engine cannot handle it: {reason}")
+    print(f"surgery: note: {reason}; loading through Keras", file=sys.stderr)
+
+
+def _archive_tree(args):
+    """The model's LayerTree read from its .keras archive without TensorFlow, or None when the
+    Keras engine must load it (chosen, or --engine auto and the archive cannot be read alone)."""
+    engine = getattr(args, "engine", "keras")
+    if engine == "keras":
+        return None
+    if not args.model.endswith(".keras") or not os.path.isfile(args.model):
+        return _no_archive(args, f"{args.model} (a .keras file is needed)")
+    from .engines import archive
+
+    try:
+        return archive.describe(args.model)
+    except archive.ArchiveUnsupported as exc:
+        _fallback(args, str(exc))
+    except (OSError, ValueError) as exc:
+        _fallback(args, f"cannot read the archive ({exc})")
+    return None
+
+
+def _model_tree(args):
+    tree = _archive_tree(args)
+    if tree is not None:
+        return tree
+    from .engines import live
+
+    return live.describe(_load_model(live, args))[0]
+
+
 def _cmd_plan(args) -> int:
     spec = _read_spec(args.spec)
-    from .engines import live
     from .plan import plan_spec
     from .report import plan_table
 
-    model = _load_model(live, args)
-    tree, _ = live.describe(model)
+    tree = _model_tree(args)
     the_plan = plan_spec(spec, tree, allow_empty=args.allow_empty)
     _print_diagnostics(the_plan.diagnostics, spec)
     print(plan_table(the_plan))
@@ -200,12 +287,10 @@ def _cmd_plan(args) -> int:
 
 
 def _cmd_show(args) -> int:
-    from .engines import live
     from .plan import plan_spec
     from .report import plan_table
 
-    model = _load_model(live, args)
-    tree, _ = live.describe(model)
+    tree = _model_tree(args)
     empty = Spec(rules=(), source="")
     print(plan_table(plan_spec(empty, tree), with_rules=False))
     return EXIT_OK
@@ -301,11 +386,10 @@ def _read_manifest(path: str):
 
 
 def _cmd_verify(args) -> int:
-    from .engines import live
     from .manifest import verify
 
     manifest = _read_manifest(args.manifest)
-    tree, _ = live.describe(_load_model(live, args))
+    tree = _model_tree(args)
     differences = verify(manifest, tree)
     for line in differences:
         print(line)

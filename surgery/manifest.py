@@ -94,7 +94,10 @@ def architecture_fingerprint(tree: LayerTree) -> str:
 
 def build_manifest(plan: Plan, spec: Spec, *, model_source: str, model_sha256: Optional[str],
                    model_name: str, versions: Optional[dict] = None,
-                   surgery_version: Optional[str] = None) -> Manifest:
+                   surgery_version: Optional[str] = None,
+                   output_sha256: Optional[str] = None) -> Manifest:
+    """``output_sha256`` is recorded only for outputs that are byte-reproducible (the archive
+    engine's): a Keras save stamps the date, and a manifest must not change from run to run."""
     if versions is None:
         versions = environment_versions()
     if surgery_version is None:
@@ -160,6 +163,8 @@ def build_manifest(plan: Plan, spec: Spec, *, model_source: str, model_sha256: O
             for d in plan.diagnostics
         ],
     }
+    if output_sha256 is not None:
+        data["output"] = {"sha256": output_sha256}
     return Manifest(data)
 
 

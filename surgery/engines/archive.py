@@ -1,0 +1,1363 @@
+"""The archive edge: a `.keras` file <-> LayerTree and flags, without Keras or TensorFlow.
+
+A `.keras` file is a zip of ``metadata.json``, ``config.json`` (the architecture, every layer's
+``trainable`` flag) and ``model.weights.h5``. Freezing whole layers changes only the ``trainable``
+fields of ``config.json``, so this engine reads the layer tree from the archive, and writes the
+decided flags back into ``config.json`` while every other entry is copied byte for byte (the
+weights are streamed, never held in memory). Loading and saving through Keras, which the live
+engine (engines/live.py) pays, costs seconds and gigabytes; this costs a file copy.
+
+It must describe a model exactly as `engines.live.describe` describes the same model loaded by
+``keras.models.load_model``: resolution, planning and the manifest are shared, so the two engines
+must feed them equal `LayerTree`s. What it knows of Keras 3's format (checked by
+tests/test_archive.py against the live engine on keras.applications architectures):
+
+- ``config.json`` nests layer configs: a ``Functional`` or ``Sequential`` model holds
+  ``config["layers"]`` in ``model.layers`` order. A Functional model's ``.layers`` includes its
+  InputLayers; a Sequential's excludes the InputLayer its config starts with. Non-layer operations
+  of a functional graph (``keras.ops`` calls, module ``keras.src.ops.*``) are not layers at all.
+- ``model.weights.h5`` stores each layer's variables under ``<path>/vars/0, 1, ...`` (no variable
+  names), where ``<path>`` is ``layers/<snake_case(class)>[_n]`` at each level of nesting, the
+  counter running over the container's ``.layers`` by class, and the ``vars`` group carries the
+  layer's name as an attribute. Variables are stored in ``layer.weights`` order (trainable ones,
+  then the others), so names come from a per-class table (`_weight_names`).
+- Loading restores every layer's own flag from its config, without recursing: a Functional
+  model's flag comes from its config, a Sequential model's flag is not read at all (it comes back
+  True), an InputLayer has none (True).
+- A variable created without a name (ConvNeXt's LayerScale) is named by a per-process counter
+  (``variable``, ``variable_1``, ...) in the order the layers are deserialized: this engine gives
+  the names a fresh process loading the file gives.
+
+- Entries frozen inside a layer (sub-layer freezing, engines/constraint.py) are a FrozenEntries
+  constraint in the layer's config, values included: describing them needs only the config, and
+  so does removing them (the constraint it wraps comes back). Freezing new entries needs the
+  weight values: `unsupported(plan)` says so before `write` refuses it.
+
+Whatever it is not sure of raises `ArchiveUnsupported` with a one-line reason, and the caller falls
+back to the live engine: not a zip with ``config.json``, a subclassed or custom class, a Lambda,
+a custom object anywhere in the config, a layer whose weights are nested or cannot be named,
+layers shared between models, optimizer state, quantized or LoRA layers, new sub-layer freezes.
+
+Importing this module imports no TensorFlow, Keras, NumPy or h5py: ``model.weights.h5`` is read
+by a small reader of the HDF5 metadata h5py writes (superblock 0/1, symbol-table groups, version-1
+object headers), with h5py, imported lazily, as the fallback for any other HDF5 layout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import queue
+import re
+import struct
+import threading
+import zipfile
+import zlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, NamedTuple, Optional
+
+from ..tree import Layer, LayerTree, Weight
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..plan import Plan
+
+__all__ = ["ArchiveUnsupported", "Written", "describe", "write", "unsupported", "model_name",
+           "versions", "is_archive"]
+
+CONFIG = "config.json"
+WEIGHTS = "model.weights.h5"
+
+
+class ArchiveUnsupported(Exception):
+    """This archive cannot be handled without Keras; ``str(exc)`` is a one-line reason."""
+
+
+class Written(NamedTuple):
+    """What `write` produced: the sha256 of the output file and of the source file, both
+    computed while copying, so the manifest needs no second read of either."""
+
+    sha256: str
+    source_sha256: str
+
+
+# --- public interface ----------------------------------------------------------------------------
+
+
+def is_archive(path: str) -> bool:
+    """A cheap test for a zip file with a config.json, for choosing an engine."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return CONFIG in zf.NameToInfo
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return False
+
+
+def describe(path: str) -> LayerTree:
+    """The model in a `.keras` archive as a LayerTree, equal to
+    ``engines.live.describe(keras.models.load_model(path))[0]``."""
+    return _describe(path)
+
+
+def _describe(path: str, *, use_h5py: bool = False) -> LayerTree:
+    with _Archive(path) as archive:
+        cfg = archive.config()
+        root = _structure(cfg)
+        if not use_h5py:
+            try:
+                return LayerTree(_describe_tree(root, archive.weights_reader()))
+            except _H5Format:
+                pass  # a layout the small reader does not read: h5py reads it
+        reader = archive.weights_reader(use_h5py=True)
+        try:
+            return LayerTree(_describe_tree(root, reader))
+        except ArchiveUnsupported:
+            raise
+        except Exception as exc:  # h5py's errors on a damaged file are many types
+            raise ArchiveUnsupported(f"{WEIGHTS} is unreadable: {_first_line(exc)}") from None
+        finally:
+            reader.close()
+
+
+def model_name(path: str) -> str:
+    """The model's name (``model.name`` after loading), from config.json."""
+    with _Archive(path) as archive:
+        cfg = archive.config()
+    return _structure(cfg).name
+
+
+def versions() -> dict[str, Optional[str]]:
+    """The same dict as `engines.live.versions()`, from installed package metadata (no import)."""
+    from importlib import metadata
+
+    def version(*dists: str) -> Optional[str]:
+        for dist in dists:
+            try:
+                return metadata.version(dist)
+            except metadata.PackageNotFoundError:
+                continue
+        return None
+
+    return {"keras": version("keras", "keras-nightly"),
+            "tensorflow": version("tensorflow", "tensorflow-cpu", "tensorflow-gpu",
+                                  "tensorflow-macos", "tf-nightly", "tf-nightly-cpu"),
+            "backend": _keras_backend()}
+
+
+def write(src: str, plan: "Plan", dst: str) -> Written:
+    """Copy the archive ``src`` to ``dst`` with every layer's ``trainable`` flag set from ``plan``.
+
+    ``config.json`` is rewritten (same JSON layout as Keras writes, only ``trainable`` values
+    changed); every other entry is copied as stored (same bytes, compression, timestamp), in the
+    original order; the weights are streamed in chunks. The output depends only on the input
+    bytes and the plan, so it is byte-reproducible. ``dst`` is written in place (the caller passes
+    a temporary path and renames it)."""
+    with _Archive(src) as archive:
+        cfg = archive.config()
+        root = _structure(cfg)
+        _check_plan(root, plan)
+        _set_flags(root, plan)
+        config_bytes = json.dumps(cfg).encode("utf-8")
+        return _copy_zip(archive, dst, {CONFIG: config_bytes})
+
+
+# --- the archive ---------------------------------------------------------------------------------
+
+
+class _Archive:
+    def __init__(self, path: str):
+        self.path = os.fspath(path)
+        try:
+            self.file = open(self.path, "rb")
+        except OSError as exc:
+            raise ArchiveUnsupported(f"cannot open: {exc.strerror or exc}") from None
+        try:
+            self.zip = zipfile.ZipFile(self.file)
+        except (zipfile.BadZipFile, ValueError, OSError, EOFError):
+            self.file.close()
+            raise ArchiveUnsupported("not a zip archive (a .keras file is one)") from None
+        names = self.zip.NameToInfo
+        if CONFIG not in names:
+            self.close()
+            raise ArchiveUnsupported(f"the archive has no {CONFIG}")
+        if WEIGHTS not in names:
+            self.close()
+            others = [n for n in names if n.startswith("model.weights")]
+            detail = f" (it has {others[0]})" if others else ""
+            raise ArchiveUnsupported(f"the archive has no {WEIGHTS}{detail}")
+        for info in self.zip.infolist():
+            if info.flag_bits & 0x1:
+                self.close()
+                raise ArchiveUnsupported(f"the entry {info.filename} is encrypted")
+
+    def __enter__(self) -> "_Archive":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.zip.close()
+        self.file.close()
+
+    def config(self) -> dict:
+        try:
+            data = self.zip.read(CONFIG)
+            cfg = json.loads(data)
+        except (ValueError, zipfile.BadZipFile, OSError) as exc:
+            raise ArchiveUnsupported(f"{CONFIG} is unreadable: {_first_line(exc)}") from None
+        if not isinstance(cfg, dict):
+            raise ArchiveUnsupported(f"{CONFIG} does not hold a model config")
+        return cfg
+
+    def data_offset(self, info: zipfile.ZipInfo) -> int:
+        """Where the (compressed) bytes of an entry start in the file."""
+        header = os.pread(self.file.fileno(), 30, info.header_offset)
+        if len(header) != 30 or header[:4] != b"PK\x03\x04":
+            raise ArchiveUnsupported(f"bad local header for {info.filename}")
+        name_len, extra_len = struct.unpack("<HH", header[26:30])
+        return info.header_offset + 30 + name_len + extra_len
+
+    def weights_reader(self, *, use_h5py: bool = False) -> "_H5":
+        info = self.zip.getinfo(WEIGHTS)
+        if info.compress_type == zipfile.ZIP_STORED:
+            start = self.data_offset(info)
+            fd = self.file.fileno()
+            size = info.file_size
+
+            def read(offset: int, n: int) -> bytes:
+                if offset < 0 or offset + n > size:
+                    raise _H5Format("read outside the weights file")
+                return os.pread(fd, n, start + offset)
+
+            opener = lambda: _Window(fd, start, size)  # noqa: E731
+        else:  # Keras stores entries; a recompressed archive is read through zipfile
+            def opener():
+                return self.zip.open(WEIGHTS)
+
+            read = None
+        if read is not None and not use_h5py:
+            return _PureH5(read)
+        return _H5pyReader(opener)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:200]
+
+
+# --- config.json -> structure --------------------------------------------------------------------
+
+
+@dataclass
+class _Node:
+    """A layer as config.json describes it, with where its variables are in the weights file."""
+
+    name: str
+    path: str
+    cls: str
+    index: int
+    kind: str  # "functional" | "sequential" (models, the root included) | "input" | "leaf"
+    conf: dict  # the dict holding "name" and "trainable"
+    h5: str  # the group of this layer in model.weights.h5 ("" for the root)
+    module: str = ""
+    children: list["_Node"] = field(default_factory=list)
+
+    @property
+    def container(self) -> bool:
+        return self.kind in ("functional", "sequential")
+
+    def walk(self):
+        """Every node below this one, pre-order (LayerTree.layers() order)."""
+        for child in self.children:
+            yield child
+            yield from child.walk()
+
+
+_FUNCTIONAL_MODULES = ("keras.src.models.functional", "keras.models", "keras")
+_SEQUENTIAL_MODULES = ("keras", "keras.models", "keras.src.models.sequential")
+# Layers whose state or code lives outside what config.json and the weights table describe.
+_REFUSED = {
+    "Lambda": "a Lambda layer holds Python code: Keras safe mode decides whether it loads",
+    "TFSMLayer": "a TFSMLayer wraps a SavedModel",
+    "TorchModuleWrapper": "a TorchModuleWrapper wraps a torch module",
+    "JaxLayer": "a JaxLayer wraps JAX functions",
+    "FlaxLayer": "a FlaxLayer wraps a Flax module",
+}
+
+
+def _model_kind(layer_config: dict) -> Optional[str]:
+    cls = layer_config.get("class_name")
+    module = layer_config.get("module")
+    if cls == "Functional" and module in _FUNCTIONAL_MODULES:
+        return "functional"
+    if cls == "Sequential" and module in _SEQUENTIAL_MODULES:
+        return "sequential"
+    return None
+
+
+def _structure(cfg: dict) -> _Node:
+    kind = _model_kind(cfg)
+    cls = cfg.get("class_name")
+    if kind is None:
+        raise ArchiveUnsupported(
+            f"the model is a {cls!s} (module {cfg.get('module')!s}), not a Functional or "
+            "Sequential model: config.json does not describe its layers")
+    if cfg.get("compile_config"):
+        raise ArchiveUnsupported("the model was saved compiled (optimizer and compile state), "
+                                 "which Keras drops when it loads with compile=False")
+    conf = cfg.get("config")
+    if not isinstance(conf, dict) or not isinstance(conf.get("name"), str):
+        raise ArchiveUnsupported(f"{CONFIG} has no model name")
+    root = _Node(name=conf["name"], path="", cls=cls, index=0, kind=kind, conf=conf, h5="",
+                 module=cfg.get("module") or "")
+    _children(root, conf, kind)
+    foreign = _foreign_object(conf)
+    if foreign:
+        raise ArchiveUnsupported(f"the config uses {foreign}, which only Keras can resolve")
+    return root
+
+
+def _foreign_object(value) -> Optional[str]:
+    """The first serialized object from outside Keras (a custom initializer, constraint,
+    activation...) but surgery's own FrozenEntries: loading such a file depends on what is
+    registered, which only a Keras load can tell."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            module = item.get("module")
+            if isinstance(module, str) and not (module == "keras" or module.startswith("keras.")):
+                if item.get("registered_name") != _FROZEN_ENTRIES:
+                    return (f"{item.get('class_name')} (module {module}, registered as "
+                            f"{item.get('registered_name')!r})")
+                stack.append(item.get("config", {}).get("inner") if isinstance(
+                    item.get("config"), dict) else None)
+                continue
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return None
+
+
+def _children(node: _Node, conf: dict, kind: str) -> None:
+    layers = conf.get("layers")
+    if not isinstance(layers, list):
+        raise ArchiveUnsupported(f"the model {node.name!r} has no layer list in {CONFIG}")
+    used_h5: dict[str, int] = {}
+    names: set[str] = set()
+    position = 0
+    for i, lc in enumerate(layers):
+        if not isinstance(lc, dict) or not isinstance(lc.get("config"), dict):
+            raise ArchiveUnsupported(f"an entry of {node.name!r}'s layers is not a layer config")
+        if "module" not in lc:
+            raise ArchiveUnsupported("the config is in a legacy format (no 'module' keys)")
+        cls = lc.get("class_name")
+        module = lc.get("module") or ""
+        lconf = lc["config"]
+        name = lconf.get("name", lc.get("name"))
+        if not isinstance(cls, str) or not isinstance(name, str):
+            raise ArchiveUnsupported(f"a layer of {node.name!r} has no class or name")
+        if module.startswith("keras.src.ops."):
+            continue  # a keras.ops call in a functional graph: an operation, not a layer
+        if cls == "InputLayer" and module == "keras.layers":
+            child_kind = "input"
+            if kind == "sequential":
+                if i != 0:
+                    raise ArchiveUnsupported(f"{node.name!r} has an InputLayer after its first "
+                                             "layer")
+                continue  # Sequential.layers leaves out its InputLayer
+        else:
+            child_kind = _model_kind(lc)
+            if child_kind is None:
+                if cls in _REFUSED:
+                    raise ArchiveUnsupported(f"layer {name!r}: {_REFUSED[cls]}")
+                if "shared_object_id" in lc:
+                    raise ArchiveUnsupported(f"layer {name!r} is shared between models")
+                if not (module == "keras.layers" or module.startswith("keras.src.")) or \
+                        module.startswith("keras.src.models"):
+                    registered = lc.get("registered_name")
+                    raise ArchiveUnsupported(
+                        f"layer {name!r} is of class {cls} (module {module or '?'}"
+                        f"{', registered as ' + repr(registered) if registered else ''}), which "
+                        "surgery does not know without Keras")
+                child_kind = "leaf"
+        if name in names:
+            raise ArchiveUnsupported(f"the model {node.name!r} has two layers named {name!r}")
+        names.add(name)
+        snake = _snake_case(cls)
+        if snake in used_h5:
+            used_h5[snake] += 1
+            h5_name = f"{snake}_{used_h5[snake]}"
+        else:
+            used_h5[snake] = 0
+            h5_name = snake
+        path = f"{node.path}/{name}" if node.path else name
+        h5 = _join(_join(node.h5, "layers"), h5_name)
+        child = _Node(name=name, path=path, cls=cls, index=position, kind=child_kind,
+                      conf=lconf, h5=h5, module=module)
+        position += 1
+        node.children.append(child)
+        if child_kind in ("functional", "sequential"):
+            _children(child, lconf, child_kind)
+
+
+def _snake_case(name: str) -> str:
+    # keras.src.utils.naming.to_snake_case, which names the weights file's groups.
+    name = re.sub(r"\W+", "", name)
+    name = re.sub("(.)([A-Z][a-z]+)", r"\1_\2", name)
+    name = re.sub("([a-z])([A-Z])", r"\1_\2", name).lower()
+    return name
+
+
+def _join(a: str, b: str) -> str:
+    return f"{a}/{b}" if a else b
+
+
+def _loaded_flag(node: _Node) -> bool:
+    """The layer's ``trainable`` after keras.models.load_model."""
+    if node.kind in ("input", "sequential"):
+        # InputLayer keeps no flag; Sequential.from_config does not pass its flag on.
+        return True
+    value = node.conf.get("trainable", True)
+    if not isinstance(value, bool):
+        raise ArchiveUnsupported(f"layer {node.path or node.name!r} has trainable={value!r}")
+    return value
+
+
+# --- structure + weights -> LayerTree ------------------------------------------------------------
+
+
+def _describe_tree(root: _Node, reader: "_H5") -> Layer:
+    if isinstance(reader, _PureH5):
+        try:
+            return _describe_tree_with(root, reader)
+        except (struct.error, IndexError, KeyError, ValueError, RecursionError) as exc:
+            # Malformed or unexpected metadata (UnicodeDecodeError is a ValueError).
+            raise _H5Format(_first_line(exc)) from None
+    return _describe_tree_with(root, reader)
+
+
+def _describe_tree_with(root: _Node, reader: "_H5") -> Layer:
+    top = reader.children("")
+    if top is None or not set(top) <= {"layers", "vars"}:
+        extra = sorted(set(top or ()) - {"layers", "vars"})
+        raise ArchiveUnsupported(f"{WEIGHTS} holds state beyond the layers ({', '.join(extra)})")
+    auto = _AutoNames()
+    return _layer(root, reader, auto)
+
+
+def _layer(node: _Node, reader: "_H5", auto: "_AutoNames") -> Layer:
+    where = node.path or node.name
+    if node.container:
+        _check_container_group(node, reader)
+        children = tuple(_layer(c, reader, auto) for c in node.children)
+        weights: tuple[Weight, ...] = ()
+    else:
+        children = ()
+        shapes = _layer_vars(node, reader)
+        named = _weight_names(node, len(shapes), auto)
+        if named is None:
+            raise ArchiveUnsupported(
+                f"layer {where!r} ({node.cls}) has {len(shapes)} weight"
+                f"{'s' if len(shapes) != 1 else ''} surgery cannot name without Keras")
+        frozen = _frozen_entries(node, dict(zip((n for n, _ in named), shapes)))
+        weights = tuple(Weight(n, s, t, frozen=frozen[n][0], frozen_entries=frozen[n][1])
+                        if n in frozen else Weight(n, s, t)
+                        for (n, t), s in zip(named, shapes))
+    return Layer(name=node.name, path=node.path, cls=node.cls, index=node.index,
+                 trainable=_loaded_flag(node), weights=weights, children=children,
+                 container=node.container, details=_details(node))
+
+
+def _details(node: _Node) -> tuple[tuple[str, str], ...]:
+    # As engines.live._details: what decides EinsumDense's output axis (surgery/parts.py).
+    if node.cls != "EinsumDense" or node.container:
+        return ()
+    return tuple((k, str(node.conf.get(k))) for k in ("equation", "bias_axes")
+                 if node.conf.get(k) is not None)
+
+
+# Entries frozen inside a weight (surgery/engines/constraint.py, sub-layer freezing) travel in the
+# layer config as a FrozenEntries constraint on the attribute Keras passes to that weight.
+_FROZEN_ENTRIES = "surgery>FrozenEntries"
+_CONSTRAINT_OF = {"kernel_constraint": "kernel", "bias_constraint": "bias",
+                  "gamma_constraint": "gamma", "beta_constraint": "beta",
+                  "pointwise_constraint": "pointwise_kernel",
+                  "embeddings_constraint": "embeddings"}
+
+
+def _constrained_weight(cls: str, attr: str) -> Optional[str]:
+    if attr == "depthwise_constraint":
+        return "depthwise_kernel" if cls.startswith("SeparableConv") else "kernel"
+    return _CONSTRAINT_OF.get(attr)
+
+
+def _frozen_constraints(node: _Node) -> dict[str, tuple[str, dict]]:
+    """weight -> (config attribute, FrozenEntries config) for the weights with frozen entries."""
+    out = {}
+    for attr, value in node.conf.items():
+        if isinstance(value, dict) and value.get("registered_name") == _FROZEN_ENTRIES:
+            weight = _constrained_weight(node.cls, attr)
+            if weight is None or not isinstance(value.get("config"), dict):
+                raise ArchiveUnsupported(f"layer {node.path!r} has frozen entries on {attr}, "
+                                         "which surgery cannot place without Keras")
+            out[weight] = (attr, value["config"])
+    return out
+
+
+def _frozen_entries(node: _Node, shapes: dict[str, tuple[int, ...]]
+                    ) -> dict[str, tuple[tuple[int, ...], int]]:
+    """weight -> (frozen positions, frozen scalars), as Weight.frozen / frozen_entries."""
+    out = {}
+    for weight, (attr, fc) in _frozen_constraints(node).items():
+        try:
+            shape = tuple(int(d) for d in fc["shape"])
+            axes = tuple(int(a) for a in fc["axes"])
+            indices = tuple(sorted(i for start, stop in fc["indices"]
+                                   for i in range(int(start), int(stop))))
+            a0, a1 = axes[0], axes[-1]
+            entries = math.prod(shape[:a0]) * len(indices) * math.prod(shape[a1 + 1:])
+        except (KeyError, TypeError, ValueError, IndexError):
+            raise ArchiveUnsupported(f"layer {node.path!r}: unreadable frozen entries on "
+                                     f"{attr}") from None
+        if weight not in shapes or shapes[weight] != shape:
+            raise ArchiveUnsupported(f"layer {node.path!r}: frozen entries on {attr} do not fit "
+                                     f"its {weight}")
+        out[weight] = (indices, entries)
+    return out
+
+
+def _check_container_group(node: _Node, reader: "_H5") -> None:
+    where = node.path or node.name
+    if node.path:  # the root's group is the file itself
+        group = reader.children(node.h5)
+        if group is None or not set(group) <= {"vars", "layers"}:
+            raise ArchiveUnsupported(f"model {where!r} is not where Keras saves it in {WEIGHTS}")
+        if reader.children(_join(node.h5, "vars")):
+            raise ArchiveUnsupported(f"model {where!r} has variables of its own")
+        _check_name(node, reader)
+    expected = {c.h5.rsplit("/", 1)[-1] for c in node.children}
+    present = reader.children(_join(node.h5, "layers")) or {}
+    if set(present) != expected:
+        extra = sorted(set(present) - expected)
+        missing = sorted(expected - set(present))
+        raise ArchiveUnsupported(
+            f"the layers of {where!r} do not match {WEIGHTS}"
+            + (f" (saved but not in the config: {', '.join(extra[:3])})" if extra else "")
+            + (f" (not saved: {', '.join(missing[:3])}; layers shared between models?)"
+               if missing else ""))
+
+
+def _check_name(node: _Node, reader: "_H5") -> None:
+    saved = reader.name_attr(_join(node.h5, "vars"))
+    if saved is not None and saved != node.name:
+        raise ArchiveUnsupported(f"{WEIGHTS} has {saved!r} where the config has {node.name!r}")
+
+
+def _layer_vars(node: _Node, reader: "_H5") -> list[tuple[int, ...]]:
+    where = node.path
+    group = reader.children(node.h5)
+    if group is None:
+        raise ArchiveUnsupported(f"layer {where!r} has no entry in {WEIGHTS}; layers shared "
+                                 "between models?")
+    if set(group) != {"vars"}:
+        raise ArchiveUnsupported(f"layer {where!r} ({node.cls}) holds nested layers or state "
+                                 f"({', '.join(sorted(set(group) - {'vars'})[:3])})")
+    vars_path = _join(node.h5, "vars")
+    _check_name(node, reader)
+    entries = reader.children(vars_path) or {}
+    n = len(entries)
+    if set(entries) != {str(i) for i in range(n)} or any(k != "dataset" for k in entries.values()):
+        raise ArchiveUnsupported(f"layer {where!r} ({node.cls}) stores its variables in a layout "
+                                 "surgery does not know")
+    return [reader.shape(f"{vars_path}/{i}") for i in range(n)]
+
+
+class _AutoNames:
+    """keras.src.utils.naming.uniquify for variables created without a name, as in a fresh
+    process: "variable", "variable_1", ... in creation (deserialization) order."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def next(self) -> str:
+        name = "variable" if self.count == 0 else f"variable_{self.count}"
+        self.count += 1
+        return name
+
+
+_CONVS = {"Conv1D", "Conv2D", "Conv3D", "Conv1DTranspose", "Conv2DTranspose", "Conv3DTranspose",
+          "DepthwiseConv1D", "DepthwiseConv2D"}
+
+
+def _weight_names(node: _Node, n: int, auto: _AutoNames) -> Optional[list[tuple[str, bool]]]:
+    """(name, trainable-capable) of each stored variable, in order; None if unknown.
+
+    Only classes whose variables a config fully determines are listed; every other class with
+    variables sends the model to the live engine. ``n`` is the count the weights file holds."""
+    if n == 0:
+        return []
+    c = node.conf
+    cls = node.cls
+    if c.get("lora_rank") or c.get("quantization_config") or _quantized(c.get("dtype")):
+        return None
+    bias = [("bias", True)] if c.get("use_bias", True) else []
+    names: Optional[list[tuple[str, bool]]]
+    if cls in _CONVS or cls == "Dense":
+        names = [("kernel", True)] + bias
+    elif cls in ("SeparableConv1D", "SeparableConv2D"):
+        names = [("depthwise_kernel", True), ("pointwise_kernel", True)] + bias
+    elif cls == "EinsumDense":
+        names = [("kernel", True)] + ([("bias", True)] if c.get("bias_axes") else [])
+    elif cls == "BatchNormalization":
+        if c.get("renorm"):
+            return None
+        names = ([("gamma", True)] if c.get("scale", True) else []) + \
+                ([("beta", True)] if c.get("center", True) else []) + \
+                [("moving_mean", False), ("moving_variance", False)]
+    elif cls == "LayerNormalization":
+        rms = c.get("rms_scaling", False)
+        names = ([("gamma", True)] if c.get("scale", True) or rms else []) + \
+                ([("beta", True)] if c.get("center", True) and not rms else [])
+    elif cls == "GroupNormalization":
+        names = ([("gamma", True)] if c.get("scale", True) else []) + \
+                ([("beta", True)] if c.get("center", True) else [])
+    elif cls == "Normalization":
+        names = [("mean", False), ("variance", False), ("count", False)]
+    elif cls == "RMSNormalization":
+        names = [("scale", True)]
+    elif cls == "Embedding":
+        names = [("embeddings", True)]
+    elif cls == "PReLU":
+        names = [("alpha", True)]
+    elif cls == "LayerScale" and node.module == "keras.src.applications.convnext":
+        names = [(None, True)]  # type: ignore[list-item]  # named below, in creation order
+    else:
+        return None
+    if len(names) != n:
+        return None
+    return [(auto.next() if name is None else name, t) for name, t in names]
+
+
+def _quantized(dtype) -> bool:
+    if isinstance(dtype, dict):
+        if dtype.get("class_name") not in (None, "DTypePolicy", "FloatDTypePolicy"):
+            return True
+        dtype = (dtype.get("config") or {}).get("name")
+    return isinstance(dtype, str) and dtype.split("_")[0] in ("int8", "int4", "float8", "gptq",
+                                                               "awq")
+
+
+def _keras_backend() -> str:
+    # keras/src/backend/config.py: KERAS_BACKEND, else keras.json in KERAS_HOME or ~/.keras
+    # (/tmp/.keras when home is not writable), else tensorflow.
+    env = os.environ.get("KERAS_BACKEND")
+    if env:
+        return env
+    if "KERAS_HOME" in os.environ:
+        home = os.environ["KERAS_HOME"]
+    else:
+        base = os.path.expanduser("~")
+        if not os.access(base, os.W_OK):
+            base = "/tmp"
+        home = os.path.join(base, ".keras")
+    try:
+        with open(os.path.expanduser(os.path.join(home, "keras.json"))) as f:
+            backend = json.load(f).get("backend")
+    except (OSError, ValueError, AttributeError):
+        backend = None
+    return backend if isinstance(backend, str) and backend else "tensorflow"
+
+
+# --- writing flags -------------------------------------------------------------------------------
+
+
+def _check_plan(root: _Node, plan: "Plan") -> None:
+    """The plan must be for this architecture: same layer paths and classes, in order."""
+    ours = [(n.path, n.cls) for n in root.walk()]
+    theirs = [(lp.path, lp.layer.cls) for lp in plan.layers]
+    if ours != theirs:
+        raise ValueError("the plan was made for another model than this archive")
+
+
+def unsupported(plan: "Plan") -> Optional[str]:
+    """Why `write` would refuse this plan (raising ArchiveUnsupported), or None.
+
+    Entries frozen inside a layer (sub-layer freezing) are kept in config.json with their values;
+    writing new ones needs the weight values, which only the live engine reads. Removing them
+    (a layer frozen whole, or unfrozen) and keeping them as they are need no values."""
+    for lp in plan.layers:
+        if lp.layer.children:
+            continue
+        wanted = {p.weight: p.indices for p in lp.frozen_parts}
+        carried = {w.name: w.frozen for w in lp.layer.weights if w.frozen}
+        for weight, indices in wanted.items():
+            if indices and indices != carried.get(weight, ()):
+                return (f"freezing entries inside {lp.path!r} ({weight}) stores their values in "
+                        "the config, which needs Keras")
+    return None
+
+
+def _set_flags(root: _Node, plan: "Plan") -> None:
+    # What model.save writes after the live engine set each layer's flag to its planned state,
+    # and removed the frozen entries the plan no longer has (engines.live.write, set_frozen).
+    reason = unsupported(plan)
+    if reason:
+        raise ArchiveUnsupported(reason)
+    root.conf["trainable"] = bool(plan.root_after)
+    for node in root.walk():
+        if node.kind == "input":
+            continue  # InputLayer.get_config has no trainable key
+        lp = plan.by_path[node.path]
+        node.conf["trainable"] = bool(lp.after)
+        if node.container:
+            continue
+        wanted = {p.weight: p.indices for p in lp.frozen_parts}
+        for weight, (attr, fc) in _frozen_constraints(node).items():
+            if not wanted.get(weight):
+                # set_frozen(layer, weight, ()): the layer's own constraint comes back.
+                node.conf[attr] = fc.get("inner")
+
+
+# --- the zip copy --------------------------------------------------------------------------------
+
+_CHUNK = 1 << 20
+_ZIP64_LIMIT = 0xFFFFFFFF  # sizes and offsets from this value on need zip64 fields
+_ZIP64_COUNT = 0xFFFF
+
+
+def _copy_zip(archive: _Archive, dst: str, replace: dict[str, bytes]) -> Written:
+    infos = archive.zip.infolist()
+    fd = archive.file.fileno()
+    src_size = os.fstat(fd).st_size
+    spans = []  # (local header offset, data offset, data end) in the source, per entry
+    for info in infos:
+        start = archive.data_offset(info)
+        spans.append((info.header_offset, start, start + info.compress_size))
+    # One sequential pass hashes the source while its entries are copied, when they lie in
+    # central-directory order (as zipfile writes them); otherwise the source is hashed apart.
+    sequential = all(spans[i][2] <= spans[i + 1][0] for i in range(len(spans) - 1)) and \
+        (not spans or spans[-1][2] <= src_size)
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+
+    buffers = _Buffers(6, _CHUNK)
+    out_hash = _Hasher()
+    src_hash = _Hasher()
+    try:
+        with open(dst, "wb", buffering=0) as out:
+            writer = _Out(out, out_hash)
+            pos = 0  # how far the source has been hashed
+            central = []
+            for info, (header, start, end) in zip(infos, spans):
+                if sequential:
+                    _pass(fd, pos, start, buffers, src_hash)  # gap, local header
+                    pos = start
+                new = replace.get(info.filename)
+                if new is not None:
+                    data, crc, usize = _compress(new, info)
+                    entry = _entry(info, writer.offset, len(data), usize, crc)
+                    writer.write(entry.local_header())
+                    writer.write(data)
+                    if sequential:
+                        _pass(fd, start, end, buffers, src_hash)
+                else:
+                    entry = _entry(info, writer.offset, info.compress_size, info.file_size,
+                                   info.CRC)
+                    writer.write(entry.local_header())
+                    _pass(fd, start, end, buffers, src_hash if sequential else None, writer)
+                if sequential:
+                    pos = end
+                central.append(entry)
+            if sequential:
+                _pass(fd, pos, src_size, buffers, src_hash)  # data descriptors, central directory
+            _write_central(writer, central, archive.zip.comment)
+        digest_out = out_hash.finish()
+        digest_in = src_hash.finish() if sequential else _sha256_path(archive.path)
+    finally:
+        out_hash.close()
+        src_hash.close()
+    return Written(digest_out, digest_in)
+
+
+def _compress(data: bytes, info: zipfile.ZipInfo) -> tuple[bytes, int, int]:
+    crc = zlib.crc32(data) & 0xFFFFFFFF
+    if info.compress_type == zipfile.ZIP_STORED:
+        return data, crc, len(data)
+    if info.compress_type == zipfile.ZIP_DEFLATED:
+        c = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -15)
+        return c.compress(data) + c.flush(), crc, len(data)
+    raise ArchiveUnsupported(f"{info.filename} uses compression method {info.compress_type}")
+
+
+@dataclass
+class _Entry:
+    name: bytes
+    flags: int
+    method: int
+    dostime: int
+    dosdate: int
+    crc: int
+    csize: int
+    usize: int
+    offset: int
+    create_version: int
+    create_system: int
+    extract_version: int
+    internal_attr: int
+    external_attr: int
+    comment: bytes
+
+    def _zip64_local(self) -> bool:
+        return self.csize >= _ZIP64_LIMIT or self.usize >= _ZIP64_LIMIT
+
+    def local_header(self) -> bytes:
+        extra = b""
+        csize, usize = self.csize, self.usize
+        if self._zip64_local():
+            extra = struct.pack("<HHQQ", 1, 16, usize, csize)
+            csize = usize = 0xFFFFFFFF
+        version = max(self.extract_version, 45 if extra else 20)
+        return struct.pack("<4s2B4HL2L2H", b"PK\x03\x04", version, 0, self.flags, self.method,
+                           self.dostime, self.dosdate, self.crc, csize, usize, len(self.name),
+                           len(extra)) + self.name + extra
+
+    def central_header(self) -> bytes:
+        fields = []
+        csize, usize, offset = self.csize, self.usize, self.offset
+        if self._zip64_local():  # as in the local header: both sizes, in this order
+            fields += [usize, csize]
+            csize = usize = 0xFFFFFFFF
+        if offset >= _ZIP64_LIMIT:
+            fields.append(offset)
+            offset = 0xFFFFFFFF
+        extra = struct.pack(f"<HH{len(fields)}Q", 1, 8 * len(fields), *fields) if fields else b""
+        version = max(self.extract_version, 45 if extra else 20)
+        return struct.pack("<4s4B4HL2L5H2L", b"PK\x01\x02", max(self.create_version, version),
+                           self.create_system, version, 0, self.flags, self.method, self.dostime,
+                           self.dosdate, self.crc, csize, usize, len(self.name), len(extra),
+                           len(self.comment), 0, self.internal_attr, self.external_attr,
+                           offset) + self.name + extra + self.comment
+
+
+def _entry(info: zipfile.ZipInfo, offset: int, csize: int, usize: int, crc: int) -> _Entry:
+    flags = info.flag_bits & ~0x08  # sizes go in the header: no data descriptor
+    try:
+        name = info.filename.encode("ascii")
+        flags &= ~0x800
+    except UnicodeEncodeError:
+        name = info.filename.encode("utf-8")
+        flags |= 0x800
+    y, mo, d, h, mi, s = info.date_time
+    dosdate = (max(y, 1980) - 1980) << 9 | mo << 5 | d
+    dostime = h << 11 | mi << 5 | (s // 2)
+    return _Entry(name=name, flags=flags, method=info.compress_type, dostime=dostime,
+                  dosdate=dosdate, crc=crc & 0xFFFFFFFF, csize=csize, usize=usize, offset=offset,
+                  create_version=min(info.create_version, 63), create_system=info.create_system,
+                  extract_version=min(info.extract_version, 63),
+                  internal_attr=info.internal_attr & 0xFFFF,
+                  external_attr=info.external_attr & 0xFFFFFFFF, comment=info.comment or b"")
+
+
+def _write_central(writer: "_Out", entries: list[_Entry], comment: bytes) -> None:
+    start = writer.offset
+    for e in entries:
+        writer.write(e.central_header())
+    size = writer.offset - start
+    count = len(entries)
+    if count > _ZIP64_COUNT or size >= _ZIP64_LIMIT or start >= _ZIP64_LIMIT:
+        end64 = writer.offset
+        writer.write(struct.pack("<4sQ2H2L4Q", b"PK\x06\x06", 44, 45, 45, 0, 0, count, count,
+                                 size, start))
+        writer.write(struct.pack("<4sLQL", b"PK\x06\x07", 0, end64, 1))
+        count16 = min(count, 0xFFFF)
+        size32 = min(size, 0xFFFFFFFF)
+        start32 = min(start, 0xFFFFFFFF)
+    else:
+        count16, size32, start32 = count, size, start
+    comment = comment[:0xFFFF]
+    writer.write(struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, count16, count16, size32, start32,
+                             len(comment)) + comment)
+
+
+class _Hasher:
+    """sha256 in a worker thread, fed in order through a short queue. hashlib releases the GIL on
+    large updates, so hashing the output, hashing the source and copying run on separate cores;
+    the queue bounds the memory held (a few chunks) whatever the file size."""
+
+    def __init__(self) -> None:
+        self._digest = hashlib.sha256()
+        self._queue: "queue.Queue" = queue.Queue(maxsize=4)
+        self._error: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self._run, name="surgery-sha256", daemon=True)
+        self._thread.start()
+        self._closed = False
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            data, done = item
+            try:
+                self._digest.update(data)
+            except BaseException as exc:  # pragma: no cover - hashlib does not fail on bytes
+                self._error = exc
+            if done is not None:
+                done()
+
+    def update(self, data, done: Optional[Callable[[], None]] = None) -> None:
+        """Hash ``data`` next; ``done()`` is called once it has been hashed."""
+        self._queue.put((data, done))
+
+    def finish(self) -> str:
+        self.close()
+        if self._error is not None:  # pragma: no cover
+            raise self._error
+        return self._digest.hexdigest()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._queue.put(None)
+            self._thread.join()
+
+
+class _Buffers:
+    """A few reused chunk buffers: a fresh megabyte per read would be a fresh mmap, page faults
+    and zeroing for every chunk (glibc serves large allocations with mmap). A buffer goes back to
+    the pool when every hasher it was handed to is done with it."""
+
+    def __init__(self, count: int, size: int):
+        self._free: "queue.Queue[bytearray]" = queue.Queue()
+        for _ in range(count):
+            self._free.put(bytearray(size))
+        self._lock = threading.Lock()
+
+    def get(self) -> bytearray:
+        return self._free.get()
+
+    def release_after(self, buf: bytearray, users: int) -> Callable[[], None]:
+        left = [max(users, 1)]
+
+        def done() -> None:
+            with self._lock:
+                left[0] -= 1
+                last = left[0] == 0
+            if last:
+                self._free.put(buf)
+        return done
+
+
+class _Out:
+    """The output file, its sha256 and the offset reached."""
+
+    def __init__(self, f, hasher: _Hasher):
+        self.f = f
+        self.hasher = hasher
+        self.offset = 0
+
+    def write(self, data, done: Optional[Callable[[], None]] = None) -> None:
+        view = memoryview(data)
+        while view:
+            n = self.f.write(view)
+            view = view[n:]
+        self.hasher.update(data, done)
+        self.offset += len(data)
+
+
+def _pass(fd: int, begin: int, end: int, buffers: _Buffers, src_hash: Optional[_Hasher],
+          writer: Optional[_Out] = None) -> None:
+    """Read [begin, end) of the source in chunks: hash it as source bytes, copy it out, or both."""
+    while begin < end:
+        n = min(_CHUNK, end - begin)
+        buf = buffers.get()
+        view = memoryview(buf)[:n]
+        if _read_into(fd, view, begin) != n:
+            buffers.release_after(buf, 1)()
+            raise ArchiveUnsupported("the archive is truncated")
+        users = (writer is not None) + (src_hash is not None)
+        done = buffers.release_after(buf, users)
+        if not users:
+            done()
+        if writer is not None:
+            writer.write(view, done)
+        if src_hash is not None:
+            src_hash.update(view, done)
+        begin += n
+
+
+def _read_into(fd: int, view: memoryview, offset: int) -> int:
+    if hasattr(os, "preadv"):
+        return os.preadv(fd, [view], offset)
+    data = os.pread(fd, len(view), offset)  # pragma: no cover - platforms without preadv
+    view[:len(data)] = data
+    return len(data)
+
+
+def _sha256_path(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(_CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# --- model.weights.h5 ----------------------------------------------------------------------------
+
+
+class _H5Format(Exception):
+    """The pure reader met an HDF5 layout it does not read; h5py takes over."""
+
+
+class _H5:
+    """What describe needs of the weights file. Paths are relative to the root, '' is the root."""
+
+    def children(self, path: str) -> Optional[dict[str, str]]:
+        """name -> "group" | "dataset" for the group at ``path``; None if there is none."""
+        raise NotImplementedError
+
+    def shape(self, path: str) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def name_attr(self, path: str) -> Optional[str]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class _PureH5(_H5):
+    """The HDF5 metadata h5py writes by default (libver 'earliest'): superblock version 0 or 1,
+    version-1 object headers, groups as symbol tables (v1 B-trees, local heaps), attributes of
+    variable-length strings in the global heap. Anything else raises _H5Format."""
+
+    def __init__(self, read: Callable[[int, int], bytes]):
+        self._raw = read
+        sig = read(0, 8)
+        if sig != b"\x89HDF\r\n\x1a\n":
+            raise _H5Format("no HDF5 signature at offset 0")
+        head = read(8, 16)
+        version = head[0]
+        if version not in (0, 1):
+            raise _H5Format(f"superblock version {version}")
+        self.o, self.l = head[5], head[6]  # sizes of offsets and lengths
+        if self.o != 8 or self.l != 8:
+            raise _H5Format("offsets or lengths are not 8 bytes")
+        pos = 24 + (4 if version == 1 else 0)
+        base, _free, _eof, _driver = struct.unpack("<4Q", read(pos, 32))
+        self.base = base
+        entry = read(pos + 32, 40)
+        _name_off, header, cache, _res = struct.unpack("<QQLL", entry[:24])
+        self._groups: dict[str, dict[str, tuple[int, Optional[tuple[int, int]]]]] = {}
+        self._root = (header, struct.unpack("<QQ", entry[24:40]) if cache == 1 else None)
+        self._heaps: dict[int, bytes] = {}
+        self._collections: dict[int, dict[int, bytes]] = {}
+        self._messages: dict[int, list[tuple[int, bytes]]] = {}
+
+    def read(self, addr: int, n: int) -> bytes:
+        data = self._raw(self.base + addr, n)
+        if len(data) != n:
+            raise _H5Format("short read")
+        return data
+
+    # object headers
+
+    def messages(self, addr: int) -> list[tuple[int, bytes]]:
+        cached = self._messages.get(addr)
+        if cached is not None:
+            return cached
+        prefix = self.read(addr, 16)
+        if prefix[:4] == b"OHDR":
+            raise _H5Format("version-2 object header")
+        version, _r, count, _refs, size = struct.unpack("<BBHLL", prefix[:12])
+        if version != 1:
+            raise _H5Format(f"object header version {version}")
+        blocks = [(addr + 16, size)]
+        out: list[tuple[int, bytes]] = []
+        while blocks:
+            start, length = blocks.pop(0)
+            block = self.read(start, length)
+            p = 0
+            while p + 8 <= length:
+                mtype, msize, _flags = struct.unpack("<HHB", block[p:p + 5])
+                data = block[p + 8:p + 8 + msize]
+                p += 8 + msize
+                if mtype == 0x10:  # continuation
+                    c_addr, c_len = struct.unpack("<QQ", data[:16])
+                    blocks.append((c_addr, c_len))
+                elif mtype != 0:
+                    out.append((mtype, data))
+        self._messages[addr] = out
+        return out
+
+    # groups
+
+    def _group_at(self, header: int, table: Optional[tuple[int, int]]
+                  ) -> dict[str, tuple[int, Optional[tuple[int, int]]]]:
+        if table is None:
+            found = [d for t, d in self.messages(header) if t == 0x11]
+            if not found:
+                raise _H5Format("not a symbol-table group")
+            table = struct.unpack("<QQ", found[0][:16])
+        btree, heap = table
+        members: dict[str, tuple[int, Optional[tuple[int, int]]]] = {}
+        self._walk_btree(btree, self._heap(heap), members)
+        return members
+
+    def _heap(self, addr: int) -> bytes:
+        """The data segment of a local heap (a group's member names)."""
+        cached = self._heaps.get(addr)
+        if cached is None:
+            head = self.read(addr, 32)
+            if head[:4] != b"HEAP":
+                raise _H5Format("no local heap")
+            size, _free, data = struct.unpack("<QQQ", head[8:32])
+            if size > 1 << 26:
+                raise _H5Format("local heap too large")
+            cached = self._heaps[addr] = self.read(data, size)
+        return cached
+
+    @staticmethod
+    def _heap_name(heap: bytes, offset: int) -> str:
+        end = heap.find(b"\0", offset)
+        if offset >= len(heap) or end < 0:
+            raise _H5Format("name outside the local heap")
+        return heap[offset:end].decode("utf-8")
+
+    def _walk_btree(self, addr: int, heap: bytes, members: dict, depth: int = 0) -> None:
+        if depth > 32:
+            raise _H5Format("B-tree too deep")
+        head = self.read(addr, 24)
+        if head[:4] != b"TREE" or head[4] != 0:
+            raise _H5Format("not a group B-tree node")
+        level = head[5]
+        used = struct.unpack("<H", head[6:8])[0]
+        body = self.read(addr + 24, (2 * used + 1) * 8)
+        children = [struct.unpack("<Q", body[8 + 16 * i:16 + 16 * i])[0] for i in range(used)]
+        for child in children:
+            if level > 0:
+                self._walk_btree(child, heap, members, depth + 1)
+                continue
+            snod = self.read(child, 8)
+            if snod[:4] != b"SNOD":
+                raise _H5Format("not a symbol table node")
+            count = struct.unpack("<H", snod[6:8])[0]
+            entries = self.read(child + 8, 40 * count)
+            for k in range(count):
+                e = entries[40 * k:40 * (k + 1)]
+                name_off, header, cache = struct.unpack("<QQL", e[:20])
+                if cache == 2:
+                    raise _H5Format("symbolic link")
+                table = struct.unpack("<QQ", e[24:40]) if cache == 1 else None
+                members[self._heap_name(heap, name_off)] = (header, table)
+
+    def _members(self, path: str):
+        cached = self._groups.get(path)
+        if cached is not None:
+            return cached
+        if path == "":
+            header, table = self._root
+        else:
+            parent, _, name = path.rpartition("/")
+            members = self._members(parent)
+            if members is None or name not in members:
+                return None
+            header, table = members[name]
+            if table is None and not self._is_group(header):
+                return None
+        result = self._group_at(header, table)
+        self._groups[path] = result
+        return result
+
+    def _is_group(self, header: int) -> bool:
+        types = {t for t, _ in self.messages(header)}
+        if 0x02 in types or 0x06 in types:
+            raise _H5Format("new-style group")
+        return 0x11 in types
+
+    def _lookup(self, path: str) -> int:
+        parent, _, name = path.rpartition("/")
+        members = self._members(parent)
+        if members is None or name not in members:
+            raise _H5Format(f"no object {path}")
+        return members[name][0]
+
+    def children(self, path: str) -> Optional[dict[str, str]]:
+        members = self._members(path)
+        if members is None:
+            return None
+        return {name: ("group" if table is not None or self._is_group(header) else "dataset")
+                for name, (header, table) in members.items()}
+
+    def shape(self, path: str) -> tuple[int, ...]:
+        for mtype, data in self.messages(self._lookup(path)):
+            if mtype == 0x01:
+                return _dataspace(data)[0]
+        raise _H5Format(f"{path} has no dataspace")
+
+    def name_attr(self, path: str) -> Optional[str]:
+        members = self._members(path.rpartition("/")[0])
+        name = path.rpartition("/")[2]
+        if members is None or name not in members:
+            return None
+        for mtype, data in self.messages(members[name][0]):
+            if mtype == 0x0C:
+                attr_name, value = self._attribute(data)
+                if attr_name == "name":
+                    return value
+        return None
+
+    def _attribute(self, data: bytes) -> tuple[str, Optional[str]]:
+        version = data[0]
+        if version == 1:
+            name_size, dt_size, ds_size = struct.unpack("<HHH", data[2:8])
+            p = 8
+            pad = lambda n: (n + 7) & ~7  # noqa: E731
+        elif version in (2, 3):
+            if data[1] & 0x3:
+                raise _H5Format("shared attribute datatype")
+            name_size, dt_size, ds_size = struct.unpack("<HHH", data[2:8])
+            p = 8 + (1 if version == 3 else 0)
+            pad = lambda n: n  # noqa: E731
+        else:
+            raise _H5Format(f"attribute message version {version}")
+        name = data[p:p + name_size].split(b"\0", 1)[0].decode("utf-8")
+        p += pad(name_size)
+        dtype = data[p:p + dt_size]
+        p += pad(dt_size)
+        dims, scalar = _dataspace(data[p:p + ds_size])
+        p += pad(ds_size)
+        if not scalar:
+            return name, None
+        value = data[p:]
+        klass = dtype[0] & 0x0F
+        if klass == 3:  # fixed-length string
+            size = struct.unpack("<L", dtype[4:8])[0]
+            return name, value[:size].split(b"\0", 1)[0].decode("utf-8", "replace")
+        if klass == 9 and (dtype[1] & 0x0F) == 1:  # variable-length string
+            length, collection, index = struct.unpack("<LQL", value[:16])
+            return name, self._global_object(collection, index)[:length].decode("utf-8",
+                                                                                 "replace")
+        return name, None
+
+    def _global_object(self, collection: int, index: int) -> bytes:
+        objects = self._collections.get(collection)
+        if objects is None:
+            head = self.read(collection, 16)
+            if head[:4] != b"GCOL":
+                raise _H5Format("no global heap collection")
+            size = struct.unpack("<Q", head[8:16])[0]
+            if size > 1 << 26:
+                raise _H5Format("global heap collection too large")
+            body = self.read(collection + 16, size - 16)
+            objects = self._collections[collection] = {}
+            p = 0
+            while p + 16 <= len(body):
+                obj_index, _refs, _res, obj_size = struct.unpack("<HHLQ", body[p:p + 16])
+                if obj_index == 0:
+                    break
+                objects[obj_index] = body[p + 16:p + 16 + obj_size]
+                p += 16 + ((obj_size + 7) & ~7)
+        try:
+            return objects[index]
+        except KeyError:
+            raise _H5Format("global heap object not found") from None
+
+
+def _dataspace(data: bytes) -> tuple[tuple[int, ...], bool]:
+    """(dims, is_scalar) of a dataspace message."""
+    version, rank, _flags = data[0], data[1], data[2]
+    if version == 1:
+        p = 8
+        scalar = rank == 0
+    elif version == 2:
+        p = 4
+        if data[3] == 2:
+            raise _H5Format("null dataspace")
+        scalar = data[3] == 0
+    else:
+        raise _H5Format(f"dataspace version {version}")
+    dims = struct.unpack(f"<{rank}Q", data[p:p + 8 * rank])
+    return tuple(int(d) for d in dims), scalar
+
+
+class _Window(io.RawIOBase):
+    """A read-only file over [start, start + size) of a file descriptor (the stored weights
+    entry inside the zip), for h5py."""
+
+    def __init__(self, fd: int, start: int, size: int):
+        super().__init__()
+        self._fd, self._start, self._size, self._pos = fd, start, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self._pos, 2: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, buffer) -> int:
+        n = max(0, min(len(buffer), self._size - self._pos))
+        data = os.pread(self._fd, n, self._start + self._pos) if n else b""
+        buffer[:len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+
+class _H5pyReader(_H5):
+    """The same answers through h5py (imported here, only when the pure reader gave up)."""
+
+    def __init__(self, opener: Callable[[], object]):
+        try:
+            import h5py
+        except ImportError:
+            raise ArchiveUnsupported(f"{WEIGHTS} needs h5py to be read, which is not "
+                                     "installed") from None
+        self._h5py = h5py
+        self._fileobj = opener()
+        try:
+            self._file = h5py.File(self._fileobj, "r")
+        except Exception as exc:  # h5py raises OSError and others on a bad file
+            raise ArchiveUnsupported(f"{WEIGHTS} is unreadable: {_first_line(exc)}") from None
+
+    def _get(self, path: str):
+        try:
+            return self._file[path] if path else self._file
+        except KeyError:
+            return None
+
+    def children(self, path: str) -> Optional[dict[str, str]]:
+        obj = self._get(path)
+        if not isinstance(obj, self._h5py.Group):
+            return None
+        return {k: ("group" if isinstance(obj.get(k, getlink=False), self._h5py.Group)
+                    else "dataset") for k in obj.keys()}
+
+    def shape(self, path: str) -> tuple[int, ...]:
+        return tuple(int(d) for d in self._get(path).shape)
+
+    def name_attr(self, path: str) -> Optional[str]:
+        obj = self._get(path)
+        if obj is None or "name" not in obj.attrs:
+            return None
+        value = obj.attrs["name"]
+        if isinstance(value, bytes):
+            value = value.decode("utf-8", "replace")
+        return value if isinstance(value, str) else None
+
+    def close(self) -> None:
+        self._file.close()
+        close = getattr(self._fileobj, "close", None)
+        if close:
+            close()

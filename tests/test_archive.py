@@ -1,0 +1,614 @@
+"""The archive engine (surgery/engines/archive.py) against the live engine.
+
+For every architecture: the LayerTree read from the `.keras` archive equals the one the live
+engine reads from the model Keras loads; for several specs, both engines give byte-identical
+manifests, and their outputs (the live one saved by `model.save`, the archive one written without
+Keras) load in Keras to the same flags, the same `trainable_weights` and bit-identical weights.
+Plus: byte-reproducible outputs, no TensorFlow on the archive path, and every refusal
+(`ArchiveUnsupported`) for what only Keras can read.
+
+Each live load starts with `keras.backend.clear_session()`: a fresh process's name counters, which
+number variables created without a name (ConvNeXt's LayerScale) as the archive engine does and as
+`surgery apply` sees them (one model per process).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+import surgery
+from conftest import layer_flags, trainable_paths
+from surgery.engines import archive
+from surgery.engines.archive import ArchiveUnsupported
+from surgery.manifest import build_manifest, sha256_file, verify
+from surgery.plan import plan_spec
+
+SMALL = (32, 32, 3)
+
+
+# --- architectures -------------------------------------------------------------------------------
+
+
+def _zoo_sequential(keras):
+    L = keras.layers
+    return keras.Sequential([
+        keras.Input((16,)), L.Dense(8, name="fc1"), L.BatchNormalization(center=False, name="bn1"),
+        L.PReLU(name="prelu"), L.Dense(8, use_bias=False, name="fc2"),
+        L.LayerNormalization(name="ln"), L.Dropout(0.1, name="drop"), L.Dense(2, name="out"),
+    ], name="zoo_sequential")
+
+
+def _zoo_functional(keras):
+    """Every class of the weight-name table that keras.applications does not use, a keras.ops
+    call in the graph (an operation, not a layer), a layer called twice, a nested Sequential, two
+    inputs."""
+    L = keras.layers
+    x = keras.Input((12, 6), name="signal")
+    h = L.Conv1D(4, 3, name="conv")(x)
+    h = L.SeparableConv1D(4, 3, name="sep")(h)
+    h = L.DepthwiseConv1D(3, name="dw")(h)
+    h = L.Conv1DTranspose(4, 3, use_bias=False, name="convt")(h)
+    h = L.GroupNormalization(groups=2, name="gn")(h)
+    h = L.RMSNormalization(name="rms")(h)
+    h = L.LayerNormalization(center=False, name="ln")(h)
+    h = L.Normalization(axis=-1, name="norm")(h)
+    h = L.EinsumDense("abc,cd->abd", output_shape=(None, 5), bias_axes="d", name="einsum")(h)
+    h = keras.ops.add(h, 1.0)
+    twice = L.Dense(5, name="twice")
+    h = twice(twice(h))
+    inner = keras.Sequential([keras.Input((8, 5)), L.Dense(3, name="inner_fc"),
+                              L.BatchNormalization(name="inner_bn")], name="inner_seq")
+    h = L.GlobalAveragePooling1D(name="pool")(inner(h))
+    ids = keras.Input((4,), dtype="int32", name="ids")
+    e = L.Flatten(name="flat")(L.Embedding(10, 3, name="embed")(ids))
+    out = L.Dense(2, name="head")(L.Concatenate(name="cat")([h, e]))
+    return keras.Model([x, ids], out, name="zoo")
+
+
+def _app(name, **kw):
+    def build(keras):
+        return getattr(keras.applications, name)(weights=None, include_top=False,
+                                                 input_shape=kw.get("input_shape", SMALL))
+    return build
+
+
+def _nested_mobilenet(keras):
+    base = keras.applications.MobileNetV2(weights=None, include_top=False, input_shape=SMALL)
+    inputs = keras.Input(SMALL)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(base(inputs))
+    return keras.Model(inputs, keras.layers.Dense(2, name="head")(x), name="classifier")
+
+
+@dataclass(frozen=True)
+class Arch:
+    build: object
+    specs: tuple[str, ...]
+    slow: bool = True
+
+
+ARCHS = {
+    "zoo_sequential": Arch(_zoo_sequential, (
+        "freeze all\nunfreeze layers[-2:]",
+        "freeze type:BatchNormalization, prelu",
+        "freeze all",
+    ), slow=False),
+    "zoo_functional": Arch(_zoo_functional, (
+        "freeze all\nunfreeze head",
+        "freeze inner_seq",
+        "freeze **/type:BatchNormalization, twice, embed",
+        "freeze inner_seq/inner_fc\nfreeze layers[0:6]",
+    ), slow=False),
+    "VGG16": Arch(_app("VGG16"), (
+        "freeze all\nunfreeze block5_*",
+        "freeze layers[0:10]",
+    ), slow=False),
+    "MobileNetV2_nested": Arch(_nested_mobilenet, (
+        "freeze mobilenetv2*/layers[:100]",
+        "freeze all except **/block_16_*",
+        "freeze mobilenetv2*",
+    ), slow=False),
+    "ResNet50": Arch(_app("ResNet50"), (
+        "freeze all\nunfreeze conv5_*",
+        "freeze **/type:BatchNormalization",
+    )),
+    "MobileNetV2": Arch(_app("MobileNetV2"), (
+        "freeze all\nunfreeze block_16_*, Conv_1, Conv_1_bn",
+    )),
+    "EfficientNetB0": Arch(_app("EfficientNetB0"), (
+        "freeze all\nunfreeze block7a_*, top_*",
+    )),
+    "DenseNet121": Arch(_app("DenseNet121"), (
+        "freeze all\nunfreeze conv5_block16_*, bn",
+    )),
+    "ConvNeXtTiny": Arch(_app("ConvNeXtTiny"), (
+        "freeze all\nunfreeze convnext_tiny_stage_3_*",
+        "freeze convnext_tiny_stem/layers[0]\nfreeze convnext_tiny_downsampling_block_0",
+    )),
+    "NASNetMobile": Arch(_app("NASNetMobile", input_shape=(224, 224, 3)), (
+        "freeze all\nunfreeze layers[-60:]",
+    )),
+}
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """name -> path of that architecture saved by Keras, built once per module, on demand."""
+    import keras
+
+    folder = tmp_path_factory.mktemp("archives")
+    paths: dict[str, str] = {}
+
+    def get(name: str) -> str:
+        if name not in paths:
+            keras.backend.clear_session()
+            path = str(folder / f"{name}.keras")
+            ARCHS[name].build(keras).save(path)
+            paths[name] = path
+        return paths[name]
+
+    return get
+
+
+def _load(path):
+    import keras
+
+    keras.backend.clear_session()  # see the module docstring
+    return keras.models.load_model(path, compile=False)
+
+
+def _first_difference(a, b):
+    """The first field where two Layer trees differ, for a readable failure."""
+    for f in ("name", "path", "cls", "index", "trainable", "weights", "container"):
+        if getattr(a, f) != getattr(b, f):
+            return f"{a.path or '<root>'}: {f}: {getattr(a, f)!r} != {getattr(b, f)!r}"
+    if len(a.children) != len(b.children):
+        return f"{a.path or '<root>'}: {len(a.children)} != {len(b.children)} children"
+    for x, y in zip(a.children, b.children):
+        found = _first_difference(x, y)
+        if found:
+            return found
+    return None
+
+
+def _assert_same_tree(archive_tree, live_tree):
+    assert archive_tree.root == live_tree.root, _first_difference(archive_tree.root,
+                                                                   live_tree.root)
+
+
+def _manifest(plan, spec, *, src, sha, name, versions):
+    return build_manifest(plan, spec, model_source=src, model_sha256=sha, model_name=name,
+                          versions=versions, surgery_version=surgery.__version__)
+
+
+def _state(model):
+    return (layer_flags(model), trainable_paths(model),
+            {v.path: v.numpy() for v in model.weights})
+
+
+# --- the engines agree ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if a.slow else n
+                                  for n, a in ARCHS.items()])
+def test_engines_agree(name, saved, tmp_path):
+    from surgery.engines import live
+
+    src = saved(name)
+    model = _load(src)
+    live_tree, objects = live.describe(model)
+    tree = archive.describe(src)
+    _assert_same_tree(tree, live_tree)
+    _assert_same_tree(archive._describe(src, use_h5py=True), live_tree)  # the fallback reader
+    assert archive.model_name(src) == model.name
+    versions = live.versions()
+    source_sha = sha256_file(src)
+
+    for i, text in enumerate(ARCHS[name].specs):
+        spec = surgery.parse(text)
+        live_plan = plan_spec(spec, live_tree)
+        archive_plan = plan_spec(spec, tree)
+        # The live model is reused across specs: `live.write` sets every flag from the plan.
+        live.write(model, live_plan, objects)
+        live_out = str(tmp_path / f"live{i}.keras")
+        model.save(live_out)
+        archive_out = str(tmp_path / f"archive{i}.keras")
+        written = archive.write(src, archive_plan, archive_out)
+        assert written == (sha256_file(archive_out), source_sha)
+
+        m_live = _manifest(live_plan, spec, src=src, sha=source_sha, name=model.name,
+                           versions=versions)
+        m_arch = _manifest(archive_plan, spec, src=src, sha=written.source_sha256,
+                           name=archive.model_name(src), versions=versions)
+        assert m_arch.to_json() == m_live.to_json(), text
+
+        loaded_live = _load(live_out)
+        flags_l, trainable_l, weights_l = _state(loaded_live)
+        out_tree_live = live.describe(loaded_live)[0]
+        loaded_arch = _load(archive_out)
+        flags_a, trainable_a, weights_a = _state(loaded_arch)
+        assert flags_a == flags_l, text
+        assert trainable_a == trainable_l, text
+        assert weights_a.keys() == weights_l.keys()
+        for key, value in weights_l.items():
+            assert weights_a[key].dtype == value.dtype, key
+            assert np.array_equal(weights_a[key], value), key
+        # Reading the output back gives what Keras gives, and it trains what the manifest says.
+        _assert_same_tree(archive.describe(archive_out), out_tree_live)
+        assert verify(m_arch, archive.describe(archive_out)) == []
+        # Only config.json changed: every other entry is the source's, byte for byte.
+        with zipfile.ZipFile(src) as a, zipfile.ZipFile(archive_out) as b:
+            assert [i.filename for i in a.infolist()] == [i.filename for i in b.infolist()]
+            for ia, ib in zip(a.infolist(), b.infolist()):
+                assert ia.date_time == ib.date_time and ia.compress_type == ib.compress_type
+                if ia.filename != "config.json":
+                    assert (ia.CRC, ia.file_size) == (ib.CRC, ib.file_size)
+        if i == 0:  # byte-reproducible
+            again = archive.write(src, archive_plan, str(tmp_path / "again.keras"))
+            assert again == written
+
+
+PARTS = ("freeze conv.filters[0:2]\nfreeze sep.filters[1:3]\nfreeze dw.filters[::2]\n"
+         "freeze einsum.units[0:2]\nfreeze inner_seq/inner_bn.gamma\nfreeze head.units[1]\n"
+         "freeze convt.kernel\nfreeze ln.gamma")
+
+
+def _constraints(model):
+    """layer path -> weight -> (constraint class, frozen indices) for every constrained weight."""
+    import keras
+
+    out = {}
+    def walk(m, prefix):
+        for layer in m.layers:
+            path = prefix + layer.name
+            if isinstance(layer, keras.Model):
+                walk(layer, path + "/")
+                continue
+            for v in layer.weights:
+                c = v.constraint
+                if c is not None:
+                    out.setdefault(path, {})[v.name] = (type(c).__name__,
+                                                        getattr(c, "indices", None))
+    walk(model, "")
+    return out
+
+
+@pytest.fixture(scope="module")
+def partly_frozen(saved, tmp_path_factory):
+    """zoo_functional with entries frozen inside eight layers (sub-layer freezing), saved."""
+    from surgery.engines import live
+
+    model = _load(saved("zoo_functional"))
+    tree, objects = live.describe(model)
+    live.write(model, plan_spec(surgery.parse(PARTS), tree), objects)
+    path = str(tmp_path_factory.mktemp("parts") / "parts.keras")
+    model.save(path)
+    return path
+
+
+@pytest.mark.parametrize("text", ["freeze all", "unfreeze head", "unfreeze conv, einsum",
+                                  "freeze inner_seq\nfreeze twice"])
+def test_engines_agree_on_entries_frozen_inside_layers(partly_frozen, text, tmp_path):
+    """A model carrying sub-layer freezes: both engines describe them alike; plans that keep or
+    remove them are written by the archive engine as the live engine writes them."""
+    from surgery.engines import live
+
+    src = partly_frozen
+    model = _load(src)
+    live_tree, objects = live.describe(model)
+    tree = archive.describe(src)
+    _assert_same_tree(tree, live_tree)
+    assert {n.path for n in tree.layers() if any(w.frozen for w in n.weights)} == {
+        "conv", "sep", "dw", "einsum", "inner_seq/inner_bn", "head", "convt", "ln"}
+    spec = surgery.parse(text)
+    live_plan, archive_plan = plan_spec(spec, live_tree), plan_spec(spec, tree)
+    assert archive.unsupported(archive_plan) is None
+    live.write(model, live_plan, objects)
+    model.save(str(tmp_path / "live.keras"))
+    written = archive.write(src, archive_plan, str(tmp_path / "archive.keras"))
+    versions = live.versions()
+    assert _manifest(archive_plan, spec, src=src, sha=written.source_sha256,
+                     name=archive.model_name(src), versions=versions).to_json() == \
+        _manifest(live_plan, spec, src=src, sha=written.source_sha256, name=model.name,
+                  versions=versions).to_json()
+    a = _load(str(tmp_path / "live.keras"))
+    state_a, constraints_a, tree_a = _state(a), _constraints(a), live.describe(a)[0]
+    b = _load(str(tmp_path / "archive.keras"))
+    state_b, constraints_b = _state(b), _constraints(b)
+    assert state_a[:2] == state_b[:2]
+    assert all(np.array_equal(state_a[2][k], state_b[2][k]) for k in state_a[2])
+    assert constraints_a == constraints_b
+    _assert_same_tree(archive.describe(str(tmp_path / "archive.keras")), tree_a)
+
+
+def test_new_entries_frozen_inside_a_layer_need_the_live_engine(partly_frozen, tmp_path):
+    tree = archive.describe(partly_frozen)
+    for text in ("freeze conv.filters[2:3]", "unfreeze dw.filters[0]", "freeze twice.units[0]"):
+        plan = plan_spec(surgery.parse(text), tree)
+        assert "needs Keras" in archive.unsupported(plan)
+        with pytest.raises(ArchiveUnsupported):
+            archive.write(partly_frozen, plan, str(tmp_path / "out.keras"))
+        assert not (tmp_path / "out.keras").exists()
+
+
+# --- properties of the archive path --------------------------------------------------------------
+
+
+def test_written_file_is_reproducible_and_a_no_op_changes_no_byte(saved, tmp_path):
+    src = saved("zoo_functional")
+    tree = archive.describe(src)
+    plan = plan_spec(surgery.parse("freeze all\nunfreeze head"), tree)
+    first = archive.write(src, plan, str(tmp_path / "a.keras"))
+    second = archive.write(src, plan, str(tmp_path / "b.keras"))
+    assert first == second
+    assert (tmp_path / "a.keras").read_bytes() == (tmp_path / "b.keras").read_bytes()
+    assert first.sha256 != first.source_sha256
+    # An empty spec rewrites config.json to the same bytes (Keras writes json.dumps output), and
+    # the zip layout is the one Python's zipfile gives: the copy is the source, byte for byte.
+    noop = archive.write(src, plan_spec(surgery.parse(""), tree), str(tmp_path / "c.keras"))
+    assert noop.sha256 == noop.source_sha256
+
+
+def test_versions_match_the_live_engine():
+    from surgery.engines import live
+
+    assert archive.versions() == live.versions()
+
+
+def test_a_plan_for_another_model_is_refused(saved, tmp_path):
+    other = plan_spec(surgery.parse("freeze all"), archive.describe(saved("zoo_sequential")))
+    with pytest.raises(ValueError, match="another model"):
+        archive.write(saved("zoo_functional"), other, str(tmp_path / "out.keras"))
+
+
+def test_deflated_archive_is_read_and_written(saved, tmp_path):
+    """Keras stores its entries; a recompressed archive is read through zipfile and h5py, and
+    each entry keeps its compression."""
+    src = saved("zoo_functional")
+    deflated = str(tmp_path / "deflated.keras")
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(deflated, "w") as zout:
+        for info in zin.infolist():
+            copy = zipfile.ZipInfo(info.filename, info.date_time)
+            copy.compress_type = zipfile.ZIP_DEFLATED
+            zout.writestr(copy, zin.read(info.filename))
+    _assert_same_tree(archive.describe(deflated), archive.describe(src))
+    spec = surgery.parse("freeze inner_seq, conv")
+    out_stored = str(tmp_path / "stored_out.keras")
+    out_deflated = str(tmp_path / "deflated_out.keras")
+    archive.write(src, plan_spec(spec, archive.describe(src)), out_stored)
+    written = archive.write(deflated, plan_spec(spec, archive.describe(deflated)), out_deflated)
+    assert written.sha256 == sha256_file(out_deflated)
+    with zipfile.ZipFile(out_deflated) as z:
+        assert z.testzip() is None
+        assert {i.compress_type for i in z.infolist()} == {zipfile.ZIP_DEFLATED}
+    a, b = _state(_load(out_stored)), _state(_load(out_deflated))
+    assert a[:2] == b[:2]
+    assert all(np.array_equal(a[2][k], b[2][k]) for k in a[2])
+
+
+def test_other_hdf5_layouts_are_read_through_h5py(saved, tmp_path):
+    """The small HDF5 reader knows what h5py writes by default; a weights file written with
+    libver='latest' (version-2 object headers, link messages) is read by h5py instead."""
+    import io
+
+    import h5py
+
+    src = saved("zoo_functional")
+    latest = str(tmp_path / "latest.keras")
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(latest, "w") as zout:
+        for info in zin.infolist():
+            data = zin.read(info.filename)
+            if info.filename == "model.weights.h5":
+                buffer = io.BytesIO()
+                with h5py.File(io.BytesIO(data), "r") as fin, \
+                        h5py.File(buffer, "w", libver="latest") as fout:
+                    for key in fin:
+                        fin.copy(fin[key], fout, name=key)
+                data = buffer.getvalue()
+            zout.writestr(info, data)
+    with archive._Archive(latest) as opened:
+        with pytest.raises(archive._H5Format):
+            archive._describe_tree(archive._structure(opened.config()), opened.weights_reader())
+    _assert_same_tree(archive.describe(latest), archive.describe(src))
+
+
+def test_zip64_fields_are_written_when_sizes_need_them(saved, tmp_path, monkeypatch):
+    """Weights over 4 GiB need zip64 sizes and offsets: exercised by lowering the limits."""
+    src = saved("zoo_sequential")
+    monkeypatch.setattr(archive, "_ZIP64_LIMIT", 64)
+    monkeypatch.setattr(archive, "_ZIP64_COUNT", 1)
+    out = str(tmp_path / "zip64.keras")
+    plan = plan_spec(surgery.parse("freeze fc1, bn1"), archive.describe(src))
+    written = archive.write(src, plan, out)
+    assert written.sha256 == sha256_file(out)
+    with open(out, "rb") as f:
+        assert b"PK\x06\x06" in f.read()  # the zip64 end of central directory record
+    with zipfile.ZipFile(out) as z, zipfile.ZipFile(src) as s:
+        assert z.testzip() is None
+        assert [(i.filename, i.file_size, i.CRC) for i in s.infolist() if i.filename !=
+                "config.json"] == [(i.filename, i.file_size, i.CRC) for i in z.infolist()
+                                   if i.filename != "config.json"]
+    flags = layer_flags(_load(out))
+    assert (flags["fc1"], flags["bn1"], flags["fc2"]) == (False, False, True)
+
+
+_NO_TF = r"""
+import sys
+import surgery
+from surgery.engines import archive
+from surgery.manifest import build_manifest, verify
+from surgery.plan import plan_spec
+from surgery.report import plan_table
+
+src, dst = sys.argv[1], sys.argv[2]
+tree = archive.describe(src)
+spec = surgery.parse("freeze **/type:BatchNormalization\nfreeze inner_seq")
+plan = plan_spec(spec, tree)
+written = archive.write(src, plan, dst)
+manifest = build_manifest(plan, spec, model_source=src, model_sha256=written.source_sha256,
+                          model_name=archive.model_name(src), versions=archive.versions(),
+                          surgery_version=surgery.__version__)
+assert verify(manifest, archive.describe(dst)) == []                  # verify
+plan_table(plan_spec(surgery.parse(""), archive.describe(dst)), with_rules=False)  # show
+heavy = sorted(m for m in sys.modules
+               if m.split(".")[0] in ("tensorflow", "keras", "numpy", "h5py", "jax", "torch"))
+print("heavy:", " ".join(heavy))
+"""
+
+
+def test_archive_path_imports_no_tensorflow(saved, tmp_path):
+    src = saved("zoo_functional")
+    result = subprocess.run([sys.executable, "-c", _NO_TF, src, str(tmp_path / "out.keras")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "heavy:"  # not TensorFlow, Keras, NumPy nor h5py
+
+
+def test_importing_the_engine_is_light():
+    code = ("import sys, surgery.engines.archive; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('tensorflow', 'keras', 'numpy', 'h5py')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+# --- what the archive path refuses ---------------------------------------------------------------
+
+
+def _refused(path):
+    with pytest.raises(ArchiveUnsupported) as info:
+        archive.describe(path)
+    message = str(info.value)
+    assert message and "\n" not in message
+    return message
+
+
+def test_not_a_zip_is_refused(tmp_path):
+    path = tmp_path / "model.keras"
+    path.write_text("not a model")
+    assert "not a zip" in _refused(str(path))
+    assert "cannot open" in _refused(str(tmp_path / "missing.keras"))
+    assert archive.is_archive(str(path)) is False
+
+
+def test_zip_without_config_is_refused(tmp_path):
+    path = str(tmp_path / "model.keras")
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("model.weights.h5", b"")
+    assert "config.json" in _refused(path)
+
+
+def test_damaged_weights_file_is_refused(saved, tmp_path):
+    src = saved("zoo_sequential")
+    path = str(tmp_path / "damaged.keras")
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(path, "w") as zout:
+        for info in zin.infolist():
+            data = zin.read(info.filename)
+            if info.filename == "model.weights.h5":
+                data = data[:600] + bytes(len(data) - 600)  # superblock kept, the rest zeroed
+            zout.writestr(info, data)
+    assert "unreadable" in _refused(path)
+
+
+def test_legacy_h5_file_is_refused(tmp_path):
+    import keras
+
+    keras.backend.clear_session()
+    path = str(tmp_path / "model.h5")
+    _zoo_sequential(keras).save(path)
+    assert "not a zip" in _refused(path)
+
+
+class _Subclassed:
+    """Built lazily: defining a keras.Model subclass needs Keras imported."""
+
+    @staticmethod
+    def build(keras):
+        class Tower(keras.Model):
+            def __init__(self, **kw):
+                super().__init__(**kw)
+                self.fc = keras.layers.Dense(3)
+
+            def call(self, x):
+                return self.fc(x)
+
+        model = Tower(name="tower")
+        model(np.zeros((1, 4), "float32"))
+        return model
+
+
+def test_subclassed_model_is_refused(tmp_path):
+    import keras
+
+    keras.backend.clear_session()
+    path = str(tmp_path / "sub.keras")
+    _Subclassed.build(keras).save(path)
+    assert "Tower" in _refused(path)
+
+
+def test_lambda_layer_is_refused(tmp_path):
+    import keras
+
+    keras.backend.clear_session()
+    path = str(tmp_path / "lambda.keras")
+    keras.Sequential([keras.Input((4,)), keras.layers.Lambda(lambda x: x * 2, name="double"),
+                      keras.layers.Dense(2)]).save(path)
+    assert "Lambda" in _refused(path)
+
+
+def test_custom_layer_is_refused(tmp_path):
+    import keras
+
+    @keras.saving.register_keras_serializable(package="surgery_test")
+    class Scale(keras.layers.Layer):
+        def build(self, shape):
+            self.w = self.add_weight(shape=(shape[-1],), initializer="ones")
+
+        def call(self, x):
+            return x * self.w
+
+    keras.backend.clear_session()
+    path = str(tmp_path / "custom.keras")
+    keras.Sequential([keras.Input((4,)), Scale(name="scale"), keras.layers.Dense(2)]).save(path)
+    assert "Scale" in _refused(path)
+
+
+def test_layer_with_nested_state_is_refused(tmp_path):
+    import keras
+
+    keras.backend.clear_session()
+    path = str(tmp_path / "lstm.keras")
+    keras.Sequential([keras.Input((5, 3)), keras.layers.LSTM(4, name="lstm")]).save(path)
+    assert "lstm" in _refused(path)
+
+
+def test_layer_shared_between_models_is_refused(tmp_path):
+    import keras
+
+    keras.backend.clear_session()
+    shared = keras.layers.Dense(4, name="shared")
+    i = keras.Input((4,))
+    inner = keras.Model(i, shared(i), name="inner")
+    j = keras.Input((4,))
+    path = str(tmp_path / "shared.keras")
+    keras.Model(j, shared(inner(j)), name="outer").save(path)
+    assert "shared" in _refused(path)
+
+
+def test_compiled_model_is_refused(tmp_path):
+    import keras
+
+    keras.backend.clear_session()
+    model = _zoo_sequential(keras)
+    model.compile(optimizer="adam", loss="mse")
+    model.train_on_batch(np.zeros((2, 16), "float32"), np.zeros((2, 2), "float32"))
+    path = str(tmp_path / "compiled.keras")
+    model.save(path)
+    assert "compiled" in _refused(path)
