@@ -106,10 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _engine_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--engine", choices=("keras", "archive", "auto"), default="keras",
-                   help="keras: load through Keras (default); archive: read and rewrite the "
-                        ".keras file directly, without TensorFlow; auto: archive when it can, "
-                        "else keras, with a note")
+    p.add_argument("--engine", choices=("auto", "archive", "keras"), default="auto",
+                   help="auto (default): the archive engine when it can, else Keras, with a "
+                        "note; archive: read and rewrite the .keras file directly, without "
+                        "TensorFlow; keras: load and save through Keras")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -243,7 +243,9 @@ def _no_archive(args, why: str):
 def _fallback(args, reason: str) -> None:
     if args.engine == "archive":
         raise SurgeryError(f"{args.model}: the archive engine cannot handle it: {reason}")
-    print(f"surgery: note: {reason}; loading through Keras", file=sys.stderr)
+    # Said once Keras has loaded the model: a file Keras cannot read either gets one line, the
+    # error, not a note about engines first.
+    args.fallback_note = f"surgery: note: {reason}; loaded through Keras"
 
 
 def _archive_tree(args):
@@ -450,7 +452,11 @@ def _load_model(live, args):
     if args.unsafe:
         print("surgery: warning: --unsafe: Keras safe mode is off; code stored in the model file "
               "may run", file=sys.stderr)
-    return live.load(args.model, safe_mode=not args.unsafe)
+    model = live.load(args.model, safe_mode=not args.unsafe)
+    note = getattr(args, "fallback_note", None)
+    if note:
+        print(note, file=sys.stderr)
+    return model
 
 
 def _check_output(path: str, model: str, force: bool, *, what: str) -> None:
