@@ -157,39 +157,52 @@ def _cmd_apply(args) -> int:
         raise UsageError("the output and the manifest must be different files")
     spec = _read_spec(args.spec)
 
-    from .atomic import AtomicOutputs
     from .report import plan_summary
 
+    result = None
     tree = _archive_tree(args) if out.endswith(".keras") else _no_archive(args, "an .h5 output")
     if tree is not None:
-        from .engines import archive
-        from .manifest import build_manifest
-        from .plan import plan_spec
+        result = _apply_with_archive(args, spec, tree, out, manifest_path)
+    if result is None:
+        result = _apply_with_keras(args, spec, out, manifest_path)
+    the_plan, status = result
+    if status is not None:
+        return status
+    print(plan_summary(the_plan))
+    print(f"wrote {out}")
+    print(f"manifest {manifest_path}")
+    return EXIT_OK
 
-        the_plan = plan_spec(spec, tree, allow_empty=args.allow_empty)
-        reason = archive.unsupported(the_plan)
-        if reason is None:
-            _print_diagnostics(the_plan.diagnostics, spec)
-            with AtomicOutputs() as outputs:
-                model_tmp = outputs.reserve(out, ".keras")
-                try:
-                    written = archive.write(args.model, the_plan, str(model_tmp))
-                except (OSError, archive.ArchiveUnsupported) as exc:
-                    raise SurgeryError(f"{out}: cannot save the model: {exc}") from None
-                manifest = build_manifest(the_plan, spec, model_source=args.model,
-                                          model_sha256=written.source_sha256,
-                                          model_name=archive.model_name(args.model),
-                                          output_sha256=written.sha256)
-                status = _write_manifest_and_commit(outputs, manifest, manifest_path, out)
-            if status is not None:
-                return status
-            print(plan_summary(the_plan))
-            print(f"wrote {out}")
-            print(f"manifest {manifest_path}")
-            return EXIT_OK
+
+def _apply_with_archive(args, spec: Spec, tree, out: str, manifest_path: str):
+    """(plan, exit status or None) by rewriting the archive; None when Keras must do it."""
+    from .atomic import AtomicOutputs
+    from .engines import archive
+    from .manifest import build_manifest
+    from .plan import plan_spec
+
+    the_plan = plan_spec(spec, tree, allow_empty=args.allow_empty)
+    reason = archive.unsupported(the_plan)
+    if reason is not None:
         _fallback(args, reason)
+        return None
+    _print_diagnostics(the_plan.diagnostics, spec)
+    with AtomicOutputs() as outputs:
+        model_tmp = outputs.reserve(out, ".keras")
+        try:
+            written = archive.write(args.model, the_plan, str(model_tmp))
+        except (OSError, archive.ArchiveUnsupported) as exc:
+            raise SurgeryError(f"{out}: cannot save the model: {exc}") from None
+        manifest = build_manifest(the_plan, spec, model_source=args.model,
+                                  model_sha256=written.source_sha256, model_name=tree.root.name,
+                                  output_sha256=written.sha256)
+        return the_plan, _write_manifest_and_commit(outputs, manifest, manifest_path, out)
 
+
+def _apply_with_keras(args, spec: Spec, out: str, manifest_path: str):
+    """(plan, exit status or None) by loading, changing and saving the model through Keras."""
     from .api import apply_plan
+    from .atomic import AtomicOutputs
     from .engines import live
     from .manifest import sha256_file
 
@@ -204,13 +217,7 @@ def _cmd_apply(args) -> int:
             live.save(model, str(model_tmp))
         except Exception as exc:
             raise SurgeryError(f"{out}: cannot save the model: {exc}") from None
-        status = _write_manifest_and_commit(outputs, manifest, manifest_path, out)
-    if status is not None:
-        return status
-    print(plan_summary(the_plan))
-    print(f"wrote {out}")
-    print(f"manifest {manifest_path}")
-    return EXIT_OK
+        return the_plan, _write_manifest_and_commit(outputs, manifest, manifest_path, out)
 
 
 def _write_manifest_and_commit(outputs, manifest, manifest_path: str, out: str):
