@@ -34,8 +34,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from _measure import run_measured  # bench/ is on sys.path when a bench runs
 
 TARGET_RATIO = 0.05
 
@@ -80,7 +81,7 @@ plan = plan_spec(spec, tree)
 def write(model_out, manifest_out):
     written = archive.write(model, plan, str(model_out))
     manifest = build_manifest(plan, spec, model_source=model, model_sha256=written.source_sha256,
-                              model_name=tree.root.name, versions=archive.versions(),
+                              model_name=tree.root.name,
                               surgery_version=surgery.__version__)
     manifest.data["output"] = {"sha256": written.sha256}
     Path(manifest_out).write_text(manifest.to_json(), encoding="utf-8")
@@ -104,26 +105,6 @@ VERSIONS_CODE = (
 )
 
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "archive.json"
-
-
-def run_measured(argv: list[str], log_stem: Path) -> tuple[float, float]:
-    """Run argv to completion; return (wall seconds, peak RSS in MiB) of that child alone."""
-    out_path = log_stem.with_suffix(".stdout")
-    err_path = log_stem.with_suffix(".stderr")
-    with open(out_path, "wb") as out, open(err_path, "wb") as err:
-        start = time.perf_counter()
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err)
-        _, status, rusage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        sys.stderr.write(
-            f"command failed with exit code {proc.returncode}: {' '.join(argv)}\n"
-            f"--- stderr ---\n{err_path.read_text(errors='replace')}\n"
-        )
-        raise SystemExit(1)
-    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: KiB on Linux, bytes on macOS
-    return wall, rusage.ru_maxrss * scale / (1024 * 1024)
 
 
 def remove(path: Path) -> None:

@@ -72,5 +72,5 @@ def apply_plan(model, spec: Spec, *, allow_empty: bool = False, model_source: st
     live.write(model, the_plan, objects)
     manifest = build_manifest(the_plan, spec, model_source=model_source,
                               model_sha256=model_sha256, model_name=model.name,
-                              versions=live.versions(), surgery_version=__version__)
+                              surgery_version=__version__)
     return the_plan, manifest

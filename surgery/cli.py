@@ -69,8 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("lint", help="check specs without loading TensorFlow (exit 1 on findings)")
     p.add_argument("specs", metavar="SPEC", nargs="+", help="spec files (.frz, .yaml, .yml)")
     p.add_argument("--model", metavar="MODEL",
-                   help="also report selectors that match nothing in this model (loads Keras)")
+                   help="also report selectors that match nothing in this model")
     p.add_argument("--unsafe", action="store_true", help=argparse.SUPPRESS)
+    _engine_option(p)
     p.set_defaults(func=_cmd_lint)
 
     p = sub.add_parser("fmt", help="print specs in canonical form, or check or rewrite them")
@@ -308,11 +309,7 @@ def _cmd_show(args) -> int:
 def _cmd_lint(args) -> int:
     from .lint import lint, lint_with_model
 
-    tree = None
-    if args.model:
-        from .engines import live
-
-        tree, _ = live.describe(_load_model(live, args))
+    tree = _model_tree(args) if args.model else None
     status = EXIT_OK
     for path in args.specs:
         try:
@@ -437,7 +434,7 @@ def _planned_manifest(args, spec_path: str, model_path: str):
     tree, _ = live.describe(model)
     digest = None if model_path.startswith(live.APPLICATIONS_PREFIX) else sha256_file(model_path)
     return build_manifest(plan_spec(spec, tree), spec, model_source=model_path,
-                          model_sha256=digest, model_name=model.name, versions=live.versions(),
+                          model_sha256=digest, model_name=model.name,
                           surgery_version=__version__)
 
 

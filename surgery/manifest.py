@@ -64,23 +64,37 @@ def environment_versions() -> dict[str, Optional[str]]:
     without importing either: both engines (one never imports TensorFlow) record the same."""
     from importlib import metadata
 
-    def version(dist: str) -> Optional[str]:
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            return None
+    def version(*dists: str) -> Optional[str]:
+        for dist in dists:
+            try:
+                return metadata.version(dist)
+            except metadata.PackageNotFoundError:
+                continue
+        return None
 
-    backend = os.environ.get("KERAS_BACKEND")
-    if not backend:
-        config = os.path.join(os.environ.get("KERAS_HOME", os.path.expanduser("~/.keras")),
-                              "keras.json")
-        try:
-            with open(config, encoding="utf-8") as f:
-                backend = json.load(f).get("backend")
-        except (OSError, ValueError, AttributeError):
-            backend = None
-    return {"keras": version("keras"), "tensorflow": version("tensorflow"),
-            "backend": backend or "tensorflow"}
+    return {"keras": version("keras", "keras-nightly"),
+            "tensorflow": version("tensorflow", "tensorflow-cpu", "tensorflow-gpu",
+                                  "tensorflow-macos", "tf-nightly", "tf-nightly-cpu"),
+            "backend": _keras_backend()}
+
+
+def _keras_backend() -> str:
+    # As keras/src/backend/config.py decides: KERAS_BACKEND, else keras.json in KERAS_HOME or
+    # ~/.keras (/tmp/.keras when home is not writable), else tensorflow.
+    env = os.environ.get("KERAS_BACKEND")
+    if env:
+        return env
+    if "KERAS_HOME" in os.environ:
+        home = os.environ["KERAS_HOME"]
+    else:
+        base = os.path.expanduser("~")
+        home = os.path.join(base if os.access(base, os.W_OK) else "/tmp", ".keras")
+    try:
+        with open(os.path.join(home, "keras.json"), encoding="utf-8") as f:
+            backend = json.load(f).get("backend")
+    except (OSError, ValueError, AttributeError):
+        backend = None
+    return backend or "tensorflow"
 
 
 def architecture_fingerprint(tree: LayerTree) -> str:

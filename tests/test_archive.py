@@ -26,7 +26,7 @@ import surgery
 from conftest import layer_flags, trainable_paths
 from surgery.engines import archive
 from surgery.engines.archive import ArchiveUnsupported
-from surgery.manifest import build_manifest, sha256_file, verify
+from surgery.manifest import build_manifest, environment_versions, sha256_file, verify
 from surgery.plan import plan_spec
 
 SMALL = (32, 32, 3)
@@ -206,7 +206,7 @@ def test_engines_agree(name, saved, tmp_path):
     _assert_same_tree(tree, live_tree)
     _assert_same_tree(archive._describe(src, use_h5py=True), live_tree)  # the fallback reader
     assert archive.model_name(src) == model.name
-    versions = live.versions()
+    versions = environment_versions()
     source_sha = sha256_file(src)
 
     for i, text in enumerate(ARCHS[name].specs):
@@ -311,7 +311,7 @@ def test_engines_agree_on_entries_frozen_inside_layers(partly_frozen, text, tmp_
     live.write(model, live_plan, objects)
     model.save(str(tmp_path / "live.keras"))
     written = archive.write(src, archive_plan, str(tmp_path / "archive.keras"))
-    versions = live.versions()
+    versions = environment_versions()
     assert _manifest(archive_plan, spec, src=src, sha=written.source_sha256,
                      name=archive.model_name(src), versions=versions).to_json() == \
         _manifest(live_plan, spec, src=src, sha=written.source_sha256, name=model.name,
@@ -352,12 +352,6 @@ def test_written_file_is_reproducible_and_a_no_op_changes_no_byte(saved, tmp_pat
     # the zip layout is the one Python's zipfile gives: the copy is the source, byte for byte.
     noop = archive.write(src, plan_spec(surgery.parse(""), tree), str(tmp_path / "c.keras"))
     assert noop.sha256 == noop.source_sha256
-
-
-def test_versions_match_the_live_engine():
-    from surgery.engines import live
-
-    assert archive.versions() == live.versions()
 
 
 def test_a_plan_for_another_model_is_refused(saved, tmp_path):
@@ -451,7 +445,7 @@ spec = surgery.parse("freeze **/type:BatchNormalization\nfreeze inner_seq")
 plan = plan_spec(spec, tree)
 written = archive.write(src, plan, dst)
 manifest = build_manifest(plan, spec, model_source=src, model_sha256=written.source_sha256,
-                          model_name=archive.model_name(src), versions=archive.versions(),
+                          model_name=archive.model_name(src),
                           surgery_version=surgery.__version__)
 assert verify(manifest, archive.describe(dst)) == []                  # verify
 plan_table(plan_spec(surgery.parse(""), archive.describe(dst)), with_rules=False)  # show

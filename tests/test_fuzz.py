@@ -30,7 +30,6 @@ No TensorFlow: everything runs on plain `LayerTree`s.
 
 from __future__ import annotations
 
-import re
 
 import pytest
 from hypothesis import HealthCheck, given, settings

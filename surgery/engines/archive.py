@@ -65,7 +65,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..plan import Plan
 
 __all__ = ["ArchiveUnsupported", "Written", "describe", "write", "unsupported", "model_name",
-           "versions", "is_archive"]
+           "is_archive"]
 
 CONFIG = "config.json"
 WEIGHTS = "model.weights.h5"
@@ -126,24 +126,6 @@ def model_name(path: str) -> str:
     with _Archive(path) as archive:
         cfg = archive.config()
     return _structure(cfg).name
-
-
-def versions() -> dict[str, Optional[str]]:
-    """The same dict as `engines.live.versions()`, from installed package metadata (no import)."""
-    from importlib import metadata
-
-    def version(*dists: str) -> Optional[str]:
-        for dist in dists:
-            try:
-                return metadata.version(dist)
-            except metadata.PackageNotFoundError:
-                continue
-        return None
-
-    return {"keras": version("keras", "keras-nightly"),
-            "tensorflow": version("tensorflow", "tensorflow-cpu", "tensorflow-gpu",
-                                  "tensorflow-macos", "tf-nightly", "tf-nightly-cpu"),
-            "backend": _keras_backend()}
 
 
 def write(src: str, plan: "Plan", dst: str) -> Written:
@@ -649,27 +631,6 @@ def _quantized(dtype) -> bool:
         dtype = (dtype.get("config") or {}).get("name")
     return isinstance(dtype, str) and dtype.split("_")[0] in ("int8", "int4", "float8", "gptq",
                                                                "awq")
-
-
-def _keras_backend() -> str:
-    # keras/src/backend/config.py: KERAS_BACKEND, else keras.json in KERAS_HOME or ~/.keras
-    # (/tmp/.keras when home is not writable), else tensorflow.
-    env = os.environ.get("KERAS_BACKEND")
-    if env:
-        return env
-    if "KERAS_HOME" in os.environ:
-        home = os.environ["KERAS_HOME"]
-    else:
-        base = os.path.expanduser("~")
-        if not os.access(base, os.W_OK):
-            base = "/tmp"
-        home = os.path.join(base, ".keras")
-    try:
-        with open(os.path.expanduser(os.path.join(home, "keras.json"))) as f:
-            backend = json.load(f).get("backend")
-    except (OSError, ValueError, AttributeError):
-        backend = None
-    return backend if isinstance(backend, str) and backend else "tensorflow"
 
 
 # --- writing flags -------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ from .constraint import FrozenEntries, set_frozen  # noqa: E402
 from ..plan import Plan  # noqa: E402
 from ..tree import Layer, LayerTree, Weight  # noqa: E402
 
-__all__ = ["describe", "write", "load", "save", "versions", "APPLICATIONS_PREFIX"]
+__all__ = ["describe", "write", "load", "save", "APPLICATIONS_PREFIX"]
 
 APPLICATIONS_PREFIX = "keras.applications."
 
@@ -206,12 +206,6 @@ def save(model, path: str) -> None:
             model.save(path)
         finally:
             tempfile.tempdir = previous
-
-
-def versions() -> dict[str, str | None]:
-    from ..manifest import environment_versions
-
-    return environment_versions()
 
 
 def _load_problem(exc: BaseException) -> str:
