@@ -7,16 +7,23 @@ resolving against a model points back at the segment that caused it through its 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional, Union
 
 __all__ = [
     "Span", "Name", "Glob", "Regex", "TypeGlob", "Index", "Slice", "Range", "All", "AnyDepth",
-    "Segment", "Part", "WEIGHT", "FILTERS", "UNITS", "Selector", "Rule", "Comment", "Spec", "FREEZE", "UNFREEZE",
+    "Segment", "Part", "WEIGHT", "FILTERS", "UNITS", "Selector", "Rule", "BatchNormRule", "Phase",
+    "Comment", "Spec", "FREEZE", "UNFREEZE", "BN_FROZEN", "BN_TRAIN", "BN_AFFINE", "BN_MODES",
 ]
 
 FREEZE = "freeze"
 UNFREEZE = "unfreeze"
+
+# BatchNormalization policies: how a BatchNormalization layer behaves once it is trainable.
+BN_FROZEN = "frozen"  # stays frozen whatever the rules say: inference mode, nothing updates
+BN_TRAIN = "train"    # Keras's default: batch statistics in training, moving averages update
+BN_AFFINE = "affine"  # gamma/beta learn; normalizes with the fixed moving statistics
+BN_MODES = (BN_FROZEN, BN_TRAIN, BN_AFFINE)
 
 
 @dataclass(frozen=True)
@@ -157,10 +164,36 @@ class Rule:
     text: str
     span: Span
     number: int
+    epoch: int = 0  # the phase it belongs to
 
     @property
     def trainable(self) -> bool:
         return self.action == UNFREEZE
+
+
+@dataclass(frozen=True)
+class BatchNormRule:
+    """``batchnorm MODE [selectors [except selectors]]``: the policy of the BatchNormalization
+    layers among the selected ones (every BatchNormalization layer when ``selectors`` is empty).
+    The last policy statement that covers a layer decides it, across phases as for rules.
+    ``number`` is its position among the spec's policy statements."""
+
+    mode: str
+    selectors: tuple[Selector, ...]
+    excepts: tuple[Selector, ...]
+    text: str
+    span: Span
+    number: int
+    epoch: int = 0
+
+
+@dataclass(frozen=True)
+class Phase:
+    """An ``at epoch N:`` header. The statements after it, up to the next header, carry
+    ``epoch == N``; statements before the first header are phase 0 and have no header."""
+
+    epoch: int
+    span: Span
 
 
 @dataclass(frozen=True)
@@ -175,6 +208,8 @@ class Comment:
 class Spec:
     """A parsed spec: its rules in order, and the text they came from (for messages and manifests).
 
+    ``policies`` are the BatchNormalization policy statements and ``phases`` the ``at epoch N:``
+    headers, each in source order; every statement carries the epoch of its phase.
     ``comments`` are carried for `fmt` and conversions only; they never change what a spec means.
     """
 
@@ -182,3 +217,16 @@ class Spec:
     source: str
     file: str = "<string>"
     comments: tuple[Comment, ...] = ()
+    policies: tuple[BatchNormRule, ...] = ()
+    phases: tuple[Phase, ...] = ()
+
+    @property
+    def epochs(self) -> tuple[int, ...]:
+        """The epochs at which the state changes: 0, then each header's epoch."""
+        return (0,) + tuple(p.epoch for p in self.phases if p.epoch != 0)
+
+    def until(self, epoch: int) -> "Spec":
+        """The spec as it stands at ``epoch``: the statements of every phase that has started."""
+        return replace(self, rules=tuple(r for r in self.rules if r.epoch <= epoch),
+                       policies=tuple(p for p in self.policies if p.epoch <= epoch),
+                       phases=tuple(p for p in self.phases if p.epoch <= epoch))

@@ -21,14 +21,14 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedTok
 
 from .errors import SpecSyntaxError
 from .ir import (
-    FILTERS, FREEZE, UNFREEZE, UNITS, WEIGHT, All, AnyDepth, Comment, Glob, Index, Name, Part, Range,
-    Regex, Rule, Selector, Slice, Span, Spec, TypeGlob,
+    FILTERS, FREEZE, UNFREEZE, UNITS, WEIGHT, All, AnyDepth, BatchNormRule, Comment, Glob, Index,
+    Name, Part, Phase, Range, Regex, Rule, Selector, Slice, Span, Spec, TypeGlob,
 )
 
 __all__ = ["parse", "load_spec", "grammar_text", "KEYWORDS"]
 
-KEYWORDS = (FREEZE, UNFREEZE, "all", "except")
-_ACTIONS = (FREEZE, UNFREEZE)
+KEYWORDS = (FREEZE, UNFREEZE, "all", "except", "batchnorm", "at")
+_ACTIONS = (FREEZE, UNFREEZE, "batchnorm", "at")
 _GLOB_MAGIC = re.compile(r"[*?\[]")
 
 
@@ -126,10 +126,61 @@ class _Builder:
         return SpecSyntaxError(message, span, source=self.text)
 
     def spec(self, tree: Tree) -> Spec:
-        rules = tuple(self.rule(st, n) for n, st in enumerate(tree.children))
-        return Spec(rules=rules, source=self.text, file=self.file)
+        rules: list[Rule] = []
+        policies: list[BatchNormRule] = []
+        phases: list[Phase] = []
+        header = None  # the current phase's header
+        block_column = None  # the indentation of its first statement on a line of its own
+        counts: dict[int, int] = {0: 0}
+        for node in tree.children:
+            if node.data == "phase":
+                header = self.phase(node, phases, counts)
+                phases.append(header)
+                counts.setdefault(header.epoch, 0)
+                block_column = None
+                continue
+            epoch = header.epoch if header is not None else 0
+            if header is not None and node.meta.line > header.span.line:
+                if block_column is None:
+                    block_column = node.meta.column
+                elif block_column > header.span.column >= node.meta.column:
+                    raise self.error(
+                        f"this statement is outdented out of the 'at epoch {epoch}:' block above "
+                        f"it (line {header.span.line}), but a block runs to the next 'at': indent "
+                        f"it to run at epoch {epoch}, or move it before the first 'at' to be part "
+                        f"of phase 0", node)
+            counts[epoch] += 1
+            if node.data == "policy":
+                policies.append(self.policy(node, len(policies), epoch))
+            else:
+                rules.append(self.rule(node, len(rules), epoch))
+        for ph in phases:
+            if not counts[ph.epoch]:
+                raise self.error(f"the phase 'at epoch {ph.epoch}:' has no statements", ph.span)
+        return Spec(rules=tuple(rules), source=self.text, file=self.file,
+                    policies=tuple(policies), phases=tuple(phases))
 
-    def rule(self, st: Tree, number: int) -> Rule:
+    def phase(self, node: Tree, phases: list[Phase], counts: dict[int, int]) -> Phase:
+        _at, _epoch, number = node.children
+        epoch = self.integer(number)
+        span = self.span(node)
+        if epoch < 0:
+            raise self.error("an epoch is 0 or more (Keras counts epochs from 0, as for "
+                             "initial_epoch)", number)
+        for earlier in phases:
+            if earlier.epoch == epoch:
+                raise self.error(f"the phase 'at epoch {epoch}:' overlaps the one on line "
+                                 f"{earlier.span.line}: write its statements in one block", span)
+            if earlier.epoch > epoch:
+                raise self.error(f"phases run in epoch order: 'at epoch {epoch}:' comes after "
+                                 f"'at epoch {earlier.epoch}:' (line {earlier.span.line}); move it "
+                                 f"before that one", span)
+        if epoch == 0 and counts[0]:
+            raise self.error("'at epoch 0:' overlaps the statements before it, which already form "
+                             "phase 0: write them in one block", span)
+        return Phase(epoch, span)
+
+    def rule(self, st: Tree, number: int, epoch: int = 0) -> Rule:
         action_tree, selectors, _except, excepts = st.children
         action = str(action_tree.children[0])
         return Rule(
@@ -139,6 +190,19 @@ class _Builder:
             text=self.source_of(st),
             span=self.span(st),
             number=number,
+            epoch=epoch,
+        )
+
+    def policy(self, node: Tree, number: int, epoch: int) -> BatchNormRule:
+        _kw, mode, selectors, _except, excepts = node.children
+        return BatchNormRule(
+            mode=str(mode),
+            selectors=self.selectors(selectors) if selectors is not None else (),
+            excepts=self.selectors(excepts) if excepts is not None else (),
+            text=self.source_of(node),
+            span=self.span(node),
+            number=number,
+            epoch=epoch,
         )
 
     def selectors(self, tree: Tree) -> tuple[Selector, ...]:
@@ -335,7 +399,17 @@ def _unexpected_token_message(token: Token, expected: set[str], text: str) -> st
         close = difflib.get_close_matches(word, KEYWORDS, n=1, cutoff=0.6)
         if close and close[0] in _ACTIONS:
             return f"unknown statement '{word}'; did you mean '{close[0]}'?"
-        return f"unknown statement '{word}'; a statement starts with 'freeze' or 'unfreeze'"
+        return (f"unknown statement '{word}'; a statement starts with 'freeze', 'unfreeze' or "
+                f"'batchnorm', and a phase with 'at epoch N:'")
+    if "BN_MODE" in expected:
+        return (f"expected a BatchNormalization policy, 'frozen', 'train' or 'affine', found "
+                f"{_found(token)}")
+    if "EPOCH" in expected:
+        return f"expected 'epoch' after 'at', as in 'at epoch 3:', found {_found(token)}"
+    if expected == {"INT"} and token.type != "INT":
+        return f"expected an epoch number, as in 'at epoch 3:', found {_found(token)}"
+    if expected == {"COLON"}:
+        return f"expected ':' to end the phase header, as in 'at epoch 3:', found {_found(token)}"
     if token.type in ("LAYERS_OPEN", "TYPE_PREFIX", "STRING", "REGEX", "GLOB") and \
             "SLASH" in expected:
         return f"expected ',' or end of statement before '{word}'"

@@ -99,7 +99,7 @@ def test_range_fields():
 @pytest.mark.parametrize("text,line,column,message", [
     ("unfreez conv5_*", 1, 1, "unknown statement 'unfreez'; did you mean 'unfreeze'?"),
     ("freeze a\nfrezee b", 2, 1, "unknown statement 'frezee'; did you mean 'freeze'?"),
-    ("train conv5_*", 1, 1, "unknown statement 'train'; a statement starts with 'freeze' or 'unfreeze'"),
+    ("train conv5_*", 1, 1, "unknown statement 'train'; a statement starts with 'freeze', 'unfreeze' or 'batchnorm', and a phase with 'at epoch N:'"),
     ("freeze a freeze b", 1, 10, "'freeze' is a keyword here; start a new statement on a new line or after ';'"),
     ("freeze", 1, 7, "expected a selector, found end of file"),
     ("freeze\nfreeze a", 1, 7, "expected a selector, found end of line"),
