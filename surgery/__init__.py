@@ -2,6 +2,7 @@
 
     import surgery
     manifest = surgery.apply(model, "freeze all; unfreeze conv5_*")
+    model.fit(data, epochs=10, callbacks=[surgery.Schedule("finetune.frz")])  # phases
 
 Importing this package loads no TensorFlow: Keras is imported by the calls that need a model.
 """
@@ -24,6 +25,7 @@ __all__ = [
     "load_spec",
     "apply",
     "plan",
+    "Schedule",
     "Spec",
     "Manifest",
     "SurgeryError",
@@ -34,3 +36,13 @@ __all__ = [
     "SurgeryWarning",
     "__version__",
 ]
+
+
+def __getattr__(name):
+    # Schedule subclasses keras.callbacks.Callback: importing it imports Keras, which
+    # `import surgery` must not (a lint run loads no TensorFlow). It loads on first use.
+    if name == "Schedule":
+        from .engines.schedule import Schedule
+
+        return Schedule
+    raise AttributeError(f"module 'surgery' has no attribute {name!r}")

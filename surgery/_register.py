@@ -1,7 +1,7 @@
 """Registering surgery's Keras classes without importing Keras.
 
 A saved model that uses `FrozenEntries` (surgery/engines/constraint.py) names it
-``surgery>FrozenEntries``; ``keras.models.load_model`` finds it only if it was registered first,
+``surgery>FrozenEntries`` (and ``surgery>AffineBatchNormalization``, surgery/engines/batchnorm.py); ``keras.models.load_model`` finds it only if it was registered first,
 and Keras imports modules by name only for its own packages. Importing that module imports Keras
 and TensorFlow (seconds), which a lint run of ``import surgery`` must not pay. So `install` runs
 the registration right after Keras itself is imported, whoever imports it (``import keras``,
@@ -81,6 +81,6 @@ def _on_keras(_module) -> None:
     # Runs inside the user's `import keras`: a failure here must not break that import, only
     # the loading of models that need these classes (which then names the missing class).
     try:
-        from .engines import constraint  # noqa: F401  (registers on import)
+        from .engines import batchnorm, constraint  # noqa: F401  (register on import)
     except Exception as e:  # pragma: no cover - depends on a broken Keras install
         warnings.warn(f"surgery: could not register its Keras classes: {e}", stacklevel=2)

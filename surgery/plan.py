@@ -9,19 +9,19 @@ weights, so containers are derived from their leaves, never decided on their own
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 from .errors import Diagnostic, SelectorError, SurgeryError
-from .ir import Rule, Spec
+from .ir import BN_AFFINE, BN_FROZEN, BN_TRAIN, BatchNormRule, Phase, Rule, Spec
 from .parts import PartError
 from .parts import select as select_part
-from .resolve import PartOp, Resolution, RuleResult, resolve
+from .resolve import BATCHNORM_CLASSES, PartOp, Resolution, RuleResult, resolve
 from .tree import Layer, LayerTree
 
-__all__ = ["compact_ranges", "FrozenPart", "LayerPlan", "Plan", "Totals", "make_plan", "plan_spec"]
+__all__ = ["compact_ranges", "FrozenPart", "LayerPlan", "Plan", "Totals", "PhasePlan", "make_plan",
+           "plan_spec", "plan_phases", "changes"]
 
-_BATCHNORM = ("BatchNormalization", "SyncBatchNormalization")
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,11 @@ class LayerPlan:
     trainable_params_before: int
     trainable_params_after: int
     frozen_parts: tuple[FrozenPart, ...] = ()
+    # BatchNormalization leaves only: the 'batchnorm' statement that decides the layer's policy
+    # (None: no policy covers it, and it keeps its class), and whether it ends up normalizing
+    # with its moving statistics while it trains (surgery's AffineBatchNormalization).
+    policy: Optional[BatchNormRule] = None
+    affine: bool = False
 
     @property
     def partial(self) -> bool:
@@ -75,8 +80,17 @@ class LayerPlan:
         return self.layer.path
 
     @property
+    def batchnorm(self) -> Optional[str]:
+        """The policy in force for a BatchNormalization leaf, None for other layers."""
+        if self.layer.cls not in BATCHNORM_CLASSES or self.layer.children:
+            return None
+        if self.policy is not None:
+            return self.policy.mode
+        return BN_AFFINE if self.affine else BN_TRAIN
+
+    @property
     def changed(self) -> bool:
-        return self.before != self.after or self.partial
+        return self.before != self.after or self.partial or self.affine != self.layer.affine
 
 
 @dataclass(frozen=True)
@@ -124,7 +138,7 @@ class Plan:
     @property
     def notes(self) -> tuple[str, ...]:
         """Facts about the outcome a user must know to train it as they expect."""
-        bn = [lp for lp in self.layers if lp.layer.cls in _BATCHNORM]
+        bn = [lp for lp in self.layers if lp.batchnorm is not None]
         frozen = sum(1 for lp in bn if not lp.after)
         trainable = len(bn) - frozen
         notes = []
@@ -227,6 +241,9 @@ def make_plan(tree: LayerTree, resolution: Resolution, source: str = "") -> Plan
             state = rule.trainable if rule is not None else tree.effectively_trainable(node)
             state, rule, parts = _settle_parts(node, state, rule,
                                                resolution.part_ops.get(node.path, ()), source)
+            policy = resolution.policies.get(node.path)
+            if policy is not None and policy.mode == BN_FROZEN:
+                state, parts = False, ()  # the policy stands whatever the rules unfreeze
             rule_of[node.path] = rule
             parts_of[node.path] = parts
         else:
@@ -260,6 +277,8 @@ def make_plan(tree: LayerTree, resolution: Resolution, source: str = "") -> Plan
             trainable_params_before=trainable_params(n, tree.effectively_trainable, parts_before),
             trainable_params_after=trainable_params(n, trains_after, parts_after),
             frozen_parts=parts_of.get(n.path, ()),
+            policy=resolution.policies.get(n.path),
+            affine=_affine(n, resolution.policies.get(n.path)),
         )
         for n in tree.layers()
     )
@@ -267,6 +286,67 @@ def make_plan(tree: LayerTree, resolution: Resolution, source: str = "") -> Plan
                 resolution.diagnostics)
 
 
+def _affine(node: Layer, policy: Optional[BatchNormRule]) -> bool:
+    # A layer under the affine policy carries the class whatever its flag (frozen, it behaves
+    # as any frozen BatchNormalization): phases that unfreeze it later change only the flag.
+    if policy is None:
+        return node.affine
+    return policy.mode == BN_AFFINE
+
+
+@dataclass(frozen=True)
+class PhasePlan:
+    """The state from ``epoch`` on: ``plan`` is the spec up to that phase, against the model as
+    it was given (so ``before`` is always the input's state); ``header`` is None for phase 0."""
+
+    epoch: int
+    header: Optional[Phase]
+    plan: Plan
+
+
+def plan_phases(spec: Spec, tree: LayerTree, *, allow_empty: bool = False) -> tuple[PhasePlan, ...]:
+    """One plan per phase, each resolving every statement up to its phase. Each phase reports
+    the findings about its own statements only (a phase-0 rule that a later phase overrides
+    still decides the epochs before it: it is not 'without effect')."""
+    out = []
+    headers = {p.epoch: p for p in spec.phases}
+    for epoch in spec.epochs:
+        plan = make_plan(tree, resolve(spec.until(epoch), tree, allow_empty=allow_empty),
+                         spec.source)
+        own = {s.span for s in spec.rules if s.epoch == epoch} | {
+            s.span for s in spec.policies if s.epoch == epoch}
+        mine = tuple(d for d in plan.diagnostics if _within(d.span, own))
+        out.append(PhasePlan(epoch, headers.get(epoch), replace(plan, diagnostics=mine)))
+    return tuple(out)
+
+
+def _within(span, statements) -> bool:
+    return any((s.line, s.column) <= (span.line, span.column) and
+               (span.end_line, span.end_column) <= (s.end_line, s.end_column) for s in statements)
+
+
+def changes(before: Plan, after: Plan) -> tuple[LayerPlan, ...]:
+    """The leaves whose state differs between two phases' plans (flag, frozen parts or class),
+    as they are in ``after``."""
+    out = []
+    for lp in after.layers:
+        if lp.layer.children:
+            continue
+        was = before.by_path[lp.path]
+        if (was.after, was.frozen_parts, was.affine) != (lp.after, lp.frozen_parts, lp.affine):
+            out.append(lp)
+    return tuple(out)
+
+
 def plan_spec(spec: Spec, tree: LayerTree, *, allow_empty: bool = False) -> Plan:
-    """Resolve ``spec`` against ``tree`` and compute the plan: the pure core of every command."""
-    return make_plan(tree, resolve(spec, tree, allow_empty=allow_empty), spec.source)
+    """Resolve ``spec`` against ``tree`` and compute the plan: the pure core of every command.
+    With phases, this is the state training starts from (phase 0), and its diagnostics are
+    those of every phase, so that a selector of a later phase that matches nothing fails now,
+    not in the middle of a training run."""
+    phases = plan_phases(spec, tree, allow_empty=allow_empty)
+    first = phases[0].plan
+    if len(phases) == 1:
+        return first
+    every = tuple(d for ph in phases for d in ph.plan.diagnostics)
+    return replace(first, diagnostics=tuple(sorted(every, key=lambda d: (d.span.line,
+                                                                         d.span.column))))

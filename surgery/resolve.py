@@ -12,18 +12,18 @@ import bisect
 import difflib
 import fnmatch
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
 from .errors import Diagnostic, SelectorError
 from .ir import (
-    WEIGHT, All, AnyDepth, Glob, Index, Name, Range, Regex, Rule, Selector, Slice, Spec, TypeGlob,
+    WEIGHT, All, AnyDepth, BatchNormRule, Glob, Index, Name, Range, Regex, Rule, Selector, Slice, Spec, TypeGlob,
 )
 from .parts import PartError, Selection
 from .parts import select as select_part
 from .tree import Layer, LayerTree
 
-__all__ = ["RuleResult", "PartOp", "Resolution", "resolve", "suggest"]
+__all__ = ["RuleResult", "PartOp", "Resolution", "resolve", "suggest", "BATCHNORM_CLASSES"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,8 @@ class Resolution:
     part_ops: Mapping[str, tuple[PartOp, ...]]  # leaf path -> part rules after that one, in order
     unmatched: tuple[Diagnostic, ...]  # selectors that match nothing (kept only with allow_empty)
     findings: tuple[Diagnostic, ...]  # rules with no effect, rules emptied by 'except'
+    # BatchNormalization leaf path -> the last 'batchnorm' statement that covers it
+    policies: Mapping[str, BatchNormRule] = field(default_factory=dict)
 
     @property
     def diagnostics(self) -> tuple[Diagnostic, ...]:
@@ -144,7 +146,88 @@ def resolve(spec: Spec, tree: LayerTree, *, allow_empty: bool = False) -> Resolu
 
     deciding = {path: spec.rules[n] for path, n in last.items()}
     ops = {path: tuple(v) for path, v in part_ops.items()}
-    return Resolution(tuple(results), deciding, ops, tuple(errors), tuple(warnings))
+    policies = _resolve_policies(spec, r, errors, warnings, allow_empty)
+    warnings += _unfrozen_without_policy(spec, r, results, policies)
+    return Resolution(tuple(results), deciding, ops, tuple(errors), tuple(warnings), policies)
+
+
+BATCHNORM_CLASSES = ("BatchNormalization", "SyncBatchNormalization")
+
+_POLICY_CHOICES = ("'batchnorm frozen' keeps them in inference mode (nothing updates), "
+                   "'batchnorm affine' trains gamma and beta and normalizes with the fixed moving "
+                   "statistics, 'batchnorm train' is Keras's default (batch statistics in training, "
+                   "moving averages updated by every fine-tuning batch)")
+
+
+def _resolve_policies(spec: Spec, r: "_Resolver", errors: list, warnings: list,
+                      allow_empty: bool) -> dict[str, BatchNormRule]:
+    """Each BatchNormalization leaf's policy: the last 'batchnorm' statement covering it."""
+    bn_leaves = [n.path for n in r.tree.leaves() if n.cls in BATCHNORM_CLASSES]
+    decided: dict[str, BatchNormRule] = {}
+    problems: list[Diagnostic] = []
+    for pol in spec.policies:
+        if pol.selectors:
+            picked: dict[str, None] = {}
+            for sel in pol.selectors:
+                if sel.part is not None:
+                    problems.append(Diagnostic(
+                        "error", "a policy applies to whole BatchNormalization layers: remove "
+                        "the part", sel.part.span))
+                    continue
+                nodes, problem = r.select(sel)
+                if problem:
+                    problems.append(problem)
+                for node in nodes:
+                    picked.update(dict.fromkeys(r.units(node)))
+            bn_set = set(bn_leaves)
+            picked_bn = [p for p in picked if p in bn_set]
+            if picked and not picked_bn:
+                problems.append(Diagnostic(
+                    "error", "this policy's selectors match no BatchNormalization layer",
+                    pol.span))
+        else:
+            picked_bn = list(bn_leaves)
+            if not picked_bn:
+                warnings.append(Diagnostic(
+                    "warning", "the model has no BatchNormalization layer: this policy does "
+                    "nothing", pol.span))
+        removed: set[str] = set()
+        for sel in pol.excepts:
+            nodes, problem = r.select(sel)
+            if problem:
+                problems.append(problem)
+            for node in nodes:
+                removed.update(r.units(node))
+        covered = [p for p in picked_bn if p not in removed]
+        if picked_bn and not covered:
+            warnings.append(Diagnostic(
+                "warning", "this policy covers no layer once 'except' is applied", pol.span))
+        for path in covered:
+            decided[path] = pol
+    if problems:
+        errors.extend(problems)
+        if not allow_empty:
+            first = problems[0]
+            raise SelectorError(first.message, first.span, source=spec.source,
+                                diagnostics=tuple(problems))
+    return decided
+
+
+def _unfrozen_without_policy(spec: Spec, r: "_Resolver", results, policies) -> list[Diagnostic]:
+    """An unfreeze rule that leaves BatchNormalization layers trainable with no policy: the
+    silent choice that most often ruins fine-tuning, so the user is asked to make it."""
+    found = []
+    for res in results:
+        if not res.rule.trainable:
+            continue
+        bn = [p for p in res.decided if p not in policies and r.tree.get(p).cls in BATCHNORM_CLASSES]
+        if not bn:
+            continue
+        shown = ", ".join(bn[:3]) + (f", ... ({len(bn)} in all)" if len(bn) > 3 else "")
+        found.append(Diagnostic(
+            "warning", f"this rule unfreezes BatchNormalization layers ({shown}) without a "
+            f"policy; say how they train: {_POLICY_CHOICES}", res.rule.span))
+    return found
 
 
 def _opposite(action: str) -> str:

@@ -49,6 +49,10 @@ class Layer:
     # The few config values that decide where a layer's output axis is (EinsumDense's equation
     # and bias_axes), as (key, value) pairs so the dataclass stays hashable.
     details: tuple[tuple[str, str], ...] = ()
+    # A BatchNormalization layer that normalizes with its moving statistics even while it trains
+    # (the 'batchnorm affine' policy: surgery's AffineBatchNormalization class). ``cls`` still
+    # says BatchNormalization, so selectors and fingerprints do not depend on the policy.
+    affine: bool = False
 
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -125,7 +129,9 @@ class LayerTree:
             {"name": "model", "layers": ["input_1", "conv1:Conv2D",
                                          {"name": "base", "class": "Functional", "layers": [...]},
                                          {"name": "fc", "class": "Dense", "trainable": false,
-                                          "weights": [["kernel", [4, 2]], ["bias", [2]]]}]}
+                                          "weights": [["kernel", [4, 2]], ["bias", [2]]]},
+                                         {"name": "bn", "class": "BatchNormalization",
+                                          "affine": true}]}
 
         A string is ``name`` or ``name:Class``; a layer without ``weights`` gets one weight of
         size 1 unless its class is an InputLayer, so parameter totals stay meaningful.
@@ -163,4 +169,4 @@ def _layer_from_dict(d, parent_path: str, index: int, is_root: bool = False) -> 
         weights = (Weight("w", (1,)),)
     return Layer(name=name, path=path, cls=klass, index=index,
                  trainable=bool(d.get("trainable", True)), weights=weights, children=children,
-                 container="layers" in d)
+                 container="layers" in d, affine=bool(d.get("affine", False)))

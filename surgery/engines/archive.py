@@ -653,6 +653,11 @@ def unsupported(plan: "Plan") -> Optional[str]:
     for lp in plan.layers:
         if lp.layer.children:
             continue
+        if lp.affine != lp.layer.affine:
+            # Keras names a layer's group in the weights file after its class: switching class
+            # renames groups, which is a rewrite of the weights entry, not of config.json.
+            return (f"the 'batchnorm affine' policy changes the class of {lp.path!r}, which "
+                    "renames its weights in the weights file: that needs Keras")
         wanted = {p.weight: p.indices for p in lp.frozen_parts}
         carried = {w.name: w.frozen for w in lp.layer.weights if w.frozen}
         for weight, indices in wanted.items():

@@ -45,6 +45,7 @@ with _native_stderr_captured():
     import keras  # noqa: E402
 
 from ..errors import ModelError, SurgeryError  # noqa: E402
+from .batchnorm import is_affine, switch  # noqa: E402
 from .constraint import FrozenEntries, set_frozen  # noqa: E402
 from ..plan import Plan  # noqa: E402
 from ..tree import Layer, LayerTree, Weight  # noqa: E402
@@ -76,9 +77,13 @@ def _node(layer, parent_path: str, index: int, objects: dict, is_root: bool = Fa
     else:
         children = ()
         weights = _weights(layer)
-    return Layer(name=layer.name, path=path, cls=type(layer).__name__, index=index,
+    affine = is_affine(layer)
+    # An affine BatchNormalization is described as the BatchNormalization it is, plus the flag:
+    # selectors ('type:BatchNormalization') and fingerprints do not depend on the policy.
+    cls = "BatchNormalization" if affine else type(layer).__name__
+    return Layer(name=layer.name, path=path, cls=cls, index=index,
                  trainable=bool(layer.trainable), weights=weights, children=children,
-                 container=_is_container(layer), details=_details(layer))
+                 container=_is_container(layer), details=_details(layer), affine=affine)
 
 
 def _weights(layer) -> tuple[Weight, ...]:
@@ -111,9 +116,14 @@ def write(model, plan: Plan, objects: dict[str, object]) -> None:
 
     Pre-order (a container before what it holds): the recursive setter on a container resets its
     children, and the children's own writes that follow put their decided state back.
+    Class and constraints are compared with the live layers, not with the plan's description of
+    them: a training schedule writes the plans of successive phases, all computed against the
+    model as it was at the start, into the same live model.
     """
     model.trainable = plan.root_after
     for lp in plan.layers:
+        if lp.batchnorm is not None:
+            switch(objects[lp.path], lp.affine)
         objects[lp.path].trainable = lp.after
     # Entries frozen inside trainable layers: one constraint per weight, installed from the final
     # state (and removed where a layer no longer has any), never per rule.
@@ -121,7 +131,7 @@ def write(model, plan: Plan, objects: dict[str, object]) -> None:
         if lp.layer.children:
             continue
         wanted = {p.weight: p.indices for p in lp.frozen_parts}
-        carried = {w.name: w.frozen for w in lp.layer.weights if w.frozen}
+        carried = {w.name: w.frozen for w in _weights(objects[lp.path]) if w.frozen}
         for weight in sorted(set(wanted) | set(carried)):
             if wanted.get(weight, ()) != carried.get(weight, ()):
                 set_frozen(objects[lp.path], weight, wanted.get(weight, ()))
