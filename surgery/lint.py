@@ -11,6 +11,7 @@ from __future__ import annotations
 from .errors import Diagnostic
 from .fmt import format_rule, format_selector
 from .ir import All, Rule, Slice, Spec
+from .plan import plan_phases, within
 from .resolve import resolve
 from .tree import LayerTree
 
@@ -20,21 +21,36 @@ __all__ = ["lint", "lint_with_model"]
 def lint(spec: Spec) -> list[Diagnostic]:
     found: list[Diagnostic] = []
     found += _empty_slices(spec)
-    found += _repeated(spec)
-    found += _dead_rules(spec)
+    # Within a phase only: the same statement in two phases, or a phase-0 rule a later phase
+    # overrides, each decide some epochs.
+    for epoch in spec.epochs:
+        rules = [r for r in spec.rules if r.epoch == epoch]
+        found += _repeated(rules)
+        found += _dead_rules(rules)
     return sorted(found, key=lambda d: (d.span.line, d.span.column))
 
 
 def lint_with_model(spec: Spec, tree: LayerTree) -> list[Diagnostic]:
     """`lint` plus what only a model can tell: selectors that match nothing (errors, as in
-    `apply`) and rules that the model's layers make ineffective."""
-    resolution = resolve(spec, tree, allow_empty=True)
-    errors = {(d.span.line, d.span.column) for d in resolution.unmatched}
+    `apply`), rules that the model's layers make ineffective, BatchNormalization layers unfrozen
+    without a policy, and phases that change nothing."""
+    unmatched: list[Diagnostic] = []
+    findings: list[Diagnostic] = []
+    for epoch in spec.epochs:
+        # Each phase's statements, resolved after everything before them: what they do then.
+        resolution = resolve(spec.until(epoch), tree, allow_empty=True)
+        mine = [s.span for s in spec.rules + spec.policies if s.epoch == epoch]
+        unmatched += [d for d in resolution.unmatched if within(d.span, mine)]
+        findings += [d for d in resolution.findings if within(d.span, mine)]
+    headers = [p.span for p in spec.phases]
+    findings += [d for ph in plan_phases(spec, tree, allow_empty=True)
+                 for d in ph.plan.diagnostics if d.span in headers]
+    errors = {(d.span.line, d.span.column) for d in unmatched}
     found = [d for d in lint(spec) if (d.span.line, d.span.column) not in errors]
-    found += resolution.unmatched
+    found += unmatched
     # A rule the text already shows dead is not reported again by the model.
-    seen = {(d.span.line, d.span.column) for d in found}
-    found += [d for d in resolution.findings if (d.span.line, d.span.column) not in seen]
+    seen = {(d.span.line, d.span.column, d.message[:20]) for d in found}
+    found += [d for d in findings if (d.span.line, d.span.column, d.message[:20]) not in seen]
     return sorted(found, key=lambda d: (d.span.line, d.span.column))
 
 
@@ -58,10 +74,10 @@ def _always_empty(s: Slice) -> bool:
     return s.start >= s.stop if step > 0 else s.start <= s.stop
 
 
-def _repeated(spec: Spec) -> list[Diagnostic]:
+def _repeated(rules: list[Rule]) -> list[Diagnostic]:
     out = []
     first_seen: dict[str, Rule] = {}
-    for rule in spec.rules:
+    for rule in rules:
         text = format_rule(rule)
         if text in first_seen:
             out.append(Diagnostic("warning", f"duplicate statement: the same as line "
@@ -78,11 +94,10 @@ def _repeated(spec: Spec) -> list[Diagnostic]:
     return out
 
 
-def _dead_rules(spec: Spec) -> list[Diagnostic]:
+def _dead_rules(rules: list[Rule]) -> list[Diagnostic]:
     """A rule is dead when later rules without 'except' cover each of its selectors: a later
     'all' (at the top level) covers everything; otherwise the same selector written later."""
     out = []
-    rules = spec.rules
     texts = [format_rule(r) for r in rules]
     first_index: dict[str, int] = {}
     for i, t in enumerate(texts):

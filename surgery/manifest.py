@@ -14,12 +14,12 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from .compiled import compile_spec
-from .ir import Spec
+from .ir import BN_AFFINE, Spec
 from .plan import Plan, compact_ranges
 from .tree import LayerTree
 
 __all__ = ["Manifest", "build_manifest", "architecture_fingerprint", "sha256_file", "verify",
-           "diff", "load_manifest", "FORMAT"]
+           "phase_layers", "diff", "load_manifest", "FORMAT"]
 
 FORMAT = 1
 
@@ -156,10 +156,8 @@ def build_manifest(plan: Plan, spec: Spec, *, model_source: str, model_sha256: O
                 "before": lp.before,
                 "trainable": lp.after,
                 "rule": lp.rule.number if lp.rule is not None else None,
-                **({"frozen_parts": [
-                    {"weight": p.weight, "shape": list(p.shape), "axes": list(p.axes),
-                     "frozen": p.ranges, "of": p.size, "entries": p.entries}
-                    for p in lp.frozen_parts]} if lp.frozen_parts else {}),
+                **({"frozen_parts": _parts(lp)} if lp.frozen_parts else {}),
+                **({"batchnorm": lp.batchnorm} if lp.policy is not None or lp.affine else {}),
             }
             for lp in plan.layers
         ],
@@ -177,9 +175,31 @@ def build_manifest(plan: Plan, spec: Spec, *, model_source: str, model_sha256: O
             for d in plan.diagnostics
         ],
     }
+    if plan.phases:
+        data["schedule"] = [_phase(ph) for ph in plan.phases]
     if output_sha256 is not None:
         data["output"] = {"sha256": output_sha256}
     return Manifest(data)
+
+
+def _parts(lp) -> list[dict]:
+    return [{"weight": p.weight, "shape": list(p.shape), "axes": list(p.axes),
+             "frozen": p.ranges, "of": p.size, "entries": p.entries} for p in lp.frozen_parts]
+
+
+def _phase(ph) -> dict:
+    """One phase's whole state (every layer with weights that trains, entries frozen inside
+    them, BatchNormalization policies), so `verify --epoch` can check a checkpoint taken in it."""
+    leaves = [lp for lp in ph.plan.layers if not lp.layer.children and lp.layer.weights]
+    return {
+        "epoch": ph.epoch,
+        "line": ph.header.span.line if ph.header is not None else None,
+        "trainable": [lp.path for lp in leaves if lp.after],
+        "frozen_parts": {lp.path: _parts(lp) for lp in leaves if lp.frozen_parts},
+        "batchnorm": {lp.path: lp.batchnorm for lp in leaves
+                      if lp.policy is not None or lp.affine},
+        "trainable_params": ph.plan.totals.trainable_after,
+    }
 
 
 def _shown_source(source: str) -> str:
@@ -207,8 +227,36 @@ def _state(trainable: bool) -> str:
     return "trainable" if trainable else "frozen"
 
 
-def verify(manifest: Manifest, tree: LayerTree) -> list[str]:
+def phase_layers(manifest: Manifest, epoch: int) -> list[dict]:
+    """The manifest's layer entries as they stand at ``epoch`` of its schedule: the state a
+    checkpoint saved during that epoch must have. ValueError without a schedule."""
+    schedule = manifest.data.get("schedule")
+    if not schedule:
+        raise ValueError("the manifest records no schedule (the spec has no 'at epoch' phases)")
+    phase = [p for p in schedule if p["epoch"] <= epoch][-1]
+    trainable = set(phase["trainable"])
+    parts = phase.get("frozen_parts", {})
+    entries = [dict(e) for e in manifest.layers]
+    leaf = {e["path"]: e for e in entries if not e["container"]}
+    for e in leaf.values():
+        if e["params"]:
+            e["trainable"] = e["path"] in trainable
+        e.pop("frozen_parts", None)
+        if e["path"] in parts:
+            e["frozen_parts"] = parts[e["path"]]
+        e.pop("batchnorm", None)
+        if e["path"] in phase.get("batchnorm", {}):
+            e["batchnorm"] = phase["batchnorm"][e["path"]]
+    for e in entries:
+        if e["container"]:
+            prefix = e["path"] + "/"
+            e["trainable"] = any(p in trainable for p in leaf if p.startswith(prefix))
+    return entries
+
+
+def verify(manifest: Manifest, tree: LayerTree, *, epoch: Optional[int] = None) -> list[str]:
     """Every difference between the trainable state a manifest records and a model's, by path.
+    With ``epoch``, the state its schedule gives at that epoch.
 
     Layers without weights are compared for presence and class only: their flag carries no
     meaning for training, and Keras does not keep an InputLayer's flag across save/load. A nested
@@ -218,7 +266,8 @@ def verify(manifest: Manifest, tree: LayerTree) -> list[str]:
     differences = []
     nodes = {n.path: n for n in tree.layers()}
     recorded = set()
-    for entry in manifest.layers:
+    entries = manifest.layers if epoch is None else phase_layers(manifest, epoch)
+    for entry in entries:
         path = entry["path"]
         recorded.add(path)
         node = nodes.get(path)
@@ -228,6 +277,12 @@ def verify(manifest: Manifest, tree: LayerTree) -> list[str]:
         if node.cls != entry["class"]:
             differences.append(f"{path}: the manifest has a {entry['class']}, the model a "
                                f"{node.cls}")
+            continue
+        want_affine = entry.get("batchnorm") == BN_AFFINE
+        if want_affine != node.affine:
+            word = lambda affine: "affine" if affine else "not affine"  # noqa: E731
+            differences.append(f"{path}: the manifest has this BatchNormalization "
+                               f"{word(want_affine)}, the model {word(node.affine)}")
             continue
         if node.params == 0:
             continue

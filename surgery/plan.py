@@ -116,6 +116,8 @@ class Plan:
     root_after: bool
     rules: tuple[RuleResult, ...]
     diagnostics: tuple[Diagnostic, ...]
+    # A spec with phases: every phase's plan, phase 0 first (this plan is phase 0's state).
+    phases: tuple["PhasePlan", ...] = ()
 
     @property
     def totals(self) -> Totals:
@@ -315,12 +317,17 @@ def plan_phases(spec: Spec, tree: LayerTree, *, allow_empty: bool = False) -> tu
                          spec.source)
         own = {s.span for s in spec.rules if s.epoch == epoch} | {
             s.span for s in spec.policies if s.epoch == epoch}
-        mine = tuple(d for d in plan.diagnostics if _within(d.span, own))
-        out.append(PhasePlan(epoch, headers.get(epoch), replace(plan, diagnostics=mine)))
+        mine = tuple(d for d in plan.diagnostics if within(d.span, own))
+        header = headers.get(epoch)
+        if out and not changes(out[-1].plan, plan):
+            mine += (Diagnostic("warning", f"the phase 'at epoch {epoch}:' changes no layer: "
+                                "the state it asks for is the one before it", header.span),)
+        out.append(PhasePlan(epoch, header, replace(plan, diagnostics=mine)))
     return tuple(out)
 
 
-def _within(span, statements) -> bool:
+def within(span, statements) -> bool:
+    """Whether ``span`` lies inside one of the ``statements``' spans."""
     return any((s.line, s.column) <= (span.line, span.column) and
                (span.end_line, span.end_column) <= (s.end_line, s.end_column) for s in statements)
 
@@ -348,5 +355,5 @@ def plan_spec(spec: Spec, tree: LayerTree, *, allow_empty: bool = False) -> Plan
     if len(phases) == 1:
         return first
     every = tuple(d for ph in phases for d in ph.plan.diagnostics)
-    return replace(first, diagnostics=tuple(sorted(every, key=lambda d: (d.span.line,
-                                                                         d.span.column))))
+    return replace(first, phases=phases, diagnostics=tuple(
+        sorted(every, key=lambda d: (d.span.line, d.span.column))))

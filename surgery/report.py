@@ -5,9 +5,10 @@ Plain aligned text, so it reads the same in a terminal, a CI log and a pipe.
 
 from __future__ import annotations
 
-from .plan import LayerPlan, Plan
+from .ir import BN_FROZEN
+from .plan import LayerPlan, Plan, changes
 
-__all__ = ["plan_table", "plan_summary", "state_word"]
+__all__ = ["plan_table", "plan_summary", "phase_report", "state_word"]
 
 
 def state_word(trainable: bool) -> str:
@@ -19,10 +20,18 @@ def _rule_cell(lp: LayerPlan, with_rules: bool) -> str:
         return ""
     if lp.layer.children:
         return "(follows the layers inside)"
-    if lp.rule is None:
+    deciding = lp.rule
+    if lp.policy is not None and (lp.policy.mode == BN_FROZEN or deciding is None):
+        deciding = lp.policy
+    if deciding is None:
         return "-"
-    text = lp.rule.text if len(lp.rule.text) <= 40 else lp.rule.text[:37] + "..."
-    return f"line {lp.rule.span.line}: {text}"
+    text = deciding.text if len(deciding.text) <= 40 else deciding.text[:37] + "..."
+    return f"line {deciding.span.line}: {text}"
+
+
+def _after_cell(lp: LayerPlan) -> str:
+    word = "partial" if lp.partial else state_word(lp.after)
+    return f"{word}, affine" if lp.affine and lp.after else word
 
 
 def plan_table(plan: Plan, *, with_rules: bool = True) -> str:
@@ -37,7 +46,7 @@ def plan_table(plan: Plan, *, with_rules: bool = True) -> str:
             lp.layer.cls,
             f"{lp.layer.params:,}",
             state_word(lp.before),
-            ("partial" if lp.partial else state_word(lp.after)) + mark,
+            _after_cell(lp) + mark,
         ] + ([_rule_cell(lp, with_rules)] if with_rules else []))
     right = {0, 3}
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
@@ -60,6 +69,40 @@ def plan_table(plan: Plan, *, with_rules: bool = True) -> str:
     if with_rules and any(lp.changed for lp in plan.layers):
         lines.append("* state changed by the spec")
     lines.extend(f"note: {n}" for n in plan.notes)
+    if plan.phases:
+        lines.append("")
+        lines.append(phase_report(plan))
+    return "\n".join(lines)
+
+
+def phase_report(plan: Plan, *, layers: bool = True) -> str:
+    """Each later phase: when it starts, the layers it changes (with ``layers``) and the
+    trainable parameters before -> after; the table above is phase 0."""
+    first = "phase 0 (the table above)" if layers else "phase 0 (written now)"
+    lines = [f"schedule: {first}, then {len(plan.phases) - 1} phase"
+             f"{'s' if len(plan.phases) > 2 else ''} applied by surgery.Schedule during fit:"]
+    for prev, ph in zip(plan.phases, plan.phases[1:]):
+        changed = [lp for lp in changes(prev.plan, ph.plan) if lp.layer.weights]
+        was = prev.plan.by_path
+        count = {"unfrozen": 0, "frozen": 0, "changed": 0}
+        rows = []
+        for lp in changed:
+            before, after = was[lp.path].after, lp.after
+            what = "unfrozen" if after and not before else "frozen" if before and not after \
+                else "changed"
+            count[what] += 1
+            rows.append((what, lp))
+        summary = ", ".join(f"{n} {w}" for w, n in count.items() if n) or "no layer changes"
+        before_t = prev.plan.totals.trainable_after
+        after_t = ph.plan.totals.trainable_after
+        lines.append(f"  at epoch {ph.epoch} (line {ph.header.span.line}): {summary}; "
+                     f"trainable params {before_t:,} -> {after_t:,}")
+        if layers:
+            w = max((len(lp.path) for _, lp in rows), default=0)
+            wc = max((len(lp.layer.cls) for _, lp in rows), default=0)
+            for what, lp in rows:
+                lines.append(f"    {what:<8}  {lp.path:<{w}}  {lp.layer.cls:<{wc}}  -> "
+                             f"{_after_cell(lp)}")
     return "\n".join(lines)
 
 
@@ -81,6 +124,13 @@ def plan_summary(plan: Plan) -> str:
         n, d = len(r.covered), len(r.decided)
         lines.append(f"line {r.rule.span.line}: {r.rule.text}  ({n} layer{'s' if n != 1 else ''}"
                      f", decides {d})")
+    policies: dict = {}
+    for lp in plan.layers:
+        if lp.policy is not None:
+            policies.setdefault(lp.policy, []).append(lp)
+    for pol, lps in sorted(policies.items(), key=lambda kv: kv[0].number):
+        lines.append(f"line {pol.span.line}: {pol.text}  ({len(lps)} BatchNormalization layer"
+                     f"{'s' if len(lps) != 1 else ''})")
     frozen = sum(1 for lp in plan.layers if not lp.layer.children and not lp.after)
     leaves = sum(1 for lp in plan.layers if not lp.layer.children)
     partial = sum(1 for lp in plan.layers if lp.partial)
@@ -88,4 +138,6 @@ def plan_summary(plan: Plan) -> str:
         f", {partial} frozen in part" if partial else ""))
     lines.extend(_totals(plan, with_change=True))
     lines.extend(f"note: {n}" for n in plan.notes)
+    if plan.phases:
+        lines.append(phase_report(plan, layers=False))
     return "\n".join(lines)
