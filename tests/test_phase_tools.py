@@ -1,0 +1,153 @@
+"""Phases in the tools around the plan, without TensorFlow: the manifest's schedule, `verify`
+at an epoch, the plan's phase report, and lint judging rules within their phase."""
+
+from dataclasses import replace
+
+import pytest
+
+import surgery
+from surgery.lint import lint, lint_with_model
+from surgery.manifest import build_manifest, phase_layers, verify
+from surgery.plan import plan_spec
+from surgery.report import phase_report, plan_summary
+from surgery.tree import Layer, LayerTree
+
+MODEL = {
+    "name": "net",
+    "layers": [
+        "input:InputLayer",
+        "stem:Conv2D", "stem_bn:BatchNormalization",
+        {"name": "base", "class": "Functional", "layers": [
+            "b1:Conv2D", "b1_bn:BatchNormalization", "b2:Conv2D", "b2_bn:BatchNormalization",
+        ]},
+        "head:Dense",
+    ],
+}
+
+SPEC = """\
+freeze all
+unfreeze head
+batchnorm frozen
+at epoch 2:
+  unfreeze base/b2*
+  batchnorm affine base/b2_bn
+at epoch 4:
+  unfreeze base/b1.filters[0:4]
+"""
+
+
+def _manifest(spec_text=SPEC, tree=None):
+    tree = tree or LayerTree.from_dict(MODEL)
+    spec = surgery.parse(spec_text, "spec.frz")
+    plan = plan_spec(spec, tree)
+    return plan, build_manifest(plan, spec, model_source="net.keras", model_sha256=None,
+                                model_name="net", versions={}, surgery_version="test")
+
+
+def _tree_in_state(trainable, affine=(), parts=None):
+    """MODEL with exactly ``trainable`` leaves trainable (containers follow), as a checkpoint
+    taken in some phase would be described."""
+    base = LayerTree.from_dict(MODEL)
+    parts = parts or {}
+
+    def rebuild(node: Layer) -> Layer:
+        if node.children:
+            kids = tuple(rebuild(c) for c in node.children)
+            return replace(node, children=kids, trainable=node.path == "" or any(
+                k.trainable for k in kids if k.params))
+        weights = tuple(replace(w, frozen=tuple(parts.get((node.path, w.name), ())))
+                        for w in node.weights)
+        return replace(node, trainable=node.path in trainable or not node.weights,
+                       affine=node.path in affine, weights=weights)
+
+    return LayerTree(rebuild(base.root))
+
+
+def test_manifest_records_each_phase_state():
+    plan, manifest = _manifest()
+    schedule = manifest.data["schedule"]
+    assert [p["epoch"] for p in schedule] == [0, 2, 4]
+    assert [p["line"] for p in schedule] == [None, 4, 7]
+    assert schedule[0]["trainable"] == ["head"]
+    # b2_bn: unfrozen at epoch 2, but the phase-0 policy keeps BatchNormalization frozen until
+    # the affine policy for it, in the same phase, takes over.
+    assert schedule[1]["trainable"] == ["base/b2", "base/b2_bn", "head"]
+    assert schedule[1]["batchnorm"]["base/b2_bn"] == "affine"
+    assert schedule[1]["batchnorm"]["base/b1_bn"] == "frozen"
+    assert schedule[2]["frozen_parts"]["base/b1"][0]["frozen"] == "4-7"
+    assert [p["trainable_params"] for p in schedule] == [
+        ph.plan.totals.trainable_after for ph in plan.phases]
+    # the layer entries are phase 0, and say which policy decides each BatchNormalization
+    entries = {e["path"]: e for e in manifest.layers}
+    assert entries["stem_bn"]["batchnorm"] == "frozen" and not entries["stem_bn"]["trainable"]
+    assert "batchnorm" not in entries["stem"]
+
+
+def test_manifest_without_phases_has_no_schedule():
+    _, manifest = _manifest("freeze all\nunfreeze head\n")
+    assert "schedule" not in manifest.data
+    with pytest.raises(ValueError, match="no schedule"):
+        phase_layers(manifest, 3)
+
+
+@pytest.mark.parametrize("epoch,phase", [(0, 0), (1, 0), (2, 1), (3, 1), (4, 2), (40, 2)])
+def test_verify_at_an_epoch_checks_the_phase_in_force(epoch, phase):
+    _, manifest = _manifest()
+    states = [
+        _tree_in_state({"head"}),
+        _tree_in_state({"head", "base/b2", "base/b2_bn"}, affine={"base/b2_bn"}),
+        _tree_in_state({"head", "base/b2", "base/b2_bn", "base/b1"}, affine={"base/b2_bn"},
+                       parts={("base/b1", "kernel"): range(4, 8), ("base/b1", "bias"): range(4, 8)}),
+    ]
+    for i, tree in enumerate(states):
+        differences = verify(manifest, tree, epoch=epoch)
+        if i == phase:
+            assert differences == []
+        else:
+            assert differences, f"a checkpoint in phase {i} passed as phase {phase}"
+
+
+def test_verify_names_a_missing_affine_class():
+    _, manifest = _manifest()
+    tree = _tree_in_state({"head", "base/b2", "base/b2_bn"})  # b2_bn not affine
+    assert verify(manifest, tree, epoch=2) == [
+        "base/b2_bn: the manifest has this BatchNormalization affine, the model not affine"]
+
+
+def test_phase_report_lists_each_change_and_totals():
+    plan, _ = _manifest()
+    text = phase_report(plan)
+    lines = text.splitlines()
+    assert lines[0].startswith("schedule: phase 0 (the table above), then 2 phases")
+    at2 = next(ln for ln in lines if ln.strip().startswith("at epoch 2"))
+    before, after = plan.phases[0].plan.totals, plan.phases[1].plan.totals
+    assert "(line 4): 2 unfrozen" in at2
+    assert f"{before.trainable_after:,} -> {after.trainable_after:,}" in at2
+    assert any("base/b2_bn" in ln and "trainable, affine" in ln for ln in lines)
+    at4 = next(ln for ln in lines if ln.strip().startswith("at epoch 4"))
+    assert "1 unfrozen" in at4  # b1 becomes trainable, in part
+    assert any("base/b1" in ln and "partial" in ln for ln in lines)
+    # apply's summary: the policy statement with its count, the schedule without layer rows
+    summary = plan_summary(plan)
+    assert "line 3: batchnorm frozen  (3 BatchNormalization layers)" in summary
+    assert "phase 0 (written now)" in summary and "base/b2_bn" not in summary
+
+
+def test_a_phase_that_changes_nothing_is_a_warning_at_its_header():
+    spec = surgery.parse("freeze all\nunfreeze head\nat epoch 3:\n  freeze stem\n", "s.frz")
+    tree = LayerTree.from_dict(MODEL)
+    plan = plan_spec(spec, tree)
+    found = [(d.span.line, d.message) for d in plan.diagnostics]
+    assert (3, "the phase 'at epoch 3:' changes no layer: the state it asks for is the one "
+               "before it") in found
+    assert any(d.span.line == 3 for d in lint_with_model(spec, tree))
+
+
+def test_lint_judges_repeats_and_dead_rules_within_a_phase():
+    spec = surgery.parse("freeze all\nunfreeze head\nat epoch 2:\n  unfreeze all\n"
+                         "  freeze all\n  freeze all\n", "s.frz")
+    found = {(d.span.line, d.message.split(":")[0]) for d in lint(spec)}
+    # phase 0's rules are overridden at epoch 2, but they decide epochs 0 and 1
+    assert not any(line in (1, 2) for line, _ in found)
+    assert (4, "this rule has no effect") in found
+    assert (6, "duplicate statement") in found
