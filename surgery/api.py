@@ -49,10 +49,18 @@ def apply(model, spec: SpecLike, *, allow_empty: bool = False) -> Manifest:
 
     Raises `SpecError` (nothing is changed) when the spec is malformed or a selector matches no
     layer. A model compiled before the call must be compiled again for the new state to train.
+    A spec with phases is applied as phase 0 (the state training starts from); `Schedule` runs
+    the later phases during ``fit``.
     """
-    the_plan, manifest = apply_plan(model, _as_spec(spec), allow_empty=allow_empty)
+    the_spec = _as_spec(spec)
+    the_plan, manifest = apply_plan(model, the_spec, allow_empty=allow_empty)
     for d in the_plan.diagnostics:
         warnings.warn(SurgeryWarning(d.headline()), stacklevel=2)
+    if the_spec.phases and the_plan.phases[1:]:
+        later = ", ".join(f"'at epoch {ph.epoch}:'" for ph in the_plan.phases[1:])
+        warnings.warn(SurgeryWarning(
+            f"the spec has later phases ({later}): apply set phase 0; pass "
+            f"surgery.Schedule(spec) to model.fit to run them"), stacklevel=2)
     if getattr(model, "optimizer", None) is not None:
         warnings.warn(SurgeryWarning(
             "the model was compiled before surgery: call model.compile(...) again, or the "
