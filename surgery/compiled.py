@@ -3,16 +3,36 @@
 This is what `surgery compile` prints and what a manifest embeds: the meaning of the spec with
 its spelling normalised (two specs that differ only in layout or quoting compile the same,
 positions aside), each operation pinned to its line and column.
+
+    {"format": 2,
+     "operations": [{"number": 0, "line": 1, "column": 1, "epoch": 0, "action": "freeze",
+                     "statement": "freeze all except conv5_*",
+                     "select": [{"text": "all", "path": [{"kind": "all"}]}],
+                     "except": [{"text": "conv5_*", "path": [...]}]}, ...],
+     "policies": [{"number": 0, "line": 4, "column": 3, "epoch": 3, "action": "batchnorm",
+                   "mode": "affine", "statement": "batchnorm affine", "select": [], "except": []}],
+     "phases": [{"epoch": 3, "line": 3, "column": 1}]}
+
+``operations`` are the freeze/unfreeze rules in order (the last one that covers a layer decides
+it); ``policies`` the ``batchnorm frozen|train|affine`` statements in order, kept apart because
+they decide something else (how a BatchNormalization layer behaves, not whether it trains), an
+empty ``select`` meaning every BatchNormalization layer; ``phases`` the ``at epoch N:`` headers.
+Every operation and policy carries the ``epoch`` of its phase (0 before the first header): the
+spec in force at epoch E is the entries with ``epoch <= E``. Format 2 added ``epoch``,
+``policies`` and ``phases``; the rules' fields are those of format 1.
 """
 
 from __future__ import annotations
 
-from .fmt import format_rule, format_selector
-from .ir import All, AnyDepth, Glob, Index, Name, Range, Regex, Rule, Selector, Slice, Spec, TypeGlob
+from .fmt import format_policy, format_rule, format_selector
+from .ir import (
+    All, AnyDepth, BatchNormRule, Glob, Index, Name, Phase, Range, Regex, Rule, Selector, Slice,
+    Spec, TypeGlob,
+)
 
 __all__ = ["compile_spec", "FORMAT"]
 
-FORMAT = 1
+FORMAT = 2
 
 
 def _segment(seg) -> dict:
@@ -51,6 +71,7 @@ def _operation(rule: Rule) -> dict:
         "number": rule.number,
         "line": rule.span.line,
         "column": rule.span.column,
+        "epoch": rule.epoch,
         "action": rule.action,
         "statement": format_rule(rule),
         "select": [_selector(s) for s in rule.selectors],
@@ -58,5 +79,28 @@ def _operation(rule: Rule) -> dict:
     }
 
 
+def _policy(policy: BatchNormRule) -> dict:
+    return {
+        "number": policy.number,
+        "line": policy.span.line,
+        "column": policy.span.column,
+        "epoch": policy.epoch,
+        "action": "batchnorm",
+        "mode": policy.mode,
+        "statement": format_policy(policy),
+        "select": [_selector(s) for s in policy.selectors],
+        "except": [_selector(s) for s in policy.excepts],
+    }
+
+
+def _phase(phase: Phase) -> dict:
+    return {"epoch": phase.epoch, "line": phase.span.line, "column": phase.span.column}
+
+
 def compile_spec(spec: Spec) -> dict:
-    return {"format": FORMAT, "operations": [_operation(r) for r in spec.rules]}
+    return {
+        "format": FORMAT,
+        "operations": [_operation(r) for r in spec.rules],
+        "policies": [_policy(p) for p in spec.policies],
+        "phases": [_phase(p) for p in spec.phases],
+    }

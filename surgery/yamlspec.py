@@ -6,6 +6,21 @@
       - unfreeze: [conv5_*, 'type:BatchNormalization']
       - freeze: all
         except: conv5_*
+      - batchnorm: frozen               # a BatchNormalization policy
+        select: [conv1_bn, conv2_*]     # optional: without it, every BatchNormalization layer
+        except: conv2_block1_1_bn       # only with 'select'
+
+      - at epoch 3:                     # a phase: its statements, as a list under the header
+          - unfreeze: conv4_*
+          - batchnorm: affine
+
+The ``rules`` list holds the statements in order, as the .frz text does: a ``freeze:`` or
+``unfreeze:`` rule (selectors, one string or a list; ``except:`` optional), a ``batchnorm:``
+policy (``frozen``, ``train`` or ``affine``; ``select:`` and ``except:`` optional), or a phase,
+a list item with the one key ``at epoch N`` whose value is the list of that phase's statements.
+Statements before the first phase are phase 0; after a phase, only phases follow (a statement
+outside every phase after one would be ambiguous, so it is an error), epochs increase, phases
+do not nest and a phase has at least one statement, as in the .frz form.
 
 The rules may also sit under a ``surgery:`` key of a larger config. YAML is read with safe-loading
 semantics only (a ``!!python/...`` tag is an error, never executed), and every selector string is
@@ -23,14 +38,20 @@ from typing import Optional
 import yaml
 
 from .errors import SpecError, SpecSyntaxError
-from .fmt import format_rule, format_selector, layout
-from .ir import FREEZE, UNFREEZE, Comment, Rule, Selector, Span, Spec
+from .fmt import format_policy, format_rule, format_selector, layout
+from .ir import (
+    BN_MODES, FREEZE, UNFREEZE, BatchNormRule, Comment, Phase, Rule, Selector, Span, Spec,
+)
 from .parse import parse
 from .resolve import suggest
 
 __all__ = ["parse_yaml", "to_yaml", "is_yaml_path", "is_embedded"]
 
 _ACTIONS = (FREEZE, UNFREEZE)
+_BATCHNORM = "batchnorm"
+_KEYS = [FREEZE, UNFREEZE, "except", _BATCHNORM, "select"]
+_PHASE_KEY = re.compile(r"at(?:\s|$)")  # a key that means to be a phase header
+_PHASE = re.compile(r"at\s+epoch\s+([+-]?[0-9]+)")
 _PREFIX = "freeze "  # selectors are parsed as the statement "freeze <selector>"
 _SAFE_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "seq",
                                                   "map", "timestamp", "binary", "set", "omap",
@@ -141,7 +162,7 @@ class _Reader:
                              rules_node.start_mark)
         else:
             items = rules_node.value
-        rules = tuple(self.rule(item, n) for n, item in enumerate(items))
+        rules, policies, phases = self.statements(items)
         if embedded:
             start = self.lines.line(body.start_mark.index)
             end = self.lines.line(body.end_mark.index)
@@ -149,7 +170,8 @@ class _Reader:
             start, end = 1, 1 << 62
         comments = tuple(c for c in _comments(self.text, self.file, self.lines)
                          if start <= c.span.line <= end)
-        return Spec(rules=rules, source=self.text, file=self.file, comments=comments)
+        return Spec(rules=rules, source=self.text, file=self.file, comments=comments,
+                    policies=policies, phases=phases)
 
     def _yaml_error(self, exc: yaml.MarkedYAMLError) -> SpecSyntaxError:
         mark = exc.problem_mark or exc.context_mark
@@ -226,36 +248,165 @@ class _Reader:
                 hint = f"; did you mean '{close[0]}'?" if close else ""
                 raise self.error(f"unknown key '{name}'{hint}", k.start_mark, len(name))
 
-    def rule(self, node, number: int) -> Rule:
+    def statements(self, items) -> tuple[tuple[Rule, ...], tuple[BatchNormRule, ...],
+                                          tuple[Phase, ...]]:
+        rules: list[Rule] = []
+        policies: list[BatchNormRule] = []
+        phases: list[Phase] = []
+
+        def add(node, epoch: int) -> None:
+            item = self.statement(node, len(rules), len(policies), epoch)
+            (rules if isinstance(item, Rule) else policies).append(item)
+
+        for item in items:
+            key = self._phase_key(item)
+            if key is None:
+                if phases:
+                    last = phases[-1]
+                    raise self.error(
+                        f"this statement follows the phase 'at epoch {last.epoch}:' (line "
+                        f"{last.span.line}) but is not in its list: indent it under that header "
+                        f"to run at epoch {last.epoch}, or move it before the first phase to be "
+                        f"part of phase 0", item.start_mark)
+                add(item, 0)
+                continue
+            phase = self.phase(item, key, phases, bool(rules or policies))
+            phases.append(phase)
+            body = item.value[0][1]
+            if isinstance(body, yaml.ScalarNode) and body.value in ("", "~", "null") or \
+                    isinstance(body, yaml.SequenceNode) and not body.value:
+                raise self.error(f"the phase 'at epoch {phase.epoch}:' has no statements",
+                                 key.start_mark, len(key.value))
+            if not isinstance(body, yaml.SequenceNode):
+                raise self.error(f"a phase holds a list of statements: '- at epoch "
+                                 f"{phase.epoch}:', then items such as '- freeze: conv1_*' "
+                                 f"indented under it", body.start_mark)
+            for node in body.value:
+                inner = self._phase_key(node)
+                if inner is not None:
+                    raise self.error("phases do not nest: write this phase after the one it is "
+                                     "in, as an item of the same list", inner.start_mark,
+                                     len(inner.value))
+                add(node, phase.epoch)
+        return tuple(rules), tuple(policies), tuple(phases)
+
+    def _phase_key(self, node):
+        """The key of a phase item ('at epoch 3'), or None for a statement."""
+        if not isinstance(node, yaml.MappingNode):
+            return None
+        for key, _ in node.value:
+            if isinstance(key, yaml.ScalarNode) and _PHASE_KEY.match(key.value):
+                return key
+        return None
+
+    def phase(self, node: yaml.MappingNode, key: yaml.ScalarNode, phases: list[Phase],
+              after_statements: bool) -> Phase:
+        for other, _ in node.value:
+            if other is not key:
+                name = self._key(other)
+                raise self.error(f"a phase item holds only its 'at epoch N:' key, with the "
+                                 f"phase's statements listed under it: move '{name}' into that "
+                                 f"list", other.start_mark, len(name))
+        match = _PHASE.fullmatch(key.value.strip())
+        if match is None:
+            raise self.error(f"expected a phase header 'at epoch N', as in '- at epoch 3:', "
+                             f"found {key.value!r}", key.start_mark, len(key.value))
+        digits = match.group(1)
+        try:
+            epoch = int(digits)
+        except ValueError:  # more digits than Python converts
+            raise self.error("number is too large", key.start_mark, len(key.value)) from None
+        line, column = self.lines.position(key.start_mark.index)
+        end_line, end_column = self.lines.position(max(key.end_mark.index, key.start_mark.index))
+        span = Span(self.file, line, column, end_line, end_column)
+        if epoch < 0:
+            raise self.error("an epoch is 0 or more (Keras counts epochs from 0, as for "
+                             "initial_epoch)", key.start_mark, len(key.value))
+        for earlier in phases:
+            if earlier.epoch == epoch:
+                raise self.error(f"the phase 'at epoch {epoch}:' overlaps the one on line "
+                                 f"{earlier.span.line}: write its statements in one list",
+                                 key.start_mark, len(key.value))
+            if earlier.epoch > epoch:
+                raise self.error(f"phases run in epoch order: 'at epoch {epoch}:' comes after "
+                                 f"'at epoch {earlier.epoch}:' (line {earlier.span.line}); move "
+                                 f"it before that one", key.start_mark, len(key.value))
+        if epoch == 0 and after_statements:
+            raise self.error("'at epoch 0:' overlaps the statements before it, which already "
+                             "form phase 0: write them in one list", key.start_mark,
+                             len(key.value))
+        return Phase(epoch, span)
+
+    def statement(self, node, rule_number: int, policy_number: int,
+                  epoch: int = 0) -> Rule | BatchNormRule:
+        """A rule (``freeze:``/``unfreeze:``, ``except:``) or a BatchNormalization policy
+        (``batchnorm:``, ``select:``, ``except:``)."""
         if not isinstance(node, yaml.MappingNode):
             raise self.error("a rule is a mapping such as '- freeze: conv1_*'", node.start_mark)
         action: Optional[str] = None
+        mode: Optional[str] = None
         selectors: tuple[Selector, ...] = ()
         excepts: tuple[Selector, ...] = ()
+        select_key = except_key = None
         for key, value in node.value:
             name = self._key(key)
-            if name in _ACTIONS:
+            if name in _ACTIONS or name == _BATCHNORM:
                 if action is not None:
-                    raise self.error("a rule has one action: 'freeze' or 'unfreeze'",
-                                     key.start_mark, len(name))
+                    raise self.error("a statement has one action: 'freeze', 'unfreeze' or "
+                                     "'batchnorm'", key.start_mark, len(name))
                 action = name
-                selectors = self.selectors(value)
+                if name == _BATCHNORM:
+                    mode = self.mode(value)
+                else:
+                    selectors = self.selectors(value)
             elif name == "except":
+                except_key = key
                 excepts = self.selectors(value)
+            elif name == "select":
+                select_key = key
+                selected = self.selectors(value)
             else:
-                close = suggest(name, list(_ACTIONS) + ["except"])
+                close = suggest(name, _KEYS)
                 hint = f"; did you mean '{close[0]}'?" if close else ""
                 raise self.error(f"unknown key '{name}'{hint}", key.start_mark, len(name))
         if action is None:
-            raise self.error("a rule needs 'freeze:' or 'unfreeze:'", node.start_mark)
+            raise self.error("a rule needs 'freeze:', 'unfreeze:' or 'batchnorm:'",
+                             node.start_mark)
+        if select_key is not None:
+            if action != _BATCHNORM:
+                raise self.error(f"'select' goes with 'batchnorm:'; a {action} rule lists its "
+                                 f"selectors as the value of '{action}:'", select_key.start_mark,
+                                 len("select"))
+            selectors = selected
+        elif action == _BATCHNORM and except_key is not None:
+            raise self.error("'except' in a batchnorm policy needs 'select:' (such as "
+                             "'select: all'): without it, the policy covers every "
+                             "BatchNormalization layer", except_key.start_mark, len("except"))
         # The mapping's own end mark sits at the next token, past any comment lines; the rule
         # ends where its last value does.
         end_line = max(self.lines.line(v.end_mark.index) for _, v in node.value)
         line, col = self.lines.position(node.start_mark.index)
         span = Span(self.file, line, col, end_line, 1)
+        if action == _BATCHNORM:
+            policy = BatchNormRule(mode=mode, selectors=selectors, excepts=excepts, text="",
+                                   span=span, number=policy_number, epoch=epoch)
+            return dataclasses.replace(policy, text=format_policy(policy))
         rule = Rule(action=action, selectors=selectors, excepts=excepts, text="", span=span,
-                    number=number)
+                    number=rule_number, epoch=epoch)
         return dataclasses.replace(rule, text=format_rule(rule))
+
+    def mode(self, node) -> str:
+        if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:str" and \
+                node.value in BN_MODES:
+            return node.value
+        if isinstance(node, yaml.ScalarNode):
+            close = suggest(node.value, list(BN_MODES))
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            found = repr(node.value) if node.value else "nothing"
+        else:
+            hint, found = "", "a list" if isinstance(node, yaml.SequenceNode) else "a mapping"
+        raise self.error(f"expected a BatchNormalization policy, 'frozen', 'train' or 'affine', "
+                         f"found {found}{hint}", node.start_mark)
 
     def selectors(self, node) -> tuple[Selector, ...]:
         items = node.value if isinstance(node, yaml.SequenceNode) else [node]
@@ -292,7 +443,8 @@ class _Reader:
             parsed = parse(synthetic, self.file)
         except SpecError as exc:
             raise SpecSyntaxError(exc.message, move(exc.span), source=self.text) from None
-        if len(parsed.rules) != 1 or parsed.comments or "\n" in item.value:
+        if len(parsed.rules) != 1 or parsed.policies or parsed.phases or parsed.comments or \
+                "\n" in item.value:
             raise self.error("one rule per list item: write selectors, not statements, here",
                              item.start_mark)
         return tuple(_moved(s, move) for s in parsed.rules[0].selectors)
@@ -450,25 +602,32 @@ def _value(selectors: tuple[Selector, ...]) -> str:
 
 
 def to_yaml(spec: Spec) -> str:
-    """The YAML form: one list item per statement, comments and blank lines where they were."""
+    """The YAML form: one list item per statement, a phase as an item holding its statements,
+    comments and blank lines where they were."""
     lines = ["version: 1", "rules:"]
     body = layout(spec)
-    if not any(ln.rule is not None for ln in body):
+    if not any(ln.statement is not None for ln in body):
         lines[-1] = "rules: []"
     for ln in body:
         if ln.blank_before:
             lines.append("")
         comment = _comment(ln.comment) if ln.comment is not None else None
-        if ln.rule is None:
-            lines.append(f"  {comment}")
+        pad = "      " if ln.indented else "  "  # inside a phase: under '  - at epoch N:'
+        st = ln.statement
+        if st is None:
+            lines.append(f"{pad}{comment}")
             continue
-        first = f"  - {ln.rule.action}: {_value(ln.rule.selectors)}"
-        if comment is not None and not ln.rule.excepts:
-            first += f"  {comment}"
-        lines.append(first)
-        if ln.rule.excepts:
-            last = f"    except: {_value(ln.rule.excepts)}"
-            if comment is not None:
-                last += f"  {comment}"
-            lines.append(last)
+        if isinstance(st, Phase):
+            item = [f"- at epoch {st.epoch}:"]
+        elif isinstance(st, BatchNormRule):
+            item = [f"- {_BATCHNORM}: {st.mode}"]
+            if st.selectors:
+                item.append(f"  select: {_value(st.selectors)}")
+        else:
+            item = [f"- {st.action}: {_value(st.selectors)}"]
+        if not isinstance(st, Phase) and st.excepts:
+            item.append(f"  except: {_value(st.excepts)}")
+        if comment is not None:
+            item[-1] += f"  {comment}"
+        lines.extend(pad + x for x in item)
     return "\n".join(lines) + "\n"
