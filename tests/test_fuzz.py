@@ -11,13 +11,15 @@ Property checked on every input (``_check``):
   the end of its line);
 * ``.render()`` returns a string;
 * a spec that parses compiles (`compile_spec`), formats (`format_spec`) to text that parses back
-  to the same operations and formats to itself, lints, and converts to YAML (`to_yaml`) that
-  reads back to the same operations.
+  to the same operations, BatchNormalization policies and phases (each statement with its
+  epoch) and formats to itself, lints, and converts to YAML (`to_yaml`) that reads back to the
+  same.
 
 Input sources: raw text (every code point hypothesis draws, NUL and control characters
 included), raw bytes decoded as latin-1 and with 'surrogateescape' (what a careless reader of a
-binary file would hand over), a grammar-aware strategy that assembles statements from the pieces
-of the language, valid and broken, then mutates them (drop / duplicate / insert / move
+binary file would hand over), a grammar-aware strategy that assembles statements, `batchnorm`
+policies and `at epoch N:` phases from the pieces of the language, valid and broken, then mutates
+them (drop / duplicate / insert / move
 characters), and the same pieces inside YAML documents. Budgets are fixed and derandomized, so
 the file takes the same time and finds the same things on every run. Then explicit,
 non-hypothesis cases for sizes a random search never reaches: 1 MB lines, 100k repeated tokens,
@@ -30,6 +32,7 @@ No TensorFlow: everything runs on plain `LayerTree`s.
 
 from __future__ import annotations
 
+import re
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -91,10 +94,13 @@ def _check_error(err: surgery.SpecError, text: str) -> None:
         assert 1 <= d.span.line <= len(lines) and d.span.column >= 1, d
 
 
-def _operations(spec) -> list[dict]:
-    """The compiled operations without their positions (which formatting moves)."""
-    return [{k: v for k, v in op.items() if k not in ("line", "column")}
-            for op in compile_spec(spec)["operations"]]
+def _operations(spec) -> dict:
+    """The compiled spec without its positions (which formatting moves): the operations, the
+    BatchNormalization policies and the phases, each statement with its epoch."""
+    compiled = compile_spec(spec)
+    return {key: [{k: v for k, v in op.items() if k not in ("line", "column")}
+                  for op in compiled[key]]
+            for key in ("operations", "policies", "phases")}
 
 
 def _check_compiled(spec) -> None:
@@ -250,8 +256,30 @@ def selectors(draw, mode):
     return out
 
 
+BN_MODES = ["frozen", "train", "affine"]
+BROKEN_BN_MODES = ["froze", "Frozen", "", "all", "freeze", "affine affine", "except", "train:"]
+
+
+@st.composite
+def policies(draw, mode):
+    """``batchnorm MODE [selectors [except selectors]]``."""
+    broken = mode == BROKEN
+    modes = BN_MODES + (BROKEN_BN_MODES if broken else [])
+    text = "batchnorm " + draw(st.sampled_from(modes))
+    if draw(st.booleans()):
+        for i in range(draw(st.integers(1, 2))):
+            text += (", " if i else " ") + draw(selectors(mode))
+        if draw(st.integers(0, 2)) == 0:
+            text += " except " + draw(selectors(mode))
+    elif broken and draw(st.integers(0, 3)) == 0:
+        text += " except " + draw(selectors(mode))  # 'except' needs selectors before it
+    return text
+
+
 @st.composite
 def statements(draw, mode):
+    if draw(st.integers(0, 4)) == 0:
+        return draw(policies(mode))
     broken = mode == BROKEN
     heads = ["freeze", "unfreeze"] + (["all", "except", "unfreez", "Freeze", "freezeall", ""]
                                       if broken else [])
@@ -270,16 +298,55 @@ STATEMENT_SEPS = ["\n", ";", "; ", " ; ", "\r\n", "\n\n", ";;", "\n;\n", " # com
                   "\x0c\n", "\t\n"]
 
 
+BROKEN_HEADERS = ["at epoch:", "at 3:", "At epoch 3:", "at epoch 3", "at epoch -1:",
+                  "at epoch 3.5:", "at epoch 3::", "at epoch x:", "at epoch 3:at epoch 4:",
+                  "at", "epoch 3:", "at epoch " + "9" * 5000 + ":", "at epoch 1 :", "at  epoch\t2:"]
+
+
+@st.composite
+def epochs(draw, mode, count, first):
+    """``count`` phase epochs: increasing, from 0 (when allowed by ``first``) on; in BROKEN
+    mode also repeated, decreasing, negative or huge."""
+    out, epoch = [], draw(st.integers(first, 3))
+    for _ in range(count):
+        out.append(epoch)
+        epoch += draw(st.integers(1, 5))
+        if mode == BROKEN and draw(st.integers(0, 3)) == 0:
+            epoch = draw(st.sampled_from([0, epoch - 6, out[-1], -1, 2 ** 64]))
+    return out
+
+
 @st.composite
 def specs(draw):
     # CLEAN: only selectors that match at the top level, so many specs resolve and plan;
     # VALID: also well-formed selectors that match nothing and paths into nested models (the
     # resolver's errors and hints); BROKEN: also malformed pieces (the parser's errors).
+    # Some specs have phases: statements of phase 0, then 'at epoch N:' headers, each followed
+    # by its block (on the header's line, indented on the lines below, or both).
     mode = draw(st.sampled_from([CLEAN, VALID, BROKEN]))
+    broken = mode == BROKEN
     text = draw(st.sampled_from(["", "", "# header\n", "\n\n", ";"]))
-    extra = ["", "\r", " "] if mode == BROKEN else []
-    for _ in range(draw(st.integers(1, 4))):
-        text += draw(statements(mode)) + draw(st.sampled_from(STATEMENT_SEPS + extra))
+    extra = ["", "\r", " "] if broken else []
+    seps = STATEMENT_SEPS + extra
+    headers = draw(st.sampled_from([0, 0, 1, 2]))
+    before = draw(st.integers(0 if headers else 1, 4 - headers))
+    for _ in range(before):
+        text += draw(statements(mode)) + draw(st.sampled_from(seps))
+    # 'at epoch 0:' only where no statement comes before it
+    for epoch in draw(epochs(mode, headers, 1 if before else 0)):
+        if broken and draw(st.integers(0, 4)) == 0:
+            header = draw(st.sampled_from(BROKEN_HEADERS))
+        else:
+            header = f"at epoch {epoch}:"
+        indent = draw(st.sampled_from(["  ", "  ", "", "\t", "    "]))
+        text += header + draw(st.sampled_from(["\n", "\n", " ", "  # why\n", "\n\n"]))
+        for i in range(draw(st.integers(0 if broken else 1, 2))):
+            pad = indent if (i or not text.endswith(" ")) else ""
+            if broken and draw(st.integers(0, 5)) == 0:
+                pad = draw(st.sampled_from(["", " ", "\t\t", "      "]))  # outdented, or not
+            text += pad + draw(statements(mode)) + draw(st.sampled_from(seps))
+        if draw(st.integers(0, 3)) == 0:
+            text += draw(st.sampled_from([indent, ""])) + "# end of block\n"
     return text
 
 
@@ -313,6 +380,15 @@ def mutated(draw, base):
 
 
 _outcomes: dict[str, int] = {}
+_parsed_with: dict[str, int] = {}  # parsed specs that have phases, policies, several phases
+
+
+def _count_constructs(spec, counts: dict[str, int]) -> None:
+    for name, present in (("phases", bool(spec.phases)), ("policies", bool(spec.policies)),
+                          ("two phases", len(spec.phases) > 1),
+                          ("phase comments", bool(spec.phases) and bool(spec.comments))):
+        if present:
+            counts[name] = counts.get(name, 0) + 1
 
 
 def _tally(text: str) -> str:
@@ -336,6 +412,10 @@ def test_grammar_pieces(text):
     _check(text)
     stage = _tally(text)
     _outcomes[stage] = _outcomes.get(stage, 0) + 1
+    try:
+        _count_constructs(surgery.parse(text), _parsed_with)
+    except surgery.SpecError:
+        pass
 
 
 def test_grammar_pieces_reach_every_stage():
@@ -345,6 +425,11 @@ def test_grammar_pieces_reach_every_stage():
         pytest.skip("test_grammar_pieces did not run in this session")
     assert {"syntax error", "selector error", "resolved"} <= set(_outcomes), _outcomes
     assert min(_outcomes.values()) >= 20, _outcomes
+    # ... and one that never produced a valid phase or policy would leave fmt, YAML and compile
+    # untested on them.
+    assert set(_parsed_with) == {"phases", "policies", "two phases", "phase comments"}, \
+        _parsed_with
+    assert min(_parsed_with.values()) >= 15, _parsed_with
 
 
 @settings(FUZZ, max_examples=250)
@@ -383,13 +468,57 @@ def _check_yaml_writer(spec) -> None:
     assert _operations(back) == _operations(spec)
 
 
-def _yaml_quoted(draw, text: str) -> str:
+def _yaml_quoted(draw, text: str, mode=VALID) -> str:
     style = draw(st.sampled_from(["plain", "single", "double"]))
+    if mode != BROKEN and style == "plain" and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_\-]*", text):
+        style = "single"  # valid YAML, so that valid specs reach the reader and the writer
     if style == "single":
         return "'" + text.replace("'", "''") + "'"
     if style == "double":
         return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return text
+
+
+def _yaml_statement(draw, mode, pad: str) -> list[str]:
+    """The lines of one statement item of the YAML form, its '- ' at ``pad``."""
+    broken = mode == BROKEN
+    sels = [_yaml_quoted(draw, draw(selectors(mode)), mode)
+            for _ in range(draw(st.integers(1, 3)))]
+    shape = draw(st.sampled_from(["scalar", "flow", "block"]))
+    if shape == "scalar":
+        value = " " + sels[0]
+    elif shape == "flow":
+        value = " [" + ", ".join(sels) + "]"
+    else:
+        value = "".join(f"\n{pad}    - {x}" for x in sels)
+    indent = draw(st.sampled_from(["", "", "\t", " ", "  "] if broken else [""]))
+    lines = []
+    excepts = True
+    if draw(st.integers(0, 4)) == 0:  # a BatchNormalization policy
+        modes = BN_MODES + (["froze", "[frozen]", "", "'affine'", "1"] if broken else [])
+        lines.append(f"{pad}{indent}- batchnorm: {draw(st.sampled_from(modes))}")
+        excepts = broken
+        if draw(st.booleans()):
+            key = draw(st.sampled_from(["select", "select", "slect", "freeze"] if broken
+                                       else ["select"]))
+            lines.append(f"{pad}  {key}:{value}")
+            excepts = True
+    else:
+        keys = ["freeze", "unfreeze"] + (["freez", "Freeze", "except", "1", "~", "'freeze'",
+                                          "select"] if broken else [])
+        lines.append(f"{pad}{indent}- {draw(st.sampled_from(keys))}:{value}")
+    if excepts and draw(st.integers(0, 3)) == 0:
+        ex = _yaml_quoted(draw, draw(selectors(mode)), mode)
+        lines.append(f"{pad}  except: {ex}")
+    if broken and draw(st.integers(0, 4)) == 0:
+        lines.append(f"{pad}  " + draw(st.sampled_from(
+            ["unfreeze: all", "freeze: 10", "freeze: true", "freeze: []", "freeze:",
+             "freeze: [[a]]", "freeze: {a: b}", "freeze: !!python/object:os.system x",
+             "freeze: &a all", "freeze: *a", "freeze: 'a; freeze b'", "freeze: |\n  a",
+             "freeze: 'a; batchnorm affine'", "at epoch 9: [{freeze: a}]"])))
+    if draw(st.integers(0, 4)) == 0:
+        lines.append(f"{pad}# a comment")
+    return lines
 
 
 @st.composite
@@ -403,29 +532,25 @@ def yaml_specs(draw):
         lines.append(pad + "version: " + draw(st.sampled_from(
             ["1", "1", "'1'", "2", "one", "[1]"] if broken else ["1"])))
     lines.append(pad + "rules:" + draw(st.sampled_from([" []", " ~", ""] if broken else [""])))
-    for _ in range(draw(st.integers(0, 4))):
-        keys = ["freeze", "unfreeze"] + (["freez", "Freeze", "except", "1", "~", "'freeze'"]
-                                         if broken else [])
-        sels = [_yaml_quoted(draw, draw(selectors(mode))) for _ in range(draw(st.integers(1, 3)))]
-        shape = draw(st.sampled_from(["scalar", "flow", "block"]))
-        if shape == "scalar":
-            value = " " + sels[0]
-        elif shape == "flow":
-            value = " [" + ", ".join(sels) + "]"
-        else:
-            value = "".join(f"\n{pad}      - {x}" for x in sels)
-        indent = draw(st.sampled_from(["  ", "  ", "\t", " ", ""] if broken else ["  "]))
-        lines.append(f"{pad}{indent}- {draw(st.sampled_from(keys))}:{value}")
-        if draw(st.integers(0, 3)) == 0:
-            ex = _yaml_quoted(draw, draw(selectors(mode)))
-            lines.append(f"{pad}    except: {ex}")
+    # Statements of phase 0, then phases: '- at epoch N:' items holding their statements.
+    headers = draw(st.sampled_from([0, 0, 1, 2]))
+    before = draw(st.integers(0, 4 - headers))
+    for _ in range(before):
+        lines += _yaml_statement(draw, mode, pad + "  ")
+    for epoch in draw(epochs(mode, headers, 1 if before else 0)):
+        header = f"at epoch {epoch}"
         if broken and draw(st.integers(0, 4)) == 0:
-            lines.append(f"{pad}    " + draw(st.sampled_from(
-                ["unfreeze: all", "freeze: 10", "freeze: true", "freeze: []", "freeze:",
-                 "freeze: [[a]]", "freeze: {a: b}", "freeze: !!python/object:os.system x",
-                 "freeze: &a all", "freeze: *a", "freeze: 'a; freeze b'", "freeze: |\n  a"])))
-        if draw(st.integers(0, 4)) == 0:
-            lines.append(f"{pad}  # a comment")
+            header = draw(st.sampled_from(["at epoch", "at 3", "At epoch 3", "at epoch -1",
+                                           "at epoch x", "at", "'at epoch 3'", "at epoch 3 "]))
+        comment = draw(st.sampled_from(["", "", "  # why"]))
+        lines.append(f"{pad}  - {header}:{comment}")
+        inner = pad + draw(st.sampled_from(["      ", "    "]))  # one column per list
+        for _ in range(draw(st.integers(0 if broken else 1, 2))):
+            if broken and draw(st.integers(0, 4)) == 0:
+                inner = pad + draw(st.sampled_from(["      ", "    ", "  ", "     "]))
+            lines += _yaml_statement(draw, mode, inner)
+        if broken and draw(st.integers(0, 4)) == 0:  # a statement after a phase, outside it
+            lines += _yaml_statement(draw, mode, pad + "  ")
     return "\n".join(lines) + draw(st.sampled_from(["\n", "", "\r\n", "\n\n"]))
 
 
@@ -436,10 +561,26 @@ def test_yaml_raw_text(text):
     _check_yaml(text)
 
 
+_yaml_parsed_with: dict[str, int] = {}
+
+
 @settings(FUZZ, max_examples=250)
 @given(yaml_specs())
 def test_yaml_pieces(text):
     _check_yaml(text)
+    try:
+        _count_constructs(parse_yaml(text, "fuzz.yaml"), _yaml_parsed_with)
+    except surgery.SpecError:
+        pass
+
+
+def test_yaml_pieces_reach_phases_and_policies():
+    # Runs after test_yaml_pieces: the YAML strategy must produce valid phases and policies.
+    if not _yaml_parsed_with:
+        pytest.skip("test_yaml_pieces did not run in this session")
+    assert set(_yaml_parsed_with) == {"phases", "policies", "two phases", "phase comments"}, \
+        _yaml_parsed_with
+    assert min(_yaml_parsed_with.values()) >= 5, _yaml_parsed_with
 
 
 # --- explicit sizes a random search never reaches ----------------------------------------------

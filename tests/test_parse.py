@@ -4,7 +4,7 @@ human message with line and column. No TensorFlow here."""
 import pytest
 
 import surgery
-from surgery.ir import All, AnyDepth, Glob, Index, Name, Range, Regex, Slice, TypeGlob
+from surgery.ir import All, AnyDepth, BatchNormRule, Glob, Index, Name, Range, Regex, Slice, TypeGlob
 
 
 def segments(text):
@@ -95,6 +95,53 @@ def test_range_fields():
     assert isinstance(surgery.parse("freeze layers[-1]").rules[0].selectors[0].segments[0], Index)
 
 
+def test_phases_give_each_statement_its_epoch():
+    spec = surgery.parse("freeze all\nbatchnorm frozen\n"
+                         "at epoch 3: unfreeze a; unfreeze b  # one line\n"
+                         "  batchnorm affine x\n"
+                         "at epoch 7:\n"
+                         "unfreeze c\n", "p.frz")
+    assert [(r.text, r.epoch, r.number) for r in spec.rules] == [
+        ("freeze all", 0, 0), ("unfreeze a", 3, 1), ("unfreeze b", 3, 2), ("unfreeze c", 7, 3)]
+    assert [(p.text, p.epoch, p.number) for p in spec.policies] == [
+        ("batchnorm frozen", 0, 0), ("batchnorm affine x", 3, 1)]
+    assert [(p.epoch, p.span.line, p.span.column, p.span.end_column) for p in spec.phases] == [
+        (3, 3, 1, 12), (7, 5, 1, 12)]
+    # A statement on the header's line starts after it; a block need not be indented.
+    assert (spec.rules[1].span.line, spec.rules[1].span.column) == (3, 13)
+    assert spec.epochs == (0, 3, 7)
+    assert [r.text for r in spec.until(3).rules] == ["freeze all", "unfreeze a", "unfreeze b"]
+
+
+def test_a_header_before_any_statement_and_headers_after_semicolons():
+    spec = surgery.parse("# lead\nat epoch 0:\n  freeze a\n")
+    assert [p.epoch for p in spec.phases] == [0] and spec.rules[0].epoch == 0
+    spec = surgery.parse("freeze a;at epoch 2:freeze b;at epoch 4:freeze c")
+    assert [(r.text, r.epoch) for r in spec.rules] == [("freeze a", 0), ("freeze b", 2),
+                                                      ("freeze c", 4)]
+    assert [(p.epoch, p.span.column) for p in spec.phases] == [(2, 10), (4, 30)]
+
+
+def test_batchnorm_policy_ir():
+    spec = surgery.parse("batchnorm affine\n"
+                         "batchnorm frozen conv1_bn  base/**/type:BatchNormalization except x\n"
+                         "batchnorm train train\n")
+    every, some, named = spec.policies
+    assert every == BatchNormRule("affine", (), (), "batchnorm affine", every.span, 0, 0)
+    assert some.mode == "frozen" and [s.text for s in some.selectors] == [
+        "conv1_bn", "base/**/type:BatchNormalization"]
+    assert [s.text for s in some.excepts] == ["x"] and some.number == 1
+    # After the mode, a mode word is a layer name.
+    assert named.mode == "train" and named.selectors[0].segments[0].value == "train"
+    assert spec.rules == ()
+
+
+def test_new_keywords_quoted_and_words_that_stay_names():
+    spec = surgery.parse('freeze "at", "batchnorm", epoch, frozen, train, affine')
+    assert [s.segments[0].value for s in spec.rules[0].selectors] == [
+        "at", "batchnorm", "epoch", "frozen", "train", "affine"]
+
+
 # Exact messages: what a user reads. Columns are 1-based.
 @pytest.mark.parametrize("text,line,column,message", [
     ("unfreez conv5_*", 1, 1, "unknown statement 'unfreez'; did you mean 'unfreeze'?"),
@@ -124,6 +171,21 @@ def test_range_fields():
     ("freeze except", 1, 8, "'except' is a keyword here; quote it to mean a layer named except: \"except\""),
     ("freeze type:", 1, 13, "expected a layer class name, as in 'type:BatchNormalization', found end of file"),
     ("freeze layers[" + "9" * 5000 + "]", 1, 15, "number is too large"),
+    # phases and policies
+    ("freeze at", 1, 8, "'at' is a keyword here; start a new statement on a new line or after ';'"),
+    ("freeze batchnorm", 1, 8, "'batchnorm' is a keyword here; start a new statement on a new line or after ';'"),
+    ("at epoch 3:\n  freeze a\nfreeze b", 3, 1, "this statement is outdented out of the 'at epoch 3:' block above it (line 1), but a block runs to the next 'at': indent it to run at epoch 3, or move it before the first 'at' to be part of phase 0"),
+    ("at epoch 3:", 1, 1, "the phase 'at epoch 3:' has no statements"),
+    ("at epoch 3:\nat epoch 4: freeze a", 1, 1, "the phase 'at epoch 3:' has no statements"),
+    ("at epoch 3: freeze a\nat epoch 3: freeze b", 2, 1, "the phase 'at epoch 3:' overlaps the one on line 1: write its statements in one block"),
+    ("at epoch 5: freeze a\nat epoch 3: freeze b", 2, 1, "phases run in epoch order: 'at epoch 3:' comes after 'at epoch 5:' (line 1); move it before that one"),
+    ("freeze a\nat epoch 0: freeze b", 2, 1, "'at epoch 0:' overlaps the statements before it, which already form phase 0: write them in one block"),
+    ("at epoch -1: freeze a", 1, 10, "an epoch is 0 or more (Keras counts epochs from 0, as for initial_epoch)"),
+    ("at epok 3: freeze a", 1, 4, "expected 'epoch' after 'at', as in 'at epoch 3:', found 'epok'"),
+    ("at epoch: freeze a", 1, 9, "expected an epoch number, as in 'at epoch 3:', found ':'"),
+    ("at epoch 3 freeze a", 1, 12, "expected ':' to end the phase header, as in 'at epoch 3:', found 'freeze'"),
+    ("batchnorm", 1, 10, "expected a BatchNormalization policy, 'frozen', 'train' or 'affine', found end of file"),
+    ("batchnorm froze", 1, 11, "expected a BatchNormalization policy, 'frozen', 'train' or 'affine', found 'froze'"),
 ])
 def test_syntax_errors(text, line, column, message):
     with pytest.raises(surgery.SpecSyntaxError) as info:

@@ -12,7 +12,7 @@ import yaml
 import surgery
 from surgery.cli import main
 from surgery.compiled import compile_spec
-from surgery.fmt import format_spec
+from surgery.fmt import format_policy, format_rule, format_spec
 from surgery.yamlspec import parse_yaml, to_yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,10 +23,17 @@ def run(*args):
     return main([str(a) for a in args])
 
 
-def _layout_free(compiled):
-    """The compiled operations without positions: what a spec means, not where it was written."""
+def _layout_free(compiled, key="operations"):
+    """The compiled operations (or policies, or phases) without positions: what a spec means,
+    not where it was written."""
     return [{k: v for k, v in op.items() if k not in ("line", "column")}
-            for op in compiled["operations"]]
+            for op in compiled[key]]
+
+
+def _meaning(spec):
+    """Everything a spec means, positions aside: rules, policies and phases with their epochs."""
+    compiled = compile_spec(spec)
+    return {key: _layout_free(compiled, key) for key in ("operations", "policies", "phases")}
 
 
 # --- lint ------------------------------------------------------------------------------------
@@ -172,6 +179,119 @@ def test_fmt_refuses_to_rewrite_a_larger_config(tmp_path, capsys):
     assert config.read_text().startswith("lr: 0.001")
 
 
+# Phases and BatchNormalization policies: every kind of comment, a one-line header, a block
+# written without indentation, blank lines to squeeze.
+PHASED_MESSY = """# fine-tune in two stages
+freeze all   # the base
+batchnorm   frozen
+# stage two
+at epoch 3: unfreeze conv5_* ;batchnorm affine conv5_*_bn,conv5_x except conv5_y  # top
+    # the head too
+    unfreeze predictions
+
+
+  # end of stage two
+at epoch 10:   # last
+unfreeze all
+batchnorm train
+# the end
+"""
+
+PHASED = """# fine-tune in two stages
+freeze all  # the base
+batchnorm frozen
+
+# stage two
+at epoch 3:
+  unfreeze conv5_*
+  batchnorm affine conv5_*_bn, conv5_x except conv5_y  # top
+  # the head too
+  unfreeze predictions
+
+  # end of stage two
+
+at epoch 10:  # last
+  unfreeze all
+  batchnorm train
+# the end
+"""
+
+
+def test_fmt_phases_and_policies_canonical_form_and_fixed_point():
+    messy = surgery.parse(PHASED_MESSY)
+    assert format_spec(messy) == PHASED
+    canonical = surgery.parse(PHASED)
+    assert format_spec(canonical) == PHASED
+    # Meaning-preserving: the same rules, policies and phases, each statement with its epoch.
+    assert _meaning(canonical) == _meaning(messy)
+    assert [(r.text, r.epoch) for r in canonical.rules] == [
+        ("freeze all", 0), ("unfreeze conv5_*", 3), ("unfreeze predictions", 3),
+        ("unfreeze all", 10)]
+    assert [(p.text, p.epoch) for p in canonical.policies] == [
+        ("batchnorm frozen", 0), ("batchnorm affine conv5_*_bn, conv5_x except conv5_y", 3),
+        ("batchnorm train", 10)]
+    assert [p.epoch for p in canonical.phases] == [3, 10]
+
+
+@pytest.mark.parametrize("text,canonical", [
+    ("at epoch 3: unfreeze a; unfreeze b", "at epoch 3:\n  unfreeze a\n  unfreeze b\n"),
+    ("at epoch 3:unfreeze a\n  unfreeze b  # b\n",
+     "at epoch 3:\n  unfreeze a\n  unfreeze b  # b\n"),
+    ("freeze a; at epoch 2: freeze b; at epoch 4: freeze c",
+     "freeze a\n\nat epoch 2:\n  freeze b\n\nat epoch 4:\n  freeze c\n"),
+    # 'at epoch 0:' before any statement is kept: phase 0 with a header.
+    ("# lead\nat epoch 0:\nfreeze all\n", "# lead\nat epoch 0:\n  freeze all\n"),
+    # A comment right above a header introduces it: the blank line goes above the comment.
+    ("freeze a\n# now the top\nat epoch 1:\n  unfreeze b\n",
+     "freeze a\n\n# now the top\nat epoch 1:\n  unfreeze b\n"),
+    # An indented comment at the end of a block stays in that block.
+    ("at epoch 1:\n  unfreeze b\n  # later: c\nat epoch 2:\n  unfreeze d\n",
+     "at epoch 1:\n  unfreeze b\n  # later: c\n\nat epoch 2:\n  unfreeze d\n"),
+    # A comment before the block's first statement is indented with it, wherever it was.
+    ("at epoch 1:\n# why\nunfreeze b\n", "at epoch 1:\n  # why\n  unfreeze b\n"),
+    ("batchnorm affine\nbatchnorm frozen conv1_bn,conv2_bn except x\n",
+     "batchnorm affine\nbatchnorm frozen conv1_bn, conv2_bn except x\n"),
+    # 'at' and 'batchnorm' are keywords: such layer names stay quoted; 'epoch' and the modes not.
+    ('freeze "at", "batchnorm", epoch, frozen, train, affine',
+     'freeze "at", "batchnorm", epoch, frozen, train, affine\n'),
+])
+def test_fmt_phase_layouts(text, canonical):
+    spec = surgery.parse(text)
+    assert format_spec(spec) == canonical
+    again = surgery.parse(canonical)
+    assert format_spec(again) == canonical
+    assert _meaning(again) == _meaning(spec)
+
+
+def test_format_policy_and_format_rule():
+    spec = surgery.parse("batchnorm affine\nbatchnorm   frozen conv1_bn  conv2_bn except x\n"
+                         "freeze  a  b")
+    assert [format_policy(p) for p in spec.policies] == [
+        "batchnorm affine", "batchnorm frozen conv1_bn, conv2_bn except x"]
+    assert format_rule(spec.rules[0]) == "freeze a, b"
+
+
+def test_fmt_check_and_write_with_phases(tmp_path, capsys):
+    spec = tmp_path / "s.frz"
+    spec.write_text(PHASED_MESSY)
+    assert run("fmt", "--check", spec) == 1
+    assert run("fmt", "--write", spec) == 0
+    assert spec.read_text() == PHASED
+    assert run("fmt", "--check", spec) == 0
+
+
+def test_fmt_converts_phases_policies_and_comments_between_forms(tmp_path, capsys):
+    spec = tmp_path / "s.frz"
+    spec.write_text(PHASED_MESSY)
+    assert run("fmt", "--to", "yaml", spec) == 0
+    as_yaml = capsys.readouterr().out
+    assert as_yaml == PHASED_YAML
+    (tmp_path / "s.yaml").write_text(as_yaml)
+    assert run("fmt", "--check", tmp_path / "s.yaml") == 0  # canonical YAML too
+    assert run("fmt", "--to", "frz", tmp_path / "s.yaml") == 0
+    assert capsys.readouterr().out == PHASED
+
+
 # --- the YAML form ---------------------------------------------------------------------------
 
 ISSUE_YAML = """version: 1
@@ -233,6 +353,115 @@ def test_yaml_python_tags_are_never_executed(tmp_path):
     assert not marker.exists()
 
 
+PHASED_YAML = """version: 1
+rules:
+  # fine-tune in two stages
+  - freeze: all  # the base
+  - batchnorm: frozen
+
+  # stage two
+  - at epoch 3:
+      - unfreeze: conv5_*
+      - batchnorm: affine
+        select: [conv5_*_bn, conv5_x]
+        except: conv5_y  # top
+      # the head too
+      - unfreeze: predictions
+
+      # end of stage two
+
+  - at epoch 10:  # last
+      - unfreeze: all
+      - batchnorm: train
+  # the end
+"""
+
+
+def test_yaml_phases_and_policies_read_as_the_frz_form():
+    from_yaml = parse_yaml(PHASED_YAML, "s.yaml")
+    from_frz = surgery.parse(PHASED)
+    assert _meaning(from_yaml) == _meaning(from_frz)
+    assert [(p.epoch, p.span.line, p.span.column) for p in from_yaml.phases] == [(3, 8, 5),
+                                                                                 (10, 18, 5)]
+    assert [(r.text, r.epoch, r.span.line, r.span.column) for r in from_yaml.rules] == [
+        ("freeze all", 0, 4, 5), ("unfreeze conv5_*", 3, 9, 9), ("unfreeze predictions", 3, 14, 9),
+        ("unfreeze all", 10, 19, 9)]
+    assert [(p.text, p.epoch, p.number) for p in from_yaml.policies] == [
+        ("batchnorm frozen", 0, 0), ("batchnorm affine conv5_*_bn, conv5_x except conv5_y", 3, 1),
+        ("batchnorm train", 10, 2)]
+    assert to_yaml(from_yaml) == PHASED_YAML
+    assert to_yaml(from_frz) == PHASED_YAML
+    assert format_spec(from_yaml) == PHASED
+
+
+def test_yaml_hand_written_phases_flow_lists_and_a_larger_config(tmp_path):
+    config = tmp_path / "train.yaml"
+    config.write_text("epochs: 20\nsurgery:\n  rules:\n    - freeze: all\n"
+                      "    - at epoch 5: [{unfreeze: conv5_*}, {batchnorm: affine}]\n"
+                      "    - 'at epoch 12':\n      - unfreeze: all\n"
+                      "      - batchnorm: frozen\n        select: 'type:BatchNormalization'\n")
+    spec = surgery.load_spec(config)
+    assert format_spec(spec) == ("freeze all\n\nat epoch 5:\n  unfreeze conv5_*\n"
+                                 "  batchnorm affine\n\nat epoch 12:\n  unfreeze all\n"
+                                 "  batchnorm frozen type:BatchNormalization\n")
+    assert [p.epoch for p in spec.phases] == [5, 12]
+
+
+@pytest.mark.parametrize("text,line,column,message", [
+    ("rules:\n  - at epoch 3:\n      - freeze: a\n  - freeze: b\n", 4, 5,
+     "this statement follows the phase 'at epoch 3:' (line 2) but is not in its list: indent it "
+     "under that header to run at epoch 3, or move it before the first phase to be part of "
+     "phase 0"),
+    ("rules:\n  - at epoch 3:\n", 2, 5, "the phase 'at epoch 3:' has no statements"),
+    ("rules:\n  - at epoch 3: []\n", 2, 5, "the phase 'at epoch 3:' has no statements"),
+    ("rules:\n  - at epoch 3: {freeze: a}\n", 2, 17,
+     "a phase holds a list of statements: '- at epoch 3:', then items such as "
+     "'- freeze: conv1_*' indented under it"),
+    ("rules:\n  - at epoch 3:\n      - at epoch 4: [{freeze: a}]\n", 3, 9,
+     "phases do not nest: write this phase after the one it is in, as an item of the same list"),
+    ("rules:\n  - at epoch 3: [{freeze: a}]\n    freeze: b\n", 3, 5,
+     "a phase item holds only its 'at epoch N:' key, with the phase's statements listed under "
+     "it: move 'freeze' into that list"),
+    ("rules:\n  - at epok 3: [{freeze: a}]\n", 2, 5,
+     "expected a phase header 'at epoch N', as in '- at epoch 3:', found 'at epok 3'"),
+    ("rules:\n  - at epoch -3: [{freeze: a}]\n", 2, 5,
+     "an epoch is 0 or more (Keras counts epochs from 0, as for initial_epoch)"),
+    ("rules:\n  - at epoch 3: [{freeze: a}]\n  - at epoch 3: [{freeze: b}]\n", 3, 5,
+     "the phase 'at epoch 3:' overlaps the one on line 2: write its statements in one list"),
+    ("rules:\n  - at epoch 5: [{freeze: a}]\n  - at epoch 3: [{freeze: b}]\n", 3, 5,
+     "phases run in epoch order: 'at epoch 3:' comes after 'at epoch 5:' (line 2); move it "
+     "before that one"),
+    ("rules:\n  - freeze: x\n  - at epoch 0: [{freeze: a}]\n", 3, 5,
+     "'at epoch 0:' overlaps the statements before it, which already form phase 0: write them "
+     "in one list"),
+    ("rules:\n  - batchnorm: froze\n", 2, 16, "expected a BatchNormalization policy, 'frozen', "
+     "'train' or 'affine', found 'froze'; did you mean 'frozen'?"),
+    ("rules:\n  - batchnorm: [affine]\n", 2, 16, "expected a BatchNormalization policy, "
+     "'frozen', 'train' or 'affine', found a list"),
+    ("rules:\n  - batchnorm: frozen\n    except: a\n", 3, 5,
+     "'except' in a batchnorm policy needs 'select:' (such as 'select: all'): without it, the "
+     "policy covers every BatchNormalization layer"),
+    ("rules:\n  - freeze: a\n    select: b\n", 3, 5,
+     "'select' goes with 'batchnorm:'; a freeze rule lists its selectors as the value of "
+     "'freeze:'"),
+    ("rules:\n  - batchnorm: frozen\n    freeze: a\n", 3, 5,
+     "a statement has one action: 'freeze', 'unfreeze' or 'batchnorm'"),
+    ("rules:\n  - batchnrm: frozen\n", 2, 5, "unknown key 'batchnrm'; did you mean 'batchnorm'?"),
+    ("rules:\n  - batchnorm: frozen\n    select: [a, 'layers[::0]']\n", 3, 27,
+     "slice step cannot be zero"),
+    # A selector string holds selectors, never statements: a policy or a phase hidden in one
+    # would otherwise be dropped.
+    ("rules:\n  - freeze: 'a; batchnorm affine'\n", 2, 13,
+     "one rule per list item: write selectors, not statements, here"),
+    ("rules:\n  - unfreeze: 'a; at epoch 3: freeze b'\n", 2, 15,
+     "one rule per list item: write selectors, not statements, here"),
+])
+def test_yaml_phase_and_policy_errors(text, line, column, message):
+    with pytest.raises(surgery.SpecError) as info:
+        parse_yaml(text, "s.yaml")
+    assert (info.value.line, info.value.column, info.value.message) == (line, column, message)
+
+
 # --- compile ---------------------------------------------------------------------------------
 
 
@@ -248,6 +477,33 @@ def test_compile_prints_canonical_json(tmp_path, capsys):
                                                "unfreeze layers[-3:]"]
     assert ops[1]["select"][0]["path"] == [{"kind": "slice", "start": -3, "stop": None,
                                             "step": None}]
+    assert [op["epoch"] for op in ops] == [0, 0]
+    assert (data["policies"], data["phases"]) == ([], [])
+
+
+def test_compile_carries_phases_policies_and_epochs(tmp_path, capsys):
+    spec = tmp_path / "s.frz"
+    spec.write_text("freeze all\nbatchnorm frozen\nat epoch 3: unfreeze conv5_*\n"
+                    "  batchnorm affine conv5_*_bn except conv5_x\n")
+    assert run("compile", spec) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["format"] == 2
+    assert [(op["statement"], op["epoch"], op["line"]) for op in data["operations"]] == [
+        ("freeze all", 0, 1), ("unfreeze conv5_*", 3, 3)]
+    assert data["operations"][1]["column"] == 13
+    assert data["policies"] == [
+        {"number": 0, "line": 2, "column": 1, "epoch": 0, "action": "batchnorm",
+         "mode": "frozen", "statement": "batchnorm frozen", "select": [], "except": []},
+        {"number": 1, "line": 4, "column": 3, "epoch": 3, "action": "batchnorm",
+         "mode": "affine", "statement": "batchnorm affine conv5_*_bn except conv5_x",
+         "select": [{"text": "conv5_*_bn", "path": [{"kind": "glob", "pattern": "conv5_*_bn"}]}],
+         "except": [{"text": "conv5_x", "path": [{"kind": "name", "value": "conv5_x"}]}]},
+    ]
+    assert data["phases"] == [{"epoch": 3, "line": 3, "column": 1}]
+    # Layout and spelling aside, the formatted spec and its YAML form compile the same.
+    parsed = surgery.load_spec(spec)
+    assert _meaning(surgery.parse(format_spec(parsed))) == _meaning(parsed)
+    assert _meaning(parse_yaml(to_yaml(parsed))) == _meaning(parsed)
 
 
 # --- verify and diff -------------------------------------------------------------------------
