@@ -378,10 +378,6 @@ class _Reader:
                                  f"selectors as the value of '{action}:'", select_key.start_mark,
                                  len("select"))
             selectors = selected
-        elif action == _BATCHNORM and except_key is not None:
-            raise self.error("'except' in a batchnorm policy needs 'select:' (such as "
-                             "'select: all'): without it, the policy covers every "
-                             "BatchNormalization layer", except_key.start_mark, len("except"))
         # The mapping's own end mark sits at the next token, past any comment lines; the rule
         # ends where its last value does.
         end_line = max(self.lines.line(v.end_mark.index) for _, v in node.value)

@@ -213,3 +213,20 @@ def test_load_spec_reports_non_utf8_bytes_with_position(tmp_path):
     assert (info.value.line, info.value.column) == (2, 8)
     assert info.value.message == "the file is not UTF-8 text (byte 0xff)"
     assert info.value.span.file == str(path)
+
+
+def test_a_policy_without_selectors_can_still_except_some_layers():
+    spec = surgery.parse("batchnorm frozen except conv5_*\n")
+    (policy,) = spec.policies
+    assert (policy.mode, policy.selectors) == ("frozen", ())
+    assert [s.text for s in policy.excepts] == ["conv5_*"]
+
+
+@pytest.mark.parametrize("text,line", [
+    ("freeze a\n  at epoch 3:\n  freeze b\nfreeze c\n", 4),  # back under the header's column
+    ("  at epoch 3:\nfreeze b\n", 2),                         # left of its own header
+])
+def test_a_statement_left_of_its_phase_header_is_an_error(text, line):
+    with pytest.raises(surgery.SpecSyntaxError) as info:
+        surgery.parse(text)
+    assert info.value.line == line and "outdented" in info.value.message

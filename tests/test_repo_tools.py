@@ -438,9 +438,6 @@ def test_yaml_hand_written_phases_flow_lists_and_a_larger_config(tmp_path):
      "'train' or 'affine', found 'froze'; did you mean 'frozen'?"),
     ("rules:\n  - batchnorm: [affine]\n", 2, 16, "expected a BatchNormalization policy, "
      "'frozen', 'train' or 'affine', found a list"),
-    ("rules:\n  - batchnorm: frozen\n    except: a\n", 3, 5,
-     "'except' in a batchnorm policy needs 'select:' (such as 'select: all'): without it, the "
-     "policy covers every BatchNormalization layer"),
     ("rules:\n  - freeze: a\n    select: b\n", 3, 5,
      "'select' goes with 'batchnorm:'; a freeze rule lists its selectors as the value of "
      "'freeze:'"),
