@@ -23,7 +23,9 @@ What Keras needs for a change to take effect inside a running ``fit`` is done he
 
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -32,6 +34,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 
+from ..api import SurgeryWarning  # noqa: E402
 from ..errors import SurgeryError  # noqa: E402
 from ..ir import Spec  # noqa: E402
 from ..plan import PhasePlan, changes, plan_phases  # noqa: E402
@@ -74,7 +77,9 @@ class Schedule(keras.callbacks.Callback):
     """Apply each phase of ``spec`` (a path, spec text or a parsed `Spec`) at the start of its
     epoch. ``verbose``: print one line per phase change. ``changes``: the `PhaseChange`s made,
     in order. Each epoch's ``logs`` get ``surgery_phase`` (the epoch of the phase in force) and
-    ``trainable_params``, so History, CSVLogger and TensorBoard record the schedule."""
+    ``trainable_params``, so History, CSVLogger and TensorBoard record the schedule. The spec's
+    findings (what ``surgery.apply`` warns about, every phase's) are `SurgeryWarning`s when
+    training begins, as is a ``fit(epochs=...)`` that ends before a phase."""
 
     def __init__(self, spec: Union[Spec, str, Path], *, allow_empty: bool = False,
                  verbose: int = 1):
@@ -108,14 +113,16 @@ class Schedule(keras.callbacks.Callback):
             self._phases = plan_phases(self.spec, tree, allow_empty=self.allow_empty)
             self._for_model = id(self.model)
             self._current = None
+            # The findings `surgery.apply` would warn about (a rule without effect, BatchNorm
+            # layers unfrozen without a policy, ...), every phase's, once per planning.
+            found = sorted((d for ph in self._phases for d in ph.plan.diagnostics),
+                           key=lambda d: (d.span.line, d.span.column))
+            for d in found:
+                warnings.warn(SurgeryWarning(d.headline()), stacklevel=2)
         epochs = (self.params or {}).get("epochs")
         if epochs is not None:
-            late = [ph for ph in self._phases if ph.epoch >= epochs]
+            late = [ph for ph in self._phases if ph.header is not None and ph.epoch >= epochs]
             if late:
-                import warnings
-
-                from ..api import SurgeryWarning
-
                 shown = ", ".join(f"'at epoch {ph.epoch}:' (line {ph.header.span.line})"
                                   for ph in late)
                 warnings.warn(SurgeryWarning(
@@ -146,7 +153,6 @@ class Schedule(keras.callbacks.Callback):
     def _enter(self, target: int, epoch: int) -> None:
         model = self.model
         before_vars = [id(v) for v in model.trainable_variables]
-        before_params = _count(model.trainable_variables)
         phase = self._phases[target]
         live.write(model, phase.plan, self._objects)
         previous = self._phases[self._current].plan if self._current is not None else None
@@ -154,11 +160,17 @@ class Schedule(keras.callbacks.Callback):
         _sync_optimizer(model)
         model.make_train_function(force=True)
         if previous is None:
-            changed = tuple(lp for lp in phase.plan.layers if not lp.layer.children and lp.changed)
+            # Against the model as this run found it (a resumed checkpoint may already be in
+            # this phase's state): a layer that carries the planned flag, frozen entries and
+            # class has not changed, although LayerPlan.changed counts any frozen part.
+            changed = tuple(lp for lp in phase.plan.layers
+                            if not lp.layer.children and _differs_from_model(lp))
             was = {lp.path: lp.before for lp in changed}
+            params_before = phase.plan.totals.trainable_before
         else:
             changed = changes(previous, phase.plan)
             was = {lp.path: previous.by_path[lp.path].after for lp in changed}
+            params_before = previous.totals.trainable_after
         changed = tuple(lp for lp in changed if lp.layer.weights)  # a flag on no weight is noise
         record = PhaseChange(
             epoch=epoch, phase=phase.epoch,
@@ -166,8 +178,10 @@ class Schedule(keras.callbacks.Callback):
             unfrozen=tuple(lp.path for lp in changed if lp.after and not was[lp.path]),
             frozen=tuple(lp.path for lp in changed if not lp.after and was[lp.path]),
             changed=tuple(lp.path for lp in changed if lp.after == was[lp.path]),
-            trainable_params_before=before_params,
-            trainable_params_after=_count(model.trainable_variables),
+            # The plan's counts, as in logs['trainable_params']: entries frozen inside a
+            # trainable weight (.filters[...], .units[...]) are not trainable parameters.
+            trainable_params_before=params_before,
+            trainable_params_after=phase.plan.totals.trainable_after,
         )
         self.changes.append(record)
         if self.verbose and (record.unfrozen or record.frozen or record.changed or
@@ -175,20 +189,22 @@ class Schedule(keras.callbacks.Callback):
             print(record.describe(), flush=True)
 
 
-def _count(variables) -> int:
-    total = 0
-    for v in variables:
-        n = 1
-        for d in v.shape:
-            n *= int(d)
-        total += n
-    return total
+def _differs_from_model(lp) -> bool:
+    carried = {w.name: w.frozen for w in lp.layer.weights if w.frozen}
+    wanted = {p.weight: p.indices for p in lp.frozen_parts}
+    return lp.before != lp.after or carried != wanted or lp.affine != lp.layer.affine
 
 
 def _sync_optimizer(model) -> None:
     """Make the optimizer track exactly ``model.trainable_variables``, keeping the state of every
     variable it already tracked. Keras has no public way to add variables to a built optimizer,
-    so this uses the fields its own ``build`` sets (keras/src/optimizers/base_optimizer.py)."""
+    so this uses the fields its own ``build`` sets (keras/src/optimizers/base_optimizer.py).
+
+    Under a ``tf.distribute`` strategy the new slots are created in the strategy's scope (as
+    Keras creates them at the first step), or they would not be mirrored. With ``use_ema`` a new
+    variable's moving average starts from the variable's value, as Keras starts every average at
+    the first step: left at zero, the averages that ``fit`` writes into the model at its end
+    would shrink every layer unfrozen mid-run towards zero."""
     opt = getattr(model, "optimizer", None)
     if opt is None:
         return
@@ -203,15 +219,21 @@ def _sync_optimizer(model) -> None:
     keep = {id(opt._iterations)}
     if isinstance(getattr(opt, "_learning_rate", None), keras.Variable):
         keep.add(id(opt._learning_rate))
-    for v in opt.variables:
-        if id(v) not in keep:
-            opt._untrack_variable(v)
-    opt.built = False
-    opt._trainable_variables_indices = {}
-    opt.build(wanted)  # its add_variable names every new variable under the optimizer's scope
-    opt.built = True
-    for v in opt.variables:
-        earlier = old.get(v.path)
-        if earlier is not None and earlier is not v and tuple(earlier.shape) == tuple(v.shape):
-            v.assign(earlier)
-
+    strategy = getattr(model, "distribute_strategy", None)
+    with strategy.scope() if strategy is not None else contextlib.nullcontext():
+        for v in opt.variables:
+            if id(v) not in keep:
+                opt._untrack_variable(v)
+        opt.built = False
+        opt._trainable_variables_indices = {}
+        opt.build(wanted)  # its add_variable names every new variable under the optimizer's scope
+        opt.built = True
+        for v in opt.variables:
+            earlier = old.get(v.path)
+            if earlier is not None and earlier is not v and tuple(earlier.shape) == tuple(v.shape):
+                v.assign(earlier)
+        if getattr(opt, "use_ema", False):
+            averages = getattr(opt, "_model_variables_moving_average", None) or ()
+            for variable, average in zip(wanted, averages):
+                if average is not None and average.path not in old:
+                    average.assign(variable)
