@@ -90,7 +90,11 @@ class LayerPlan:
 
     @property
     def changed(self) -> bool:
-        return self.before != self.after or self.partial or self.affine != self.layer.affine
+        """Whether writing this plan changes the layer: its flag, the entries frozen inside it
+        (compared with those the model already carries) or its BatchNormalization class."""
+        carried = {w.name: w.frozen for w in self.layer.weights if w.frozen}
+        wanted = {p.weight: p.indices for p in self.frozen_parts}
+        return self.before != self.after or carried != wanted or self.affine != self.layer.affine
 
 
 @dataclass(frozen=True)

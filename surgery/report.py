@@ -134,8 +134,12 @@ def plan_summary(plan: Plan) -> str:
     frozen = sum(1 for lp in plan.layers if not lp.layer.children and not lp.after)
     leaves = sum(1 for lp in plan.layers if not lp.layer.children)
     partial = sum(1 for lp in plan.layers if lp.partial)
+    switched = sum(1 for lp in plan.layers if lp.affine != lp.layer.affine)
     lines.append(f"{frozen} of {leaves} layers frozen" + (
-        f", {partial} frozen in part" if partial else ""))
+        f", {partial} frozen in part" if partial else "") + (
+        f", {switched} BatchNormalization layer{'s' if switched != 1 else ''} switched "
+        f"{'to' if any(lp.affine for lp in plan.layers) else 'from'} the affine policy"
+        if switched else ""))
     lines.extend(_totals(plan, with_change=True))
     lines.extend(f"note: {n}" for n in plan.notes)
     if plan.phases:

@@ -17,7 +17,8 @@ from typing import Mapping, Optional
 
 from .errors import Diagnostic, SelectorError
 from .ir import (
-    WEIGHT, All, AnyDepth, BatchNormRule, Glob, Index, Name, Range, Regex, Rule, Selector, Slice, Spec, TypeGlob,
+    WEIGHT, All, AnyDepth, BatchNormRule, Glob, Index, Name, Range, Regex, Rule, Selector, Slice,
+    Spec, TypeGlob,
 )
 from .parts import PartError, Selection
 from .parts import select as select_part
@@ -220,7 +221,9 @@ def _unfrozen_without_policy(spec: Spec, r: "_Resolver", results, policies) -> l
     for res in results:
         if not res.rule.trainable:
             continue
-        bn = [p for p in res.decided if p not in policies and r.tree.get(p).cls in BATCHNORM_CLASSES]
+        # A layer that already carries the affine class has its policy (plan keeps it).
+        bn = [p for p in res.decided if p not in policies and
+              r.tree.get(p).cls in BATCHNORM_CLASSES and not r.tree.get(p).affine]
         if not bn:
             continue
         shown = ", ".join(bn[:3]) + (f", ... ({len(bn)} in all)" if len(bn) > 3 else "")

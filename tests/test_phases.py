@@ -336,11 +336,6 @@ def test_freeze_rules_and_rules_without_batchnorm_get_no_policy_warning():
     assert findings(ph.plan) == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "resolve._unfrozen_without_policy counts only 'batchnorm' statements as a policy: a layer "
-    "that already carries AffineBatchNormalization (a model saved after 'batchnorm affine') "
-    "is named as 'without a policy', and the warning says it would train with batch "
-    "statistics, which it does not (the plan keeps it affine)"))
 def test_no_missing_policy_warning_for_a_layer_that_already_carries_the_affine_class():
     description = {"name": "model", "layers": [
         "conv:Conv2D", {"name": "bn", "class": "BatchNormalization", "affine": True},
@@ -370,11 +365,6 @@ def test_a_resumed_model_already_in_the_phase_state_changes_nothing():
     assert last.totals.trainable_before == last.totals.trainable_after
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "plan.LayerPlan.changed is True for every layer that ends with frozen parts ('or "
-    "self.partial'), even when the model already carries exactly those parts: 'surgery plan' "
-    "marks such a layer '*' (report.py), and a resumed Schedule would log it as changed "
-    "(schedule.py compares with the model itself instead)"))
 def test_a_layer_carrying_the_planned_frozen_parts_is_not_marked_changed():
     fc = Layer("fc", "fc", "Dense", 0, True, weights=(
         Weight("kernel", (8, 4), True, (2, 3), 16), Weight("bias", (4,), True, (2, 3), 2)))

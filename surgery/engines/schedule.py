@@ -162,9 +162,8 @@ class Schedule(keras.callbacks.Callback):
         if previous is None:
             # Against the model as this run found it (a resumed checkpoint may already be in
             # this phase's state): a layer that carries the planned flag, frozen entries and
-            # class has not changed, although LayerPlan.changed counts any frozen part.
-            changed = tuple(lp for lp in phase.plan.layers
-                            if not lp.layer.children and _differs_from_model(lp))
+            # class has not changed.
+            changed = tuple(lp for lp in phase.plan.layers if not lp.layer.children and lp.changed)
             was = {lp.path: lp.before for lp in changed}
             params_before = phase.plan.totals.trainable_before
         else:
@@ -187,12 +186,6 @@ class Schedule(keras.callbacks.Callback):
         if self.verbose and (record.unfrozen or record.frozen or record.changed or
                              before_vars != [id(v) for v in model.trainable_variables]):
             print(record.describe(), flush=True)
-
-
-def _differs_from_model(lp) -> bool:
-    carried = {w.name: w.frozen for w in lp.layer.weights if w.frozen}
-    wanted = {p.weight: p.indices for p in lp.frozen_parts}
-    return lp.before != lp.after or carried != wanted or lp.affine != lp.layer.affine
 
 
 def _sync_optimizer(model) -> None:
