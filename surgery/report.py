@@ -31,7 +31,7 @@ def _rule_cell(lp: LayerPlan, with_rules: bool) -> str:
 
 def _after_cell(lp: LayerPlan) -> str:
     word = "partial" if lp.partial else state_word(lp.after)
-    return f"{word}, affine" if lp.affine and lp.after else word
+    return f"{word}, affine" if lp.affine else word
 
 
 def plan_table(plan: Plan, *, with_rules: bool = True) -> str:
