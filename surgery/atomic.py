@@ -1,9 +1,16 @@
 """Atomic output: files appear at their destination complete, or not at all.
 
 Each output is first written to a hidden temporary file in the destination's own folder (so the
-final rename never crosses file systems), flushed to disk, and renamed only when every output of
-the run is ready. Whatever happens before that (an error, Ctrl-C, SIGTERM), the temporaries are
-removed and the destinations are left as they were.
+final rename never crosses file systems), and renamed only when every output of the run is ready.
+Whatever happens before that (an error, Ctrl-C, SIGTERM, even SIGKILL, which leaves only a hidden
+temporary behind), the destinations are left as they were, and the temporaries are removed when
+the process can still do it.
+
+That needs no fsync: a killed process cannot undo a rename, and the kernel keeps the data it was
+given. Only a power loss or a kernel crash can lose data the kernel has not written to the disk
+yet, so flushing to the disk is opt-in (``AtomicOutputs(fsync=True)``, ``--fsync`` on the
+command line): the temporaries are then flushed before the renames and their folders after. It
+costs about as much as the write itself on a large model, and ``model.save`` does not do it.
 
 The commit itself is all-or-nothing too: every existing destination is first kept under a hidden
 backup name (a hard link where the file system has them, so the destination never disappears),
@@ -46,9 +53,10 @@ class _Output:
 class AtomicOutputs:
     """Use as a context manager: `reserve` temporaries, write them, `commit` renames them all."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, fsync: bool = False) -> None:
         self._pending: list[_Output] = []
         self.committed = False
+        self.fsync = fsync  # flush the outputs to the disk (power-loss durability), see above
 
     def reserve(self, destination: str | os.PathLike, suffix: str) -> Path:
         """A temporary path to write ``destination``'s content to. It is not created: the caller's
@@ -61,11 +69,12 @@ class AtomicOutputs:
 
     def commit(self) -> None:
         """Rename every temporary onto its destination: all of them, or (on an error) none."""
-        for out in self._pending:
-            try:
-                _fsync(out.tmp)
-            except OSError as exc:
-                raise _cannot_write(out.typed, exc) from None
+        if self.fsync:
+            for out in self._pending:
+                try:
+                    _fsync(out.tmp)
+                except OSError as exc:
+                    raise _cannot_write(out.typed, exc) from None
         with _signals_held():
             current = None
             try:
@@ -87,7 +96,8 @@ class AtomicOutputs:
             dirs = {out.dest.parent for out in self._pending}
             self._pending.clear()
             self.committed = True
-            _fsync_dirs(dirs)
+            if self.fsync:
+                _fsync_dirs(dirs)
 
     def discard(self) -> None:
         """Remove every temporary not committed; best effort, so that it never hides the error

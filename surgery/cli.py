@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", metavar="PATH",
                    help="where to write the manifest (default: OUT.manifest.json)")
     p.add_argument("--force", action="store_true", help="replace OUT and the manifest if they exist")
+    _fsync_option(p)
     _common(p)
     p.set_defaults(func=_cmd_apply)
 
@@ -82,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--write", action="store_true", help="rewrite files in canonical form")
     p.add_argument("--to", choices=("frz", "yaml"),
                    help="print the spec converted to this form instead")
+    _fsync_option(p)
     p.set_defaults(func=_cmd_fmt)
 
     p = sub.add_parser("compile", help="print a spec's ordered operations as canonical JSON")
@@ -104,6 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unsafe", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_diff)
     return parser
+
+
+def _fsync_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fsync", action="store_true",
+                   help="flush what is written to the disk before it replaces anything, so that "
+                        "it survives a power loss too (slower; an interrupted or killed run "
+                        "never leaves a partial file either way)")
 
 
 def _engine_option(p: argparse.ArgumentParser) -> None:
@@ -188,7 +197,7 @@ def _apply_with_archive(args, spec: Spec, tree, out: str, manifest_path: str):
         _fallback(args, reason)
         return None
     _print_diagnostics(the_plan.diagnostics, spec)
-    with AtomicOutputs() as outputs:
+    with AtomicOutputs(fsync=args.fsync) as outputs:
         model_tmp = outputs.reserve(out, ".keras")
         try:
             written = archive.write(args.model, the_plan, str(model_tmp))
@@ -212,7 +221,7 @@ def _apply_with_keras(args, spec: Spec, out: str, manifest_path: str):
     the_plan, manifest = apply_plan(model, spec, allow_empty=args.allow_empty,
                                     model_source=args.model, model_sha256=digest)
     _print_diagnostics(the_plan.diagnostics, spec)
-    with AtomicOutputs() as outputs:
+    with AtomicOutputs(fsync=args.fsync) as outputs:
         model_tmp = outputs.reserve(out, Path(out).suffix)
         try:
             live.save(model, str(model_tmp))
@@ -354,7 +363,7 @@ def _cmd_fmt(args) -> int:
                 status = EXIT_FINDINGS
         elif args.write:
             if text != spec.source:
-                with AtomicOutputs() as outputs:
+                with AtomicOutputs(fsync=args.fsync) as outputs:
                     tmp = outputs.reserve(path, ".tmp")
                     tmp.write_text(text, encoding="utf-8")
                     try:

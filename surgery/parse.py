@@ -13,7 +13,6 @@ import functools
 import re
 import threading
 from dataclasses import replace
-from importlib import resources
 from pathlib import Path
 
 from lark import Lark, Token, Tree
@@ -34,11 +33,18 @@ _GLOB_MAGIC = re.compile(r"[*?\[]")
 
 def grammar_text() -> str:
     """The grammar: packaged inside the wheel as surgery/surgery.lark, or read from the source tree."""
-    packaged = resources.files("surgery").joinpath("surgery.lark")
-    if packaged.is_file():
-        return packaged.read_text(encoding="utf-8")
-    return (Path(__file__).resolve().parent.parent / "grammars" / "surgery.lark").read_text(
-        encoding="utf-8")
+    # Plain files first (importlib.resources costs ~5 ms of imports): beside this module in an
+    # installed wheel, in grammars/ in the source tree; importlib.resources for anything else
+    # (a package inside a zip).
+    here = Path(__file__).resolve().parent
+    for path in (here / "surgery.lark", here.parent / "grammars" / "surgery.lark"):
+        try:
+            return path.read_text(encoding="utf-8")
+        except OSError:
+            pass
+    from importlib import resources
+
+    return resources.files("surgery").joinpath("surgery.lark").read_text(encoding="utf-8")
 
 
 class _CommentSink:
@@ -56,12 +62,133 @@ _comments = _CommentSink()
 _lock = threading.Lock()
 
 
+_LARK_OPTIONS = {"parser": "lalr", "propagate_positions": True, "maybe_placeholders": True}
+_PARSER_CACHE_FORMAT = 1
+
+
 @functools.lru_cache(maxsize=1)
 def _parser() -> Lark:
-    # One parser for the process; the lexer callback feeds a module-level sink that `parse`
-    # empties around each run, under a lock so that threads do not share comments.
-    return Lark(grammar_text(), parser="lalr", propagate_positions=True, maybe_placeholders=True,
-                lexer_callbacks={"COMMENT": _comments})
+    """One parser for the process; the lexer callback feeds a module-level sink that `parse`
+    empties around each run, under a lock so that threads do not share comments.
+
+    Building the LALR tables from the grammar costs 40-60 ms, more than the rest of a `surgery`
+    run on a small model, so the built parser is kept in the user's cache folder
+    (``$SURGERY_CACHE_DIR``, else ``$XDG_CACHE_HOME/surgery``, else ``~/.cache/surgery``) and
+    loaded from there in about 5 ms. The file is named and checked by a key over the grammar
+    text, the Lark and Python versions and the options, so a changed grammar or upgraded Lark
+    builds (and caches) a new parser. It is JSON, not a pickle: a damaged or forged file can
+    only fail to load, never run code, and a file that fails to load is rebuilt. Where the
+    folder cannot be written the parser is built on every run, as before; nothing else changes.
+    """
+    callbacks = {"COMMENT": _comments}
+    text = grammar_text()
+    key = _parser_key(text)
+    path = _parser_cache_path(key)
+    if path is not None:
+        try:
+            return _load_parser(path, key, callbacks)
+        except Exception:  # missing, unreadable, damaged, from another Lark: build it again
+            pass
+    parser = Lark(text, **_LARK_OPTIONS, lexer_callbacks=callbacks)
+    if path is not None:
+        _save_parser(parser, path, key)
+    return parser
+
+
+def _parser_key(text: str) -> str:
+    import hashlib
+    import sys
+
+    import lark
+
+    what = [_PARSER_CACHE_FORMAT, lark.__version__, list(sys.version_info[:2]),
+            sorted(_LARK_OPTIONS.items()), text]
+    return hashlib.sha256(repr(what).encode("utf-8")).hexdigest()
+
+
+def _parser_cache_path(key: str):
+    import os
+
+    folder = os.environ.get("SURGERY_CACHE_DIR")
+    if not folder:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        if not os.path.isabs(base):
+            return None  # no usable home (expanduser left "~"): do not cache in the cwd
+        folder = os.path.join(base, "surgery")
+    return Path(folder) / f"parser-{key[:24]}.json"
+
+
+def _load_parser(path: Path, key: str, callbacks: dict) -> Lark:
+    import json
+
+    with open(path, "rb") as f:
+        saved = json.loads(f.read(), object_hook=_untag)
+    if saved.get("format") != _PARSER_CACHE_FORMAT or saved.get("key") != key:
+        raise ValueError("another parser")
+    # Lark's own loader for saved parsers (Lark.load reads the same dict from a pickle).
+    return Lark._load_from_dict(saved["data"], saved["memo"], lexer_callbacks=callbacks,
+                                propagate_positions=_LARK_OPTIONS["propagate_positions"])
+
+
+def _save_parser(parser: Lark, path: Path, key: str) -> None:
+    """Write the cache file atomically (concurrent runs never read half a file); any failure,
+    a read-only or full disk included, leaves the run as it was."""
+    import json
+    import os
+    import secrets
+
+    from lark.grammar import Rule
+    from lark.lark import _LOAD_ALLOWED_OPTIONS
+    from lark.lexer import TerminalDef
+
+    tmp = None
+    try:
+        data, memo = parser.memo_serialize([TerminalDef, Rule])
+        # As Lark.save does: options given again at load time (callbacks) are not stored.
+        data["options"] = {k: v for k, v in data["options"].items()
+                           if k not in _LOAD_ALLOWED_OPTIONS}
+        payload = json.dumps({"format": _PARSER_CACHE_FORMAT, "key": key,
+                              "data": _tag(data), "memo": _tag(memo)},
+                             separators=(",", ":")).encode("utf-8")
+        os.makedirs(path.parent, mode=0o700, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+        os.replace(tmp, path)
+    except Exception:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
+def _tag(value):
+    """Lark's serialized parser as JSON: tuples and dicts with non-string keys (the LALR
+    tables' state numbers) are tagged, so that `_untag` gives back the very same values."""
+    if isinstance(value, dict):
+        if all(isinstance(k, str) for k in value) and not (len(value) == 1 and
+                                                           ("<dict>" in value or
+                                                            "<tuple>" in value)):
+            return {k: _tag(v) for k, v in value.items()}
+        return {"<dict>": [[_tag(k), _tag(v)] for k, v in value.items()]}
+    if isinstance(value, tuple):
+        return {"<tuple>": [_tag(v) for v in value]}
+    if isinstance(value, list):
+        return [_tag(v) for v in value]
+    if value is None or isinstance(value, (str, int, float)):
+        return value
+    raise TypeError(f"cannot store a {type(value).__name__} in the parser cache")
+
+
+def _untag(obj: dict):
+    if len(obj) == 1:
+        if "<dict>" in obj:
+            return {k: v for k, v in obj["<dict>"]}
+        if "<tuple>" in obj:
+            return tuple(obj["<tuple>"])
+    return obj
 
 
 def parse(text: str, file: str = "<string>") -> Spec:

@@ -411,6 +411,25 @@ def test_other_hdf5_layouts_are_read_through_h5py(saved, tmp_path):
     _assert_same_tree(archive.describe(latest), archive.describe(src))
 
 
+@pytest.mark.parametrize("pool", [(1, 1), (2, 3), (6, 16)])
+def test_the_copy_and_both_digests_hold_whatever_the_buffer_pool(saved, tmp_path, monkeypatch,
+                                                                  pool):
+    """The weights are copied and hashed twice (as source and as output) through a small pool
+    of reused buffers: with tiny chunks, every buffer is reused many times, handed to both
+    hashers, and the copy must still be exact and both digests those of the files."""
+    src = saved("zoo_functional")
+    monkeypatch.setattr(archive, "_CHUNK", 4096)
+    monkeypatch.setattr(archive, "_MIN_CHUNKS", pool[0])
+    monkeypatch.setattr(archive, "_MAX_CHUNKS", pool[1])
+    plan = plan_spec(surgery.parse("freeze all\nunfreeze head"), archive.describe(src))
+    out = tmp_path / "small_chunks.keras"
+    written = archive.write(src, plan, str(out))
+    assert written == (sha256_file(str(out)), sha256_file(src))
+    monkeypatch.undo()
+    assert archive.write(src, plan, str(tmp_path / "usual.keras")) == written
+    assert out.read_bytes() == (tmp_path / "usual.keras").read_bytes()
+
+
 def test_zip64_fields_are_written_when_sizes_need_them(saved, tmp_path, monkeypatch):
     """Weights over 4 GiB need zip64 sizes and offsets: exercised by lowering the limits."""
     src = saved("zoo_sequential")

@@ -425,6 +425,178 @@ def test_a_signal_during_the_commit_waits_until_it_is_complete(tmp_path, monkeyp
     assert signal.getsignal(signal.SIGINT) is handler  # put back
 
 
+# --- fsync: opt-in (the temporary + rename is what makes outputs all-or-nothing) ---------------
+
+
+def _record_fsyncs(monkeypatch) -> list:
+    """Every os.fsync and os.replace from here on, in order: ("fsync", (st_dev, st_ino)) or
+    ("replace", destination name)."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        st = os.fstat(fd)
+        events.append(("fsync", (st.st_dev, st.st_ino)))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", Path(dst).name))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    return events
+
+
+def _inode(path) -> tuple:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def test_outputs_are_not_flushed_to_the_disk_by_default(tmp_path, monkeypatch):
+    (tmp_path / "a.keras").write_bytes(b"old a")
+    events = _record_fsyncs(monkeypatch)
+    with AtomicOutputs() as outputs:
+        _reserve_and_write(outputs, tmp_path, {"a.keras": b"new a", "b.json": b"new b"})
+        outputs.commit()
+    assert [e for e in events if e[0] == "fsync"] == []
+    assert [e for e in events if e[0] == "replace"] == [("replace", "a.keras"),
+                                                         ("replace", "b.json")]
+    assert listing(tmp_path) == ["a.keras", "b.json"]
+    assert (tmp_path / "a.keras").read_bytes() == b"new a"
+
+
+def test_fsync_flushes_every_output_before_the_renames_and_the_folder_after(tmp_path,
+                                                                             monkeypatch):
+    (tmp_path / "a.keras").write_bytes(b"old a")
+    events = _record_fsyncs(monkeypatch)
+    with AtomicOutputs(fsync=True) as outputs:
+        _reserve_and_write(outputs, tmp_path, {"a.keras": b"new a", "b.json": b"new b"})
+        outputs.commit()
+    a, b, folder = (_inode(tmp_path / "a.keras"), _inode(tmp_path / "b.json"),
+                    _inode(tmp_path))
+    assert events == [("fsync", a), ("fsync", b), ("replace", "a.keras"), ("replace", "b.json"),
+                      ("fsync", folder)]
+
+
+@pytest.mark.parametrize("flag", [False, True])
+def test_apply_flushes_the_model_and_the_manifest_only_with_fsync(here, capsys, monkeypatch,
+                                                                  flag):
+    events = _record_fsyncs(monkeypatch)
+    rc, out, err = cli(capsys, "apply", "spec.frz", "tiny.keras", "-o", "out/tuned.keras",
+                       "--engine", "archive", *(["--fsync"] if flag else []))
+    assert rc == 0, err
+    flushed = {inode for kind, inode in events if kind == "fsync"}
+    wanted = {_inode("out/tuned.keras"), _inode("out/tuned.keras.manifest.json"),
+              _inode("out")}
+    assert flushed == (wanted if flag else set())
+
+
+@pytest.mark.parametrize("flag", [False, True])
+def test_fmt_write_flushes_only_with_fsync(tmp_path, capsys, monkeypatch, flag):
+    spec = tmp_path / "spec.frz"
+    spec.write_text("freeze   all\n")
+    events = _record_fsyncs(monkeypatch)
+    rc, out, err = cli(capsys, "fmt", "--write", spec, *(["--fsync"] if flag else []))
+    assert rc == 0, err
+    assert spec.read_text() == "freeze all\n"
+    flushed = {inode for kind, inode in events if kind == "fsync"}
+    assert flushed == ({_inode(spec), _inode(tmp_path)} if flag else set())
+
+
+# --- the parser cache: never trusted, never required ------------------------------------------
+
+
+@pytest.fixture
+def parser_cache(tmp_path, monkeypatch):
+    """A fresh, empty parser cache folder for this test; the process's parser is rebuilt from
+    it (and again afterwards, for the tests that follow)."""
+    import importlib
+
+    parse_module = importlib.import_module("surgery.parse")
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("SURGERY_CACHE_DIR", str(folder))
+    parse_module._parser.cache_clear()
+    yield parse_module, folder
+    parse_module._parser.cache_clear()
+
+
+def _no_build(monkeypatch, parse_module):
+    class NotBuilt(parse_module.Lark):
+        def __init__(self, *args, **kwargs):
+            raise AssertionError("the parser was built, not loaded from the cache")
+
+    monkeypatch.setattr(parse_module, "Lark", NotBuilt)
+
+
+_CACHE_CORPUS = [
+    "freeze all\nunfreeze conv5_* except conv5_block1_*  # a comment\n",
+    "freeze /block[0-9]+/, type:Conv2D, head.kernel[0:8], model/**/dense\n",
+    "unfreez all\n", "freeze\n", "freeze [\n", "freeze all except\n", "# only a comment\n", "",
+] + [p.read_text() for p in sorted(Path(__file__).resolve().parent.parent.glob("specs/*.frz"))]
+
+
+def _outcomes(parse_module) -> list:
+    results = []
+    for text in _CACHE_CORPUS:
+        try:
+            results.append(parse_module.parse(text, "spec.frz"))
+        except surgery.SpecError as exc:
+            results.append(("error", exc.render()))
+    return results
+
+
+def test_the_parser_is_cached_and_the_cached_one_parses_the_same(parser_cache, monkeypatch):
+    parse_module, folder = parser_cache
+    built = _outcomes(parse_module)  # builds the tables and writes the cache
+    files = sorted(folder.iterdir())
+    assert [f.name[:7] for f in files] == ["parser-"] and files[0].suffix == ".json"
+    assert oct(folder.stat().st_mode & 0o777) == oct(0o700)
+    parse_module._parser.cache_clear()
+    _no_build(monkeypatch, parse_module)
+    assert _outcomes(parse_module) == built
+
+
+@pytest.mark.parametrize("content", [
+    b"", b"not json", b'{"format": 1, "key": "', b"\x80\x04\x95 a pickle is not read",
+    b'{"format": 1, "key": "another grammar", "data": {}, "memo": {}}', b"[1, 2, 3]",
+])
+def test_a_damaged_or_foreign_cache_file_is_rebuilt_not_trusted(parser_cache, monkeypatch,
+                                                                content):
+    parse_module, folder = parser_cache
+    parse_module._parser()
+    (path,) = folder.iterdir()
+    path.write_bytes(content)
+    parse_module._parser.cache_clear()
+    assert parse_module.parse("freeze all\n").rules[0].action == "freeze"
+    assert listing(folder) == [path.name]  # written again, no temporary left
+    parse_module._parser.cache_clear()
+    _no_build(monkeypatch, parse_module)  # and loadable again
+    assert parse_module.parse("unfreeze all\n").rules[0].action == "unfreeze"
+
+
+def test_an_unwritable_cache_folder_only_costs_the_build(parser_cache, tmp_path, monkeypatch):
+    parse_module, _ = parser_cache
+    blocker = tmp_path / "a-file"
+    blocker.write_text("a file where the cache folder would be\n")
+    monkeypatch.setenv("SURGERY_CACHE_DIR", str(blocker / "cache"))
+    parse_module._parser.cache_clear()
+    assert parse_module.parse("freeze all\n").rules[0].action == "freeze"
+    assert blocker.read_text() == "a file where the cache folder would be\n"
+
+
+def test_a_changed_grammar_gets_a_parser_of_its_own(parser_cache, monkeypatch):
+    parse_module, folder = parser_cache
+    parse_module._parser()
+    before = listing(folder)
+    text = parse_module.grammar_text()
+    monkeypatch.setattr(parse_module, "grammar_text", lambda: text + "\n// changed\n")
+    parse_module._parser.cache_clear()
+    parse_module._parser()
+    after = listing(folder)
+    assert len(before) == 1 and len(after) == 2 and set(before) < set(after)
+
+
 # --- interrupted while saving: a real process, a real signal ----------------------------------
 
 
@@ -532,3 +704,18 @@ def test_ctrl_c_while_the_weights_are_written_leaves_the_destination_as_it_was(
 def test_ctrl_c_while_the_weights_are_written_leaves_no_temporary_in_tmpdir(
         sigint_during_weights_copy):
     assert listing(sigint_during_weights_copy["tmpdir"]) == []
+
+
+@pytest.mark.slow
+def test_sigkill_while_the_weights_are_written_leaves_the_destination_as_it_was(models,
+                                                                                tmp_path):
+    # What makes the fsync optional: a process killed outright runs no cleanup at all, and
+    # still the destination keeps its bytes, because only a rename, which never happened,
+    # could have changed it. The hidden temporary is all that is left.
+    run = _kill_mid_save(models, tmp_path, signal.SIGKILL, min_size=2 ** 20)
+    assert run["rc"] == -signal.SIGKILL
+    assert (run["out_dir"] / "tuned.keras").read_bytes() == run["old_model"]
+    assert (run["out_dir"] / "tuned.keras.manifest.json").read_bytes() == run["old_manifest"]
+    left = sorted(set(listing(run["out_dir"])) - set(run["before"]))
+    assert len(left) == 1 and left[0].startswith(".surgery-") and \
+        left[0].endswith(".tmp.keras")
