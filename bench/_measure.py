@@ -1,7 +1,10 @@
 """Measuring one child process: wall time and its own peak memory (shared by the benches).
 
 Peak memory is the child's ru_maxrss from os.wait4, not RUSAGE_CHILDREN, which is a running
-maximum over every child reaped so far.
+maximum over every child reaped so far. The same rusage gives the child's CPU time (user +
+system), which another process competing for the cores changes far less than the wall time;
+on Linux the CPU time the rest of the machine used meanwhile is read from /proc/stat, so a run
+disturbed by something else (a test suite, a writeback of dirty pages) can be told apart.
 """
 
 from __future__ import annotations
@@ -11,12 +14,26 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
-__all__ = ["run_measured"]
+__all__ = ["run_measured", "measure", "Measured", "precompile"]
+
+
+class Measured(NamedTuple):
+    wall_s: float  # whole process, start to exit
+    peak_mib: float  # the child's own peak RSS
+    cpu_s: float  # the child's user + system CPU time (its threads included)
+    others_cpu_s: float  # CPU time used meanwhile by everything else (NaN where unknown)
 
 
 def run_measured(argv: list[str], log_stem: Path) -> tuple[float, float]:
-    """Run argv to completion; return (wall seconds, peak RSS in MiB).
+    """Run argv to completion; return (wall seconds, peak RSS in MiB)."""
+    m = measure(argv, log_stem)
+    return m.wall_s, m.peak_mib
+
+
+def measure(argv: list[str], log_stem: Path) -> Measured:
+    """Run argv to completion and measure it.
 
     The child's output goes to files rather than pipes: with wait4 nobody
     would be reading a pipe, and a chatty child (TensorFlow logs) would block
@@ -25,10 +42,12 @@ def run_measured(argv: list[str], log_stem: Path) -> tuple[float, float]:
     out_path = log_stem.with_suffix(".stdout")
     err_path = log_stem.with_suffix(".stderr")
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
+        busy_before = _busy_cpu_s()
         start = time.perf_counter()
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err)
         _, status, rusage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
+        busy_after = _busy_cpu_s()
     # Popen does not know we reaped the child; tell it, so it does not try
     # to wait on a pid that may since have been reused.
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -41,4 +60,37 @@ def run_measured(argv: list[str], log_stem: Path) -> tuple[float, float]:
     # ru_maxrss is in KiB on Linux (bytes on macOS).
     scale = 1 if sys.platform == "darwin" else 1024
     peak_mib = rusage.ru_maxrss * scale / (1024 * 1024)
-    return wall, peak_mib
+    cpu = rusage.ru_utime + rusage.ru_stime
+    others = float("nan")
+    if busy_before is not None and busy_after is not None:
+        others = max(0.0, busy_after - busy_before - cpu)
+    return Measured(wall, peak_mib, cpu, others)
+
+
+def _busy_cpu_s() -> float | None:
+    """Non-idle CPU seconds of the whole machine so far (Linux), else None."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    # user nice system idle iowait irq softirq steal [guest guest_nice, already in user/nice]
+    ticks = [int(x) for x in fields[1:9]]
+    busy = sum(ticks) - ticks[3] - ticks[4]
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def precompile() -> str:
+    """Write the bytecode of the installed `surgery` package, as `pip install` of the wheel
+    does; returns the package folder. Without it, an environment with
+    PYTHONDONTWRITEBYTECODE=1 (or a read-only source tree) compiles every module of surgery
+    from source on every run (about 50 ms on 2 cores), which no installed copy pays; Keras,
+    TensorFlow and Lark, installed by pip, already have theirs."""
+    code = ("import compileall, importlib.util, os; "
+            "d = os.path.dirname(importlib.util.find_spec('surgery').origin); "
+            "compileall.compile_dir(d, quiet=1); print(d)")
+    done = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                          text=True)
+    return done.stdout.strip()
