@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                                       "(exit 1 on differences)")
     p.add_argument("manifest", metavar="MANIFEST")
     p.add_argument("model", metavar="MODEL", help=model_help)
+    p.add_argument("--epoch", type=int, metavar="N",
+                   help="check the state the manifest's schedule gives at epoch N (0-based, as "
+                        "Keras's initial_epoch): for a checkpoint saved during training")
     p.add_argument("--unsafe", action="store_true", help=argparse.SUPPRESS)
     _engine_option(p)
     p.set_defaults(func=_cmd_verify)
@@ -404,8 +407,12 @@ def _cmd_verify(args) -> int:
     from .manifest import verify
 
     manifest = _read_manifest(args.manifest)
+    if args.epoch is not None and (args.epoch < 0 or not manifest.data.get("schedule")):
+        raise UsageError(f"--epoch {args.epoch}: " + (
+            "an epoch is 0 or more" if args.epoch < 0 else
+            f"{args.manifest} records no schedule (its spec has no 'at epoch' phases)"))
     tree = _model_tree(args)
-    differences = verify(manifest, tree)
+    differences = verify(manifest, tree, epoch=args.epoch)
     for line in differences:
         print(line)
     if differences:

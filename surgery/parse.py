@@ -270,7 +270,8 @@ class _Builder:
             if header is not None and node.meta.line > header.span.line:
                 if block_column is None:
                     block_column = node.meta.column
-                elif block_column > header.span.column >= node.meta.column:
+                if node.meta.column < header.span.column or \
+                        block_column > header.span.column >= node.meta.column:
                     raise self.error(
                         f"this statement is outdented out of the 'at epoch {epoch}:' block above "
                         f"it (line {header.span.line}), but a block runs to the next 'at': indent "
