@@ -347,7 +347,7 @@ class _Reader:
         mode: Optional[str] = None
         selectors: tuple[Selector, ...] = ()
         excepts: tuple[Selector, ...] = ()
-        select_key = except_key = None
+        select_key = None
         for key, value in node.value:
             name = self._key(key)
             if name in _ACTIONS or name == _BATCHNORM:
@@ -360,7 +360,6 @@ class _Reader:
                 else:
                     selectors = self.selectors(value)
             elif name == "except":
-                except_key = key
                 excepts = self.selectors(value)
             elif name == "select":
                 select_key = key

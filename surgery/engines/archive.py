@@ -1244,7 +1244,7 @@ class _PureH5(_H5):
 
 def _dataspace(data: bytes) -> tuple[tuple[int, ...], bool]:
     """(dims, is_scalar) of a dataspace message."""
-    version, rank, _flags = data[0], data[1], data[2]
+    version, rank = data[0], data[1]
     if version == 1:
         p = 8
         scalar = rank == 0
