@@ -7,6 +7,7 @@ stays light.
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 from typing import Optional, Union
@@ -32,8 +33,16 @@ def _as_spec(spec: SpecLike) -> Spec:
     if isinstance(spec, Path):
         return load_spec(spec)
     if isinstance(spec, str):
+        # A path given as a string is read as a path: 'finetune.frz' parsed as spec text would
+        # only say "unknown statement 'finetune'".
+        one_line = "\n" not in spec and ";" not in spec
+        if one_line and os.path.isfile(spec):
+            return load_spec(spec)
+        if one_line and spec.strip().lower().endswith((".frz", ".yaml", ".yml")):
+            raise FileNotFoundError(f"no such spec file: {spec!r} (pass a path to an existing "
+                                    f".frz/.yaml file, or spec text)")
         return parse(spec)
-    raise TypeError(f"spec must be a Spec, spec text or a Path, not {type(spec).__name__}")
+    raise TypeError(f"spec must be a Spec, spec text or a path, not {type(spec).__name__}")
 
 
 def plan(model, spec: SpecLike, *, allow_empty: bool = False) -> Plan:
@@ -44,22 +53,28 @@ def plan(model, spec: SpecLike, *, allow_empty: bool = False) -> Plan:
     return plan_spec(_as_spec(spec), tree, allow_empty=allow_empty)
 
 
-def apply(model, spec: SpecLike, *, allow_empty: bool = False) -> Manifest:
+def apply(model, spec: SpecLike, *, allow_empty: bool = False, epoch: int = 0) -> Manifest:
     """Apply ``spec`` to a live ``keras.Model`` in place and return the manifest of what was done.
 
     Raises `SpecError` (nothing is changed) when the spec is malformed or a selector matches no
     layer. A model compiled before the call must be compiled again for the new state to train.
-    A spec with phases is applied as phase 0 (the state training starts from); `Schedule` runs
-    the later phases during ``fit``.
+    A spec with phases is applied in the state of the phase in force at ``epoch`` (phase 0, the
+    state training starts from, by default); `Schedule` runs the later phases during ``fit``.
+    A fresh model brought to the state of epoch k this way loads a weights-only checkpoint
+    taken then (``load_weights``) with its optimizer state, which Keras restores only into the
+    same trainable set.
     """
+    if epoch < 0:
+        raise ValueError(f"epoch must be 0 or more, not {epoch}")
     the_spec = _as_spec(spec)
-    the_plan, manifest = apply_plan(model, the_spec, allow_empty=allow_empty)
+    the_plan, manifest = apply_plan(model, the_spec, allow_empty=allow_empty, epoch=epoch)
     for d in the_plan.diagnostics:
         warnings.warn(SurgeryWarning(d.headline()), stacklevel=2)
-    if the_spec.phases and the_plan.phases[1:]:
-        later = ", ".join(f"'at epoch {ph.epoch}:'" for ph in the_plan.phases[1:])
+    later = [ph for ph in the_plan.phases if ph.epoch > epoch]
+    if later:
+        named = ", ".join(f"'at epoch {ph.epoch}:'" for ph in later)
         warnings.warn(SurgeryWarning(
-            f"the spec has later phases ({later}): apply set phase 0; pass "
+            f"the spec has later phases ({named}): apply set the state at epoch {epoch}; pass "
             f"surgery.Schedule(spec) to model.fit to run them"), stacklevel=2)
     if getattr(model, "optimizer", None) is not None:
         warnings.warn(SurgeryWarning(
@@ -69,14 +84,20 @@ def apply(model, spec: SpecLike, *, allow_empty: bool = False) -> Manifest:
 
 
 def apply_plan(model, spec: Spec, *, allow_empty: bool = False, model_source: str = "<live model>",
-               model_sha256: Optional[str] = None) -> tuple[Plan, Manifest]:
+               model_sha256: Optional[str] = None, epoch: int = 0) -> tuple[Plan, Manifest]:
     """Resolve, plan, write the flags and build the manifest: the one path both the API and
-    the CLI take. Nothing is written to the model unless the whole plan resolved."""
+    the CLI take. Nothing is written to the model unless the whole plan resolved. ``epoch``
+    picks the phase whose state is written (the manifest keeps the whole schedule)."""
+    from dataclasses import replace
+
     from . import __version__
     from .engines import live
 
     tree, objects = live.describe(model)
     the_plan = plan_spec(spec, tree, allow_empty=allow_empty)
+    if the_plan.phases:
+        in_force = [ph for ph in the_plan.phases if ph.epoch <= epoch][-1].plan
+        the_plan = replace(in_force, phases=the_plan.phases, diagnostics=the_plan.diagnostics)
     live.write(model, the_plan, objects)
     manifest = build_manifest(the_plan, spec, model_source=model_source,
                               model_sha256=model_sha256, model_name=model.name,

@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_help = "a .keras or .h5 file, or keras.applications.NAME (built with weights=None)"
 
     p = sub.add_parser("apply", help="apply a spec to a model and write the result and a manifest")
-    p.add_argument("spec", metavar="SPEC", help="the spec file (.frz)")
+    p.add_argument("spec", metavar="SPEC", help="the spec file (.frz, .yaml, .yml)")
     p.add_argument("model", metavar="MODEL", help=model_help)
     p.add_argument("-o", "--output", metavar="OUT", required=True,
                    help="where to write the model (.keras, or .h5)")
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_apply)
 
     p = sub.add_parser("plan", help="show what a spec would do to a model, changing nothing")
-    p.add_argument("spec", metavar="SPEC", help="the spec file (.frz)")
+    p.add_argument("spec", metavar="SPEC", help="the spec file (.frz, .yaml, .yml)")
     p.add_argument("model", metavar="MODEL", help=model_help)
     _common(p)
     p.set_defaults(func=_cmd_plan)
@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL", help=model_help)
     p.add_argument("--epoch", type=int, metavar="N",
                    help="check the state the manifest's schedule gives at epoch N (0-based, as "
-                        "Keras's initial_epoch): for a checkpoint saved during training")
+                        "Keras's initial_epoch; ModelCheckpoint's {epoch} counts from 1, so "
+                        "epoch_03.keras is --epoch 2): for a checkpoint saved during training")
     p.add_argument("--unsafe", action="store_true", help=argparse.SUPPRESS)
     _engine_option(p)
     p.set_defaults(func=_cmd_verify)
@@ -407,10 +408,8 @@ def _cmd_verify(args) -> int:
     from .manifest import verify
 
     manifest = _read_manifest(args.manifest)
-    if args.epoch is not None and (args.epoch < 0 or not manifest.data.get("schedule")):
-        raise UsageError(f"--epoch {args.epoch}: " + (
-            "an epoch is 0 or more" if args.epoch < 0 else
-            f"{args.manifest} records no schedule (its spec has no 'at epoch' phases)"))
+    if args.epoch is not None and args.epoch < 0:
+        raise UsageError(f"--epoch {args.epoch}: an epoch is 0 or more")
     tree = _model_tree(args)
     differences = verify(manifest, tree, epoch=args.epoch)
     for line in differences:
@@ -418,6 +417,14 @@ def _cmd_verify(args) -> int:
     if differences:
         print(f"{args.model} does not match {args.manifest}: {len(differences)} "
               f"difference{'s' if len(differences) != 1 else ''}", file=sys.stderr)
+        schedule = manifest.data.get("schedule") or []
+        for phase in schedule[1:]:
+            if phase["epoch"] != args.epoch and not verify(manifest, tree, epoch=phase["epoch"]):
+                print(f"note: it matches the state from 'at epoch {phase['epoch']}:' (line "
+                      f"{phase['line']}) on: for a checkpoint saved during training, pass --epoch "
+                      f"N, the 0-based epoch it was saved in (ModelCheckpoint's "
+                      f"{{epoch}} counts from 1)", file=sys.stderr)
+                break
         return EXIT_FINDINGS
     print(f"{args.model} matches {args.manifest} ({len(manifest.layers)} layers)")
     return EXIT_OK

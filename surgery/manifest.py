@@ -259,10 +259,10 @@ def _state(trainable: bool) -> str:
 
 def phase_layers(manifest: Manifest, epoch: int) -> list[dict]:
     """The manifest's layer entries as they stand at ``epoch`` of its schedule: the state a
-    checkpoint saved during that epoch must have. ValueError without a schedule."""
+    checkpoint saved during that epoch must have: without a schedule, the one state."""
     schedule = manifest.data.get("schedule")
     if not schedule:
-        raise ValueError("the manifest records no schedule (the spec has no 'at epoch' phases)")
+        return manifest.layers
     phase = [p for p in schedule if p["epoch"] <= epoch][-1]
     trainable = set(phase["trainable"])
     parts = phase.get("frozen_parts", {})
@@ -357,16 +357,48 @@ def diff(a: Manifest, b: Manifest) -> list[str]:
     for path, ea in layers_a.items():
         eb = layers_b.get(path)
         if eb is None:
-            lines.append(f"- {path}: {_state(ea['trainable'])} (only in the first)")
-        elif ea["trainable"] != eb["trainable"]:
-            lines.append(f"~ {path}: {_state(ea['trainable'])} -> {_state(eb['trainable'])}")
+            lines.append(f"- {path}: {_described(ea)} (only in the first)")
+        elif _described(ea) != _described(eb):
+            lines.append(f"~ {path}: {_described(ea)} -> {_described(eb)}")
     for path, eb in layers_b.items():
         if path not in layers_a:
-            lines.append(f"+ {path}: {_state(eb['trainable'])} (only in the second)")
+            lines.append(f"+ {path}: {_described(eb)} (only in the second)")
     ta, tb = a.data["totals"], b.data["totals"]
     if ta["trainable_params"]["after"] != tb["trainable_params"]["after"]:
         lines.append(f"trainable params: {ta['trainable_params']['after']:,} -> "
                      f"{tb['trainable_params']['after']:,}")
+    lines += _schedule_diff(a, b)
+    return lines
+
+
+def _described(entry: dict) -> str:
+    """A layer entry's state in words: flag, entries frozen inside, BatchNormalization policy."""
+    word = _state(entry["trainable"])
+    parts = entry.get("frozen_parts")
+    if parts:
+        word += " with " + ", ".join(f"{p['weight']}[{p['frozen']}]" for p in parts) + " frozen"
+    if entry.get("batchnorm"):
+        word += f" (batchnorm {entry['batchnorm']})"
+    return word
+
+
+def _schedule_diff(a: Manifest, b: Manifest) -> list[str]:
+    """Later phases compared epoch by epoch (phase 0 is the layer table above): at each epoch
+    where either schedule starts a phase, the layers whose state differs between the two."""
+    sa, sb = a.data.get("schedule") or [], b.data.get("schedule") or []
+    if not sa and not sb:
+        return []
+    lines = []
+    epochs = sorted({p["epoch"] for p in sa} | {p["epoch"] for p in sb} - {0})
+    for epoch in epochs:
+        la = {e["path"]: e for e in (phase_layers(a, epoch) if sa else a.layers)}
+        lb = {e["path"]: e for e in (phase_layers(b, epoch) if sb else b.layers)}
+        changed = [f"  ~ {p}: {_described(la[p])} -> {_described(lb[p])}"
+                   for p in la if p in lb and not la[p]["container"] and
+                   _described(la[p]) != _described(lb[p])]
+        if changed:
+            lines.append(f"at epoch {epoch}:")
+            lines += changed
     return lines
 
 

@@ -387,6 +387,9 @@ class _Builder:
         if text in KEYWORDS:
             hint = ("start a new statement on a new line or after ';'" if text in _ACTIONS
                     else f'quote it to mean a layer named {text}: "{text}"')
+            if text in ("at", "batchnorm"):  # keywords since phases and policies came in
+                hint += f' (or quote it to mean a layer named {text}: "{text}")'
+
             raise self.error(f"'{text}' is a keyword here; {hint}", token)
         span = self.span(token)
         if _GLOB_MAGIC.search(text):
@@ -530,8 +533,12 @@ def _unexpected_token_message(token: Token, expected: set[str], text: str) -> st
         return (f"unknown statement '{word}'; a statement starts with 'freeze', 'unfreeze' or "
                 f"'batchnorm', and a phase with 'at epoch N:'")
     if "BN_MODE" in expected:
+        close = [m for m in ("frozen", "train", "affine") if word.lower().startswith(m)] or \
+            difflib.get_close_matches(word.lower(), ("frozen", "train", "affine"), n=1, cutoff=0.6)
+        hint = f"; did you mean '{close[0]}'?" if close and token.type not in ("_NL", "$END") \
+            else ""
         return (f"expected a BatchNormalization policy, 'frozen', 'train' or 'affine', found "
-                f"{_found(token)}")
+                f"{_found(token)}{hint}")
     if "EPOCH" in expected:
         return f"expected 'epoch' after 'at', as in 'at epoch 3:', found {_found(token)}"
     if expected == {"INT"} and token.type != "INT":

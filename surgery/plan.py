@@ -146,7 +146,8 @@ class Plan:
         """Facts about the outcome a user must know to train it as they expect."""
         bn = [lp for lp in self.layers if lp.batchnorm is not None]
         frozen = sum(1 for lp in bn if not lp.after)
-        trainable = len(bn) - frozen
+        affine = sum(1 for lp in bn if lp.after and lp.affine)
+        trainable = len(bn) - frozen - affine
         notes = []
         partial_bn = [lp for lp in bn if lp.partial]
         if partial_bn:
@@ -164,6 +165,11 @@ class Plan:
                 f"{trainable} BatchNormalization layer{'s stay' if trainable > 1 else ' stays'} "
                 "trainable: in training they normalize with batch statistics and update their "
                 "moving averages, which small fine-tuning batches can disturb.")
+        if affine:
+            notes.append(
+                f"{affine} BatchNormalization layer{'s train' if affine > 1 else ' trains'} gamma "
+                "and beta under 'batchnorm affine': in training too they normalize with their "
+                "fixed moving statistics and never update them.")
         return tuple(notes)
 
 
@@ -284,7 +290,7 @@ def make_plan(tree: LayerTree, resolution: Resolution, source: str = "") -> Plan
             trainable_params_after=trainable_params(n, trains_after, parts_after),
             frozen_parts=parts_of.get(n.path, ()),
             policy=resolution.policies.get(n.path),
-            affine=_affine(n, resolution.policies.get(n.path)),
+            affine=_affine(n, resolution.policies.get(n.path), after[n.path]),
         )
         for n in tree.layers()
     )
@@ -292,12 +298,12 @@ def make_plan(tree: LayerTree, resolution: Resolution, source: str = "") -> Plan
                 resolution.diagnostics)
 
 
-def _affine(node: Layer, policy: Optional[BatchNormRule]) -> bool:
-    # A layer under the affine policy carries the class whatever its flag (frozen, it behaves
-    # as any frozen BatchNormalization): phases that unfreeze it later change only the flag.
+def _affine(node: Layer, policy: Optional[BatchNormRule], trainable: bool) -> bool:
+    # Only a layer that trains needs the class: frozen, every BatchNormalization behaves alike,
+    # and a plain one keeps the output loadable without surgery (and on the archive path).
     if policy is None:
         return node.affine
-    return policy.mode == BN_AFFINE
+    return policy.mode == BN_AFFINE and trainable
 
 
 @dataclass(frozen=True)

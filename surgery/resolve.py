@@ -17,7 +17,7 @@ from typing import Mapping, Optional
 
 from .errors import Diagnostic, SelectorError
 from .ir import (
-    WEIGHT, All, AnyDepth, BatchNormRule, Glob, Index, Name, Range, Regex, Rule, Selector, Slice,
+    BN_FROZEN, WEIGHT, All, AnyDepth, BatchNormRule, Glob, Index, Name, Range, Regex, Rule, Selector, Slice,
     Spec, TypeGlob,
 )
 from .parts import PartError, Selection
@@ -149,6 +149,7 @@ def resolve(spec: Spec, tree: LayerTree, *, allow_empty: bool = False) -> Resolu
     ops = {path: tuple(v) for path, v in part_ops.items()}
     policies = _resolve_policies(spec, r, errors, warnings, allow_empty)
     warnings += _unfrozen_without_policy(spec, r, results, policies)
+    warnings += _held_by_frozen_policy(r, results, policies)
     return Resolution(tuple(results), deciding, ops, tuple(errors), tuple(warnings), policies)
 
 
@@ -212,6 +213,25 @@ def _resolve_policies(spec: Spec, r: "_Resolver", errors: list, warnings: list,
             raise SelectorError(first.message, first.span, source=spec.source,
                                 diagnostics=tuple(problems))
     return decided
+
+
+def _held_by_frozen_policy(r: "_Resolver", results, policies) -> list[Diagnostic]:
+    """An unfreeze rule whose every layer with weights is a BatchNormalization layer that a
+    'batchnorm frozen' policy keeps frozen: the rule does nothing, which the user must know."""
+    found = []
+    for res in results:
+        if not res.rule.trainable:
+            continue
+        weighted = [p for p in res.decided if r.tree.get(p).weights]
+        held = [p for p in weighted if p in policies and policies[p].mode == BN_FROZEN]
+        if weighted and len(held) == len(weighted):
+            pol = policies[held[0]]
+            found.append(Diagnostic(
+                "warning", f"this rule has no effect: '{pol.text}' (line {pol.span.line}) keeps "
+                f"{'these BatchNormalization layers' if len(held) > 1 else repr(held[0])} frozen "
+                f"whatever rules unfreeze; a later 'batchnorm affine' or 'batchnorm train' for "
+                f"them lets them train", res.rule.span))
+    return found
 
 
 def _unfrozen_without_policy(spec: Spec, r: "_Resolver", results, policies) -> list[Diagnostic]:

@@ -172,8 +172,10 @@ def test_new_keywords_quoted_and_words_that_stay_names():
     ("freeze type:", 1, 13, "expected a layer class name, as in 'type:BatchNormalization', found end of file"),
     ("freeze layers[" + "9" * 5000 + "]", 1, 15, "number is too large"),
     # phases and policies
-    ("freeze at", 1, 8, "'at' is a keyword here; start a new statement on a new line or after ';'"),
-    ("freeze batchnorm", 1, 8, "'batchnorm' is a keyword here; start a new statement on a new line or after ';'"),
+    ("freeze at", 1, 8, "'at' is a keyword here; start a new statement on a new line or after ';' "
+     '(or quote it to mean a layer named at: "at")'),
+    ("freeze batchnorm", 1, 8, "'batchnorm' is a keyword here; start a new statement on a new line or after ';' "
+     '(or quote it to mean a layer named batchnorm: "batchnorm")'),
     ("at epoch 3:\n  freeze a\nfreeze b", 3, 1, "this statement is outdented out of the 'at epoch 3:' block above it (line 1), but a block runs to the next 'at': indent it to run at epoch 3, or move it before the first 'at' to be part of phase 0"),
     ("at epoch 3:", 1, 1, "the phase 'at epoch 3:' has no statements"),
     ("at epoch 3:\nat epoch 4: freeze a", 1, 1, "the phase 'at epoch 3:' has no statements"),
@@ -185,7 +187,7 @@ def test_new_keywords_quoted_and_words_that_stay_names():
     ("at epoch: freeze a", 1, 9, "expected an epoch number, as in 'at epoch 3:', found ':'"),
     ("at epoch 3 freeze a", 1, 12, "expected ':' to end the phase header, as in 'at epoch 3:', found 'freeze'"),
     ("batchnorm", 1, 10, "expected a BatchNormalization policy, 'frozen', 'train' or 'affine', found end of file"),
-    ("batchnorm froze", 1, 11, "expected a BatchNormalization policy, 'frozen', 'train' or 'affine', found 'froze'"),
+    ("batchnorm froze", 1, 11, "expected a BatchNormalization policy, 'frozen', 'train' or 'affine', found 'froze'; did you mean 'frozen'?"),
 ])
 def test_syntax_errors(text, line, column, message):
     with pytest.raises(surgery.SpecSyntaxError) as info:
@@ -230,3 +232,29 @@ def test_a_statement_left_of_its_phase_header_is_an_error(text, line):
     with pytest.raises(surgery.SpecSyntaxError) as info:
         surgery.parse(text)
     assert info.value.line == line and "outdented" in info.value.message
+
+
+@pytest.mark.parametrize("text,column,found,meant", [
+    ("batchnorm trainable", 11, "trainable", "train"),
+    ("batchnorm afine", 11, "afine", "affine"),
+    ("batchnorm Frozen", 11, "Frozen", "frozen"),
+    ("batchnorm frozenbn1", 11, "frozenbn1", "frozen"),
+])
+def test_a_policy_is_a_whole_word_and_a_typo_gets_a_suggestion(text, column, found, meant):
+    # 'batchnorm trainable' once read as the policy 'train' on a layer named 'able'
+    with pytest.raises(surgery.SpecSyntaxError) as info:
+        surgery.parse(text)
+    assert info.value.column == column
+    assert info.value.message.endswith(f"found '{found}'; did you mean '{meant}'?")
+
+
+@pytest.mark.parametrize("text,message", [
+    ("freezeconv1", "unknown statement 'freezeconv1'; did you mean 'freeze'?"),
+    ("atepoch 3: freeze a", "unknown statement 'atepoch'; a statement starts with 'freeze', "
+     "'unfreeze' or 'batchnorm', and a phase with 'at epoch N:'"),
+    ("at epochs 3: freeze a", "expected 'epoch' after 'at', as in 'at epoch 3:', found 'epochs'"),
+])
+def test_statement_keywords_are_whole_words(text, message):
+    with pytest.raises(surgery.SpecSyntaxError) as info:
+        surgery.parse(text)
+    assert info.value.message == message

@@ -86,8 +86,8 @@ def test_manifest_records_each_phase_state():
 def test_manifest_without_phases_has_no_schedule():
     _, manifest = _manifest("freeze all\nunfreeze head\n")
     assert "schedule" not in manifest.data
-    with pytest.raises(ValueError, match="no schedule"):
-        phase_layers(manifest, 3)
+    # one state at every epoch
+    assert phase_layers(manifest, 3) == manifest.layers
 
 
 @pytest.mark.parametrize("epoch,phase", [(0, 0), (1, 0), (2, 1), (3, 1), (4, 2), (40, 2)])
@@ -151,3 +151,38 @@ def test_lint_judges_repeats_and_dead_rules_within_a_phase():
     assert not any(line in (1, 2) for line, _ in found)
     assert (4, "this rule has no effect") in found
     assert (6, "duplicate statement") in found
+
+
+def test_diff_compares_policies_and_later_phases():
+    from surgery.manifest import diff
+
+    _, a = _manifest()
+    _, b = _manifest(SPEC.replace("batchnorm affine base/b2_bn", "batchnorm train base/b2_bn"))
+    lines = diff(a, b)
+    assert lines[0].startswith("spec: spec.frz")
+    assert "at epoch 2:" in lines and "at epoch 4:" in lines
+    assert "  ~ base/b2_bn: trainable (batchnorm affine) -> trainable (batchnorm train)" in lines
+    assert diff(a, a) == []
+
+
+def test_a_spec_path_given_as_a_string_is_read_as_a_path(tmp_path, monkeypatch):
+    from surgery.api import _as_spec
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "p.txt").write_text(SPEC)
+    assert _as_spec("p.txt").phases == surgery.parse(SPEC, "p.txt").phases
+    assert _as_spec(str(tmp_path / "p.txt")).file.endswith("p.txt")
+    with pytest.raises(FileNotFoundError, match="no such spec file: 'missing.frz'"):
+        _as_spec("missing.frz")
+    assert [r.text for r in _as_spec("freeze all").rules] == ["freeze all"]  # spec text
+
+
+def test_an_unfreeze_that_a_frozen_policy_cancels_is_a_warning():
+    tree = LayerTree.from_dict(MODEL)
+    spec = surgery.parse("freeze all\nbatchnorm frozen\nat epoch 2:\n  unfreeze stem_bn\n"
+                         "  unfreeze base/b1, base/b1_bn\n", "s.frz")
+    found = {d.span.line: d.message for d in plan_spec(spec, tree).diagnostics}
+    assert found[4] == ("this rule has no effect: 'batchnorm frozen' (line 2) keeps 'stem_bn' "
+                        "frozen whatever rules unfreeze; a later 'batchnorm affine' or "
+                        "'batchnorm train' for them lets them train")
+    assert 5 not in found  # base/b1 trains: the rule does something

@@ -654,10 +654,10 @@ def unsupported(plan: "Plan") -> Optional[str]:
         if lp.layer.children:
             continue
         if lp.affine != lp.layer.affine:
-            # Keras names a layer's group in the weights file after its class: switching class
-            # renames groups, which is a rewrite of the weights entry, not of config.json.
-            return (f"the 'batchnorm affine' policy changes the class of {lp.path!r}, which "
-                    "renames its weights in the weights file: that needs Keras")
+            # The class is surgery's own (engines/batchnorm.py): its config entry is what a Keras
+            # save writes, and this engine reads and writes Keras's own classes only.
+            return (f"the 'batchnorm affine' policy changes the class of {lp.path!r} to "
+                    "surgery's AffineBatchNormalization, which the archive engine does not write")
         wanted = {p.weight: p.indices for p in lp.frozen_parts}
         carried = {w.name: w.frozen for w in lp.layer.weights if w.frozen}
         for weight, indices in wanted.items():

@@ -5,7 +5,8 @@ Keras gives a BatchNormalization two behaviours only: trainable (batch statistic
 moving averages updated) or frozen (inference mode, gamma and beta fixed). Keras decides inside
 ``call`` (``training and self.trainable``), so no flag or config value gives the third; a
 subclass whose ``call`` always takes the inference branch does, and gradients still reach gamma
-and beta through it. It adds no state and no config: the weights file is unchanged, and a layer
+and beta through it. It adds no state and no config, the weights file is the same for both classes (see
+the note on ``__name__`` below), and a layer
 switches policy by switching class (``switch``), in place, so the model graph is untouched.
 
 Registered as ``surgery>AffineBatchNormalization``; surgery/_register.py imports this module as
@@ -33,6 +34,15 @@ class AffineBatchNormalization(keras.layers.BatchNormalization):
 
     def call(self, inputs, training=None, mask=None):
         return super().call(inputs, training=False, mask=mask)
+
+
+# Keras names a layer's group in a weights file after its class's __name__ (saving_lib): under
+# its own name an affine layer would save as 'affine_batch_normalization', and a weights-only
+# checkpoint (ModelCheckpoint(save_weights_only=True), BackupAndRestore) would not load into the
+# plain model it came from. Under BatchNormalization's name the weights file is the same for both
+# classes; the config still finds this class through its registered name.
+AffineBatchNormalization.__name__ = "BatchNormalization"
+AffineBatchNormalization.__qualname__ = "AffineBatchNormalization"
 
 
 def is_affine(layer) -> bool:

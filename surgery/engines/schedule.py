@@ -86,9 +86,6 @@ class Schedule(keras.callbacks.Callback):
         super().__init__()
         from ..api import _as_spec
 
-        if isinstance(spec, str) and "\n" not in spec and spec.endswith(
-                (".frz", ".yaml", ".yml")):
-            spec = Path(spec)
         self.spec = _as_spec(spec)
         self.allow_empty = allow_empty
         self.verbose = verbose
