@@ -9,7 +9,9 @@ disturbed by something else (a test suite, a writeback of dirty pages) can be to
 
 from __future__ import annotations
 
+import json
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -94,3 +96,25 @@ def precompile() -> str:
     done = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
                           text=True)
     return done.stdout.strip()
+
+
+_VERSIONS_CODE = (
+    "import json, keras, tensorflow as tf; "
+    "print(json.dumps({'keras': keras.__version__, 'tensorflow': tf.__version__}))"
+)
+
+
+def machine_info() -> dict:
+    """The machine and the Keras/TensorFlow versions the figures were measured with (read in a
+    child process, so the bench itself never imports TensorFlow)."""
+    versions = json.loads(
+        subprocess.run([sys.executable, "-c", _VERSIONS_CODE], check=True, capture_output=True,
+                       text=True).stdout.strip().splitlines()[-1]
+    )
+    return {
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        **versions,
+    }

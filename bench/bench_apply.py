@@ -40,8 +40,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -49,7 +47,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _measure import measure, precompile  # bench/ is on sys.path when a bench runs
+from _measure import machine_info, measure, precompile  # bench/ is on sys.path when a bench runs
 
 TARGET_RATIO = 1.10
 
@@ -65,11 +63,6 @@ FLOOR_CODE = (
 
 MAKE_MODEL_CODE = (
     "import keras, sys; keras.applications.ResNet50(weights=None).save(sys.argv[1])"
-)
-
-VERSIONS_CODE = (
-    "import json, keras, tensorflow as tf; "
-    "print(json.dumps({'keras': keras.__version__, 'tensorflow': tf.__version__}))"
 )
 
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "apply.json"
@@ -94,27 +87,6 @@ def setup(workdir: Path) -> tuple[Path, Path]:
     print(f"building {model} (untimed) ...", flush=True)
     subprocess.run([sys.executable, "-c", MAKE_MODEL_CODE, str(model)], check=True)
     return model, spec
-
-
-def machine_info() -> dict:
-    # Asked of a child, after the timed runs, so that importing TensorFlow
-    # here neither costs the bench process memory during the runs nor
-    # changes what the children see.
-    versions = json.loads(
-        subprocess.run(
-            [sys.executable, "-c", VERSIONS_CODE],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout.strip().splitlines()[-1]
-    )
-    return {
-        "cpu_count": os.cpu_count(),
-        "machine": platform.machine(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        **versions,
-    }
 
 
 def verdict(ratio: float) -> str:

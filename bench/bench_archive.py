@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -36,7 +35,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _measure import measure, precompile  # bench/ is on sys.path when a bench runs
+from _measure import machine_info, measure, precompile  # bench/ is on sys.path when a bench runs
 
 TARGET_RATIO = 0.05
 
@@ -61,11 +60,6 @@ FLOOR_CODE = (
 
 MAKE_MODEL_CODE = "import keras, sys; {build}.save(sys.argv[1])"
 
-VERSIONS_CODE = (
-    "import json, keras, tensorflow as tf; "
-    "print(json.dumps({'keras': keras.__version__, 'tensorflow': tf.__version__}))"
-)
-
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "archive.json"
 
 
@@ -81,20 +75,6 @@ def cli_has_fsync_option(surgery_bin: Path) -> bool:
     result = subprocess.run([str(surgery_bin), "apply", "--help"], capture_output=True,
                             text=True)
     return result.returncode == 0 and "--engine" in result.stdout and "--fsync" in result.stdout
-
-
-def machine_info() -> dict:
-    versions = json.loads(
-        subprocess.run([sys.executable, "-c", VERSIONS_CODE], check=True, capture_output=True,
-                       text=True).stdout.strip().splitlines()[-1]
-    )
-    return {
-        "cpu_count": os.cpu_count(),
-        "machine": platform.machine(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        **versions,
-    }
 
 
 def verdict(ratio: float) -> str:

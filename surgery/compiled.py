@@ -66,12 +66,14 @@ def _selector(sel: Selector) -> dict:
     return out
 
 
+def _where(st) -> dict:
+    return {"number": st.number, "line": st.span.line, "column": st.span.column,
+            "epoch": st.epoch}
+
+
 def _operation(rule: Rule) -> dict:
     return {
-        "number": rule.number,
-        "line": rule.span.line,
-        "column": rule.span.column,
-        "epoch": rule.epoch,
+        **_where(rule),
         "action": rule.action,
         "statement": format_rule(rule),
         "select": [_selector(s) for s in rule.selectors],
@@ -81,10 +83,7 @@ def _operation(rule: Rule) -> dict:
 
 def _policy(policy: BatchNormRule) -> dict:
     return {
-        "number": policy.number,
-        "line": policy.span.line,
-        "column": policy.span.column,
-        "epoch": policy.epoch,
+        **_where(policy),
         "action": "batchnorm",
         "mode": policy.mode,
         "statement": format_policy(policy),

@@ -94,15 +94,7 @@ def resolve(spec: Spec, tree: LayerTree, *, allow_empty: bool = False) -> Resolu
                 errors.append(Diagnostic(
                     "error", "a part cannot follow 'except': write a later rule instead, as in "
                     f"'{_opposite(rule.action)} {sel.text}'", sel.part.span))
-        removed: dict[str, None] = {}
-        for sel in rule.excepts:
-            if sel.part is not None:
-                continue
-            nodes, problem = r.select(sel)
-            if problem:
-                errors.append(problem)
-            for node in nodes:
-                removed.update(dict.fromkeys(r.units(node)))
+        removed = r.covered_by([s for s in rule.excepts if s.part is None], errors)
         covered = [p for p in picked if p not in removed]
         covered.sort(key=r.order.__getitem__)
         if picked and not covered and not parts:
@@ -169,18 +161,10 @@ def _resolve_policies(spec: Spec, r: "_Resolver", errors: list, warnings: list,
     problems: list[Diagnostic] = []
     for pol in spec.policies:
         if pol.selectors:
-            picked: dict[str, None] = {}
-            for sel in pol.selectors:
-                if sel.part is not None:
-                    problems.append(Diagnostic(
-                        "error", "a policy applies to whole BatchNormalization layers: remove "
-                        "the part", sel.part.span))
-                    continue
-                nodes, problem = r.select(sel)
-                if problem:
-                    problems.append(problem)
-                for node in nodes:
-                    picked.update(dict.fromkeys(r.units(node)))
+            problems += [Diagnostic("error", "a policy applies to whole BatchNormalization "
+                                    "layers: remove the part", sel.part.span)
+                         for sel in pol.selectors if sel.part is not None]
+            picked = r.covered_by([s for s in pol.selectors if s.part is None], problems)
             bn_set = set(bn_leaves)
             picked_bn = [p for p in picked if p in bn_set]
             if picked and not picked_bn:
@@ -193,13 +177,7 @@ def _resolve_policies(spec: Spec, r: "_Resolver", errors: list, warnings: list,
                 warnings.append(Diagnostic(
                     "warning", "the model has no BatchNormalization layer: this policy does "
                     "nothing", pol.span))
-        removed: set[str] = set()
-        for sel in pol.excepts:
-            nodes, problem = r.select(sel)
-            if problem:
-                problems.append(problem)
-            for node in nodes:
-                removed.update(r.units(node))
+        removed = r.covered_by(pol.excepts, problems)
         covered = [p for p in picked_bn if p not in removed]
         if picked_bn and not covered:
             warnings.append(Diagnostic(
@@ -294,6 +272,18 @@ class _Resolver:
                 cached = tuple(u for c in node.children for u in self.units(c))
             self._units[node.path] = cached
         return cached
+
+    def covered_by(self, selectors, problems: list) -> dict[str, None]:
+        """The leaf layers the selectors cover, in the order met (a dict used as an ordered set);
+        why a selector matches nothing goes to ``problems``."""
+        out: dict[str, None] = {}
+        for sel in selectors:
+            nodes, problem = self.select(sel)
+            if problem:
+                problems.append(problem)
+            for node in nodes:
+                out.update(dict.fromkeys(self.units(node)))
+        return out
 
     def children_by_name(self, scope: Layer) -> dict[str, Layer]:
         table = self._by_name.get(scope.path)
