@@ -173,7 +173,7 @@ class Rule:
 
 @dataclass(frozen=True)
 class BatchNormRule:
-    """``batchnorm MODE [selectors [except selectors]]``: the policy of the BatchNormalization
+    """``batchnorm MODE [selectors] [except selectors]``: the policy of the BatchNormalization
     layers among the selected ones (every BatchNormalization layer when ``selectors`` is empty).
     The last policy statement that covers a layer decides it, across phases as for rules.
     ``number`` is its position among the spec's policy statements."""
