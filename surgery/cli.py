@@ -10,6 +10,7 @@ The spec is parsed before Keras is imported, so a typo costs milliseconds, not a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -218,10 +219,15 @@ def _apply_with_keras(args, spec: Spec, out: str, manifest_path: str):
     from .api import apply_plan
     from .atomic import AtomicOutputs
     from .engines import live
-    from .manifest import sha256_file
 
-    model = _load_model(live, args)
-    digest = None if args.model.startswith(live.APPLICATIONS_PREFIX) else sha256_file(args.model)
+    with _input_digest(args.model) as source:  # hashed while TensorFlow loads
+        model = _load_model(live, args)
+        digest = None
+        if source is not None:
+            try:
+                digest = source.result()
+            except OSError as exc:
+                raise SurgeryError(f"{args.model}: {exc.strerror or exc}") from None
     the_plan, manifest = apply_plan(model, spec, allow_empty=args.allow_empty,
                                     model_source=args.model, model_sha256=digest)
     _print_diagnostics(the_plan.diagnostics, spec)
@@ -232,6 +238,20 @@ def _apply_with_keras(args, spec: Spec, out: str, manifest_path: str):
         except Exception as exc:
             raise SurgeryError(f"{out}: cannot save the model: {exc}") from None
         return the_plan, _write_manifest_and_commit(outputs, manifest, manifest_path, out)
+
+
+def _input_digest(model: str):
+    """The model file's sha256 begun in the background (surgery/digest.py says why); a no-op
+    context, giving None, for a `keras.applications.NAME` model, which is built, not read, and
+    for a path that does not open, which loading the model then reports."""
+    from .digest import FileDigest
+
+    if os.path.isfile(model):
+        try:
+            return FileDigest(model)
+        except OSError:
+            pass
+    return contextlib.nullcontext()
 
 
 def _write_manifest_and_commit(outputs, manifest, manifest_path: str, out: str):

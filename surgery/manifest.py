@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from .compiled import compile_spec
+from .digest import sha256_file
 from .ir import BN_AFFINE, Spec
 from .plan import Plan, compact_ranges
 from .tree import LayerTree
@@ -51,14 +52,6 @@ class Manifest:
 
 def canonical_json(data: Any) -> str:
     return json.dumps(data, sort_keys=True, indent=2, ensure_ascii=False) + "\n"
-
-
-def sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def environment_versions() -> dict[str, Optional[str]]:

@@ -59,6 +59,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, NamedTuple, Optional
 
+from ..digest import _read_into, sha256_file
 from ..tree import Layer, LayerTree, Weight
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -748,7 +749,7 @@ def _copy_zip(archive: _Archive, dst: str, replace: dict[str, bytes]) -> Written
                 _pass(fd, pos, src_size, buffers, src_hash)  # data descriptors, central directory
             _write_central(writer, central, archive.zip.comment)
         digest_out = out_hash.finish()
-        digest_in = src_hash.finish() if sequential else _sha256_path(archive.path)
+        digest_in = src_hash.finish() if sequential else sha256_file(archive.path)
     finally:
         out_hash.close()
         src_hash.close()
@@ -962,22 +963,6 @@ def _pass(fd: int, begin: int, end: int, buffers: _Buffers, src_hash: Optional[_
         if src_hash is not None:
             src_hash.update(view, done)
         begin += n
-
-
-def _read_into(fd: int, view: memoryview, offset: int) -> int:
-    if hasattr(os, "preadv"):
-        return os.preadv(fd, [view], offset)
-    data = os.pread(fd, len(view), offset)  # pragma: no cover - platforms without preadv
-    view[:len(data)] = data
-    return len(data)
-
-
-def _sha256_path(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(_CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # --- model.weights.h5 ----------------------------------------------------------------------------
