@@ -22,7 +22,7 @@ import os
 import threading
 from typing import Optional
 
-__all__ = ["FileDigest", "sha256_file"]
+__all__ = ["FileDigest", "sha256_file", "changed", "changed_error"]
 
 _BUFFER = 1 << 18  # fits the CPU's L2: the copy in and the hash read stay out of main memory
 
@@ -67,9 +67,8 @@ class FileDigest:
                 raise self._error
             if self._stop.is_set():
                 raise RuntimeError("the digest was cancelled")
-            if _changed(self._stat, os.fstat(self._fd), self.path):
-                raise OSError(f"{self.path} changed while it was being read; run again once "
-                              f"whatever writes it is done")
+            if changed(self._stat, os.fstat(self._fd), self.path):
+                raise changed_error(self.path)
             return self._digest.hexdigest()
         finally:
             self._close()
@@ -92,7 +91,9 @@ class FileDigest:
             self.cancel()
 
 
-def _changed(before: os.stat_result, after: os.stat_result, path: str) -> bool:
+def changed(before: os.stat_result, after: os.stat_result, path: str) -> bool:
+    """Whether an open file was written (``after`` is a new fstat of it) or its path now names
+    another file, since ``before``."""
     if (after.st_size, after.st_mtime_ns, after.st_ctime_ns) != \
             (before.st_size, before.st_mtime_ns, before.st_ctime_ns):
         return True
@@ -101,6 +102,11 @@ def _changed(before: os.stat_result, after: os.stat_result, path: str) -> bool:
     except OSError:
         return True
     return (now.st_dev, now.st_ino) != (before.st_dev, before.st_ino)
+
+
+def changed_error(path: str) -> OSError:
+    return OSError(f"{path} changed while it was being read; run again once whatever writes "
+                   "it is done")
 
 
 def _read_into(fd: int, view: memoryview, offset: int) -> int:

@@ -59,7 +59,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, NamedTuple, Optional
 
-from ..digest import _read_into, sha256_file
+from ..digest import _read_into, changed, changed_error, sha256_file
 from ..tree import Layer, LayerTree, Weight
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -705,7 +705,8 @@ _ZIP64_COUNT = 0xFFFF
 def _copy_zip(archive: _Archive, dst: str, replace: dict[str, bytes]) -> Written:
     infos = archive.zip.infolist()
     fd = archive.file.fileno()
-    src_size = os.fstat(fd).st_size
+    before = os.fstat(fd)
+    src_size = before.st_size
     spans = []  # (local header offset, data offset, data end) in the source, per entry
     for info in infos:
         start = archive.data_offset(info)
@@ -750,6 +751,8 @@ def _copy_zip(archive: _Archive, dst: str, replace: dict[str, bytes]) -> Written
             _write_central(writer, central, archive.zip.comment)
         digest_out = out_hash.finish()
         digest_in = src_hash.finish() if sequential else sha256_file(archive.path)
+        if changed(before, os.fstat(fd), archive.path):  # the copy and its digests would not match
+            raise changed_error(archive.path)
     finally:
         out_hash.close()
         src_hash.close()
