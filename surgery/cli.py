@@ -289,9 +289,10 @@ def _fallback(args, reason: str) -> None:
     args.fallback_note = f"surgery: note: {reason}; loaded through Keras"
 
 
-def _archive_tree(args):
+def _archive_tree(args, *, read_only: bool = False):
     """The model's LayerTree read from its .keras archive without TensorFlow, or None when the
-    Keras engine must load it (chosen, or --engine auto and the archive cannot be read alone)."""
+    Keras engine must load it (chosen, or --engine auto and the archive cannot be read alone).
+    A command that only reads (``read_only``) also takes an archive saved compiled."""
     engine = getattr(args, "engine", "keras")
     if engine == "keras":
         return None
@@ -300,7 +301,7 @@ def _archive_tree(args):
     from .engines import archive
 
     try:
-        return archive.describe(args.model)
+        return archive.describe(args.model, compiled=read_only)
     except archive.ArchiveUnsupported as exc:
         _fallback(args, str(exc))
     except (OSError, ValueError) as exc:
@@ -309,7 +310,7 @@ def _archive_tree(args):
 
 
 def _model_tree(args):
-    tree = _archive_tree(args)
+    tree = _archive_tree(args, read_only=True)
     if tree is not None:
         return tree
     from .engines import live

@@ -180,7 +180,8 @@ def build_manifest(plan: Plan, spec: Spec, *, model_source: str, model_sha256: O
                 "trainable": lp.after,
                 "rule": lp.rule.number if lp.rule is not None else None,
                 **({"frozen_parts": _parts(lp)} if lp.frozen_parts else {}),
-                **({"batchnorm": lp.batchnorm} if lp.policy is not None or lp.affine else {}),
+                **({"batchnorm": lp.batchnorm}
+                   if lp.policy is not None or lp.layer.affine else {}),
             }
             for lp in plan.layers
         ],
@@ -220,7 +221,7 @@ def _phase(ph) -> dict:
         "trainable": [lp.path for lp in leaves if lp.after],
         "frozen_parts": {lp.path: _parts(lp) for lp in leaves if lp.frozen_parts},
         "batchnorm": {lp.path: lp.batchnorm for lp in leaves
-                      if lp.policy is not None or lp.affine},
+                      if lp.policy is not None or lp.layer.affine},
         "trainable_params": ph.plan.totals.trainable_after,
     }
 
@@ -301,7 +302,8 @@ def verify(manifest: Manifest, tree: LayerTree, *, epoch: Optional[int] = None) 
             differences.append(f"{path}: the manifest has a {entry['class']}, the model a "
                                f"{node.cls}")
             continue
-        want_affine = entry.get("batchnorm") == BN_AFFINE
+        # The class is affine when the mode is and the layer trains (plan._affine).
+        want_affine = entry.get("batchnorm") == BN_AFFINE and bool(entry.get("trainable"))
         if want_affine != node.affine:
             word = lambda affine: "affine" if affine else "not affine"  # noqa: E731
             differences.append(f"{path}: the manifest has this BatchNormalization "

@@ -86,7 +86,7 @@ class LayerPlan:
             return None
         if self.policy is not None:
             return self.policy.mode
-        return BN_AFFINE if self.affine else BN_TRAIN
+        return BN_AFFINE if self.layer.affine else BN_TRAIN
 
     @property
     def changed(self) -> bool:
@@ -300,10 +300,11 @@ def make_plan(tree: LayerTree, resolution: Resolution, source: str = "") -> Plan
 
 def _affine(node: Layer, policy: Optional[BatchNormRule], trainable: bool) -> bool:
     # Only a layer that trains needs the class: frozen, every BatchNormalization behaves alike,
-    # and a plain one keeps the output loadable without surgery (and on the archive path).
-    if policy is None:
-        return node.affine
-    return policy.mode == BN_AFFINE and trainable
+    # and a plain one keeps the output loadable without surgery. So the class is affine exactly
+    # when the mode in force (the policy's; without one, the class the layer has) is affine and
+    # the layer trains: what `manifest.verify` checks from the manifest's batchnorm and trainable.
+    mode = policy.mode if policy is not None else (BN_AFFINE if node.affine else None)
+    return mode == BN_AFFINE and trainable
 
 
 @dataclass(frozen=True)

@@ -97,6 +97,7 @@ ARCHS = {
         "freeze all\nunfreeze layers[-2:]",
         "freeze type:BatchNormalization, prelu",
         "freeze all",
+        "freeze fc1\nbatchnorm affine",  # bn1 becomes surgery's AffineBatchNormalization
     ), slow=False),
     "zoo_functional": Arch(_zoo_functional, (
         "freeze all\nunfreeze head",
@@ -112,6 +113,7 @@ ARCHS = {
         "freeze mobilenetv2*/layers[:100]",
         "freeze all except **/block_16_*",
         "freeze mobilenetv2*",
+        "freeze all except **/block_16_*\nbatchnorm affine",
     ), slow=False),
     "ResNet50": Arch(_app("ResNet50"), (
         "freeze all\nunfreeze conv5_*",
@@ -231,6 +233,7 @@ def test_engines_agree(name, saved, tmp_path):
         flags_l, trainable_l, weights_l = _state(loaded_live)
         out_tree_live = live.describe(loaded_live)[0]
         loaded_arch = _load(archive_out)
+        assert live.describe(loaded_arch)[0].root == out_tree_live.root  # classes too (affine)
         flags_a, trainable_a, weights_a = _state(loaded_arch)
         assert flags_a == flags_l, text
         assert trainable_a == trainable_l, text
@@ -615,13 +618,49 @@ def test_layer_shared_between_models_is_refused(tmp_path):
     assert "shared" in _refused(path)
 
 
-def test_compiled_model_is_refused(tmp_path):
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """What `ModelCheckpoint` writes during a `fit` under a `Schedule` with 'batchnorm affine':
+    a compiled model (compile settings in config.json, optimizer variables in the weights file)
+    holding surgery's AffineBatchNormalization."""
     import keras
 
     keras.backend.clear_session()
-    model = _zoo_sequential(keras)
+    model = _nested_mobilenet(keras)
     model.compile(optimizer="adam", loss="mse")
-    model.train_on_batch(np.zeros((2, 16), "float32"), np.zeros((2, 2), "float32"))
-    path = str(tmp_path / "compiled.keras")
-    model.save(path)
-    assert "compiled" in _refused(path)
+    path = str(tmp_path_factory.mktemp("checkpoint") / "epoch1.keras")
+    spec = "freeze all except **/block_16_*, head\nbatchnorm affine"
+    model.fit(np.zeros((4,) + SMALL, "float32"), np.zeros((4, 2), "float32"), epochs=1,
+              verbose=0, callbacks=[surgery.Schedule(spec),
+                                    keras.callbacks.ModelCheckpoint(path)])
+    return path, spec
+
+
+def test_compiled_checkpoint_is_read_for_reading_only(checkpoint, tmp_path):
+    """show, plan, verify and lint read a checkpoint without Keras; apply does not write one
+    (Keras drops the compile state when it loads with compile=False, and so must the output)."""
+    from surgery.engines import live
+
+    path, spec = checkpoint
+    assert "compiled" in _refused(path)  # archive.describe(path): what apply reads
+    tree = archive.describe(path, compiled=True)
+    _assert_same_tree(tree, live.describe(_load(path))[0])
+    assert {n.path for n in tree.layers() if n.affine} == {
+        "mobilenetv2_1.00_32/block_16_expand_BN", "mobilenetv2_1.00_32/block_16_depthwise_BN",
+        "mobilenetv2_1.00_32/block_16_project_BN"}
+    plan = plan_spec(surgery.parse(spec), tree)
+    manifest = build_manifest(plan, surgery.parse(spec), model_source=path, model_sha256=None,
+                              model_name=tree.root.name, surgery_version=surgery.__version__)
+    assert verify(manifest, tree) == []
+    # The command line, in a process that must not import TensorFlow to verify the checkpoint.
+    manifest_path = tmp_path / "m.json"
+    manifest_path.write_text(manifest.to_json())
+    code = ("import sys; from surgery.cli import main; "
+            f"rc = main(['verify', {str(manifest_path)!r}, {path!r}]); "
+            "heavy = [m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras')]; "
+            "print('heavy:', heavy); sys.exit(rc)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "heavy: []" in result.stdout
+    assert "note:" not in result.stderr  # read by the archive engine, no fallback

@@ -32,11 +32,19 @@ tests/test_archive.py against the live engine on keras.applications architecture
   constraint in the layer's config, values included: describing them needs only the config, and
   so does removing them (the constraint it wraps comes back). Freezing new entries needs the
   weight values: `unsupported(plan)` says so before `write` refuses it.
+- surgery's AffineBatchNormalization (the 'batchnorm affine' policy) is saved as a
+  BatchNormalization entry with surgery's module and registered name: same config, same weights
+  groups. Switching a layer to it and back rewrites those two fields (`_AFFINE_ENTRY`).
+- A model saved compiled has ``compile_config`` in config.json and an ``optimizer`` group in the
+  weights file, beside the layers. `describe(path, compiled=True)` reads it (for commands that
+  only read); `write` does not, since ``load_model(compile=False)`` drops that state and a Keras
+  save afterwards leaves it out, which copying the weights entry cannot do.
 
 Whatever it is not sure of raises `ArchiveUnsupported` with a one-line reason, and the caller falls
 back to the live engine: not a zip with ``config.json``, a subclassed or custom class, a Lambda,
 a custom object anywhere in the config, a layer whose weights are nested or cannot be named,
-layers shared between models, optimizer state, quantized or LoRA layers, new sub-layer freezes.
+layers shared between models, compile state (when writing), quantized or LoRA layers, new
+sub-layer freezes.
 
 Importing this module imports no TensorFlow, Keras, NumPy or h5py: ``model.weights.h5`` is read
 by a small reader of the HDF5 metadata h5py writes (superblock 0/1, symbol-table groups, version-1
@@ -96,16 +104,22 @@ def is_archive(path: str) -> bool:
         return False
 
 
-def describe(path: str) -> LayerTree:
+def describe(path: str, *, compiled: bool = False) -> LayerTree:
     """The model in a `.keras` archive as a LayerTree, equal to
-    ``engines.live.describe(keras.models.load_model(path))[0]``."""
-    return _describe(path)
+    ``engines.live.describe(keras.models.load_model(path, compile=False))[0]``.
+
+    ``compiled=True`` also reads an archive saved from a compiled model (every checkpoint
+    `ModelCheckpoint` writes): its compile settings and optimizer variables are beside the
+    layers and change none of them, so commands that only read (show, plan, verify, lint) can
+    take it. `write` cannot: Keras drops that state when it loads with compile=False, and the
+    output of both engines must be the same, so `apply` loads such a file through Keras."""
+    return _describe(path, compiled=compiled)
 
 
-def _describe(path: str, *, use_h5py: bool = False) -> LayerTree:
+def _describe(path: str, *, use_h5py: bool = False, compiled: bool = False) -> LayerTree:
     with _Archive(path) as archive:
         cfg = archive.config()
-        root = _structure(cfg)
+        root = _structure(cfg, compiled_ok=compiled)
         if not use_h5py:
             try:
                 return LayerTree(_describe_tree(root, archive.weights_reader()))
@@ -247,6 +261,9 @@ class _Node:
     h5: str  # the group of this layer in model.weights.h5 ("" for the root)
     module: str = ""
     children: list["_Node"] = field(default_factory=list)
+    compiled: bool = False  # the root of a model saved compiled: its weights file has optimizer/
+    entry: dict = field(default_factory=dict)  # the whole layer entry: class, module, config
+    affine: bool = False  # surgery's AffineBatchNormalization (engines/batchnorm.py)
 
     @property
     def container(self) -> bool:
@@ -281,20 +298,21 @@ def _model_kind(layer_config: dict) -> Optional[str]:
     return None
 
 
-def _structure(cfg: dict) -> _Node:
+def _structure(cfg: dict, *, compiled_ok: bool = False) -> _Node:
     kind = _model_kind(cfg)
     cls = cfg.get("class_name")
     if kind is None:
         raise ArchiveUnsupported(
             f"the model is a {cls!s} (module {cfg.get('module')!s}), not a Functional or "
             "Sequential model: config.json does not describe its layers")
-    if cfg.get("compile_config"):
+    if cfg.get("compile_config") and not compiled_ok:
         raise ArchiveUnsupported("the model was saved compiled (optimizer and compile state), "
                                  "which Keras drops when it loads with compile=False")
     conf = cfg.get("config")
     if not isinstance(conf, dict) or not isinstance(conf.get("name"), str):
         raise ArchiveUnsupported(f"{CONFIG} has no model name")
     root = _Node(name=conf["name"], path="", cls=cls, index=0, kind=kind, conf=conf, h5="",
+                 compiled=bool(cfg.get("compile_config")),
                  module=cfg.get("module") or "")
     _children(root, conf, kind)
     foreign = _foreign_object(conf)
@@ -313,6 +331,9 @@ def _foreign_object(value) -> Optional[str]:
         if isinstance(item, dict):
             module = item.get("module")
             if isinstance(module, str) and not (module == "keras" or module.startswith("keras.")):
+                if _is_affine(item):
+                    stack.append(item.get("config"))
+                    continue
                 if item.get("registered_name") != _FROZEN_ENTRIES:
                     return (f"{item.get('class_name')} (module {module}, registered as "
                             f"{item.get('registered_name')!r})")
@@ -359,7 +380,9 @@ def _children(node: _Node, conf: dict, kind: str) -> None:
                     raise ArchiveUnsupported(f"layer {name!r}: {_REFUSED[cls]}")
                 if "shared_object_id" in lc:
                     raise ArchiveUnsupported(f"layer {name!r} is shared between models")
-                if not (module == "keras.layers" or module.startswith("keras.src.")) or \
+                if _is_affine(lc):
+                    pass  # a BatchNormalization in all but its call: see _AFFINE_MODULE
+                elif not (module == "keras.layers" or module.startswith("keras.src.")) or \
                         module.startswith("keras.src.models"):
                     registered = lc.get("registered_name")
                     raise ArchiveUnsupported(
@@ -380,7 +403,7 @@ def _children(node: _Node, conf: dict, kind: str) -> None:
         path = f"{node.path}/{name}" if node.path else name
         h5 = _join(_join(node.h5, "layers"), h5_name)
         child = _Node(name=name, path=path, cls=cls, index=position, kind=child_kind,
-                      conf=lconf, h5=h5, module=module)
+                      conf=lconf, h5=h5, module=module, entry=lc, affine=_is_affine(lc))
         position += 1
         node.children.append(child)
         if child_kind in ("functional", "sequential"):
@@ -425,8 +448,9 @@ def _describe_tree(root: _Node, reader: "_H5") -> Layer:
 
 def _describe_tree_with(root: _Node, reader: "_H5") -> Layer:
     top = reader.children("")
-    if top is None or not set(top) <= {"layers", "vars"}:
-        extra = sorted(set(top or ()) - {"layers", "vars"})
+    known = {"layers", "vars", "optimizer"} if root.compiled else {"layers", "vars"}
+    if top is None or not set(top) <= known:
+        extra = sorted(set(top or ()) - known)
         raise ArchiveUnsupported(f"{WEIGHTS} holds state beyond the layers ({', '.join(extra)})")
     auto = _AutoNames()
     return _layer(root, reader, auto)
@@ -452,7 +476,7 @@ def _layer(node: _Node, reader: "_H5", auto: "_AutoNames") -> Layer:
                         for (n, t), s in zip(named, shapes))
     return Layer(name=node.name, path=node.path, cls=node.cls, index=node.index,
                  trainable=_loaded_flag(node), weights=weights, children=children,
-                 container=node.container, details=_details(node))
+                 container=node.container, details=_details(node), affine=node.affine)
 
 
 def _details(node: _Node) -> tuple[tuple[str, str], ...]:
@@ -466,6 +490,19 @@ def _details(node: _Node) -> tuple[tuple[str, str], ...]:
 # Entries frozen inside a weight (surgery/engines/constraint.py, sub-layer freezing) travel in the
 # layer config as a FrozenEntries constraint on the attribute Keras passes to that weight.
 _FROZEN_ENTRIES = "surgery>FrozenEntries"
+
+# The 'batchnorm affine' policy's class (engines/batchnorm.py), as Keras saves it: the class name
+# stays BatchNormalization (its weights-file groups and config are BatchNormalization's), the
+# module and registered name are surgery's. Switching a layer to it and back changes only these
+# two fields of the layer's entry (tests/test_archive.py compares with a Keras save).
+_AFFINE_ENTRY = ("surgery.engines.batchnorm", "surgery>AffineBatchNormalization")
+_BATCHNORM_ENTRY = ("keras.layers", None)
+
+
+def _is_affine(entry: dict) -> bool:
+    return entry.get("class_name") == "BatchNormalization" and \
+        (entry.get("module"), entry.get("registered_name")) == _AFFINE_ENTRY
+
 _CONSTRAINT_OF = {"kernel_constraint": "kernel", "bias_constraint": "bias",
                   "gamma_constraint": "gamma", "beta_constraint": "beta",
                   "pointwise_constraint": "pointwise_kernel",
@@ -654,11 +691,6 @@ def unsupported(plan: "Plan") -> Optional[str]:
     for lp in plan.layers:
         if lp.layer.children:
             continue
-        if lp.affine != lp.layer.affine:
-            # The class is surgery's own (engines/batchnorm.py): its config entry is what a Keras
-            # save writes, and this engine reads and writes Keras's own classes only.
-            return (f"the 'batchnorm affine' policy changes the class of {lp.path!r} to "
-                    "surgery's AffineBatchNormalization, which the archive engine does not write")
         wanted = {p.weight: p.indices for p in lp.frozen_parts}
         carried = {w.name: w.frozen for w in lp.layer.weights if w.frozen}
         for weight, indices in wanted.items():
@@ -682,6 +714,9 @@ def _set_flags(root: _Node, plan: "Plan") -> None:
         node.conf["trainable"] = bool(lp.after)
         if node.container:
             continue
+        if lp.affine != node.affine:  # engines.batchnorm.switch: only the class entry changes
+            node.entry["module"], node.entry["registered_name"] = \
+                _AFFINE_ENTRY if lp.affine else _BATCHNORM_ENTRY
         wanted = {p.weight: p.indices for p in lp.frozen_parts}
         for weight, (attr, fc) in _frozen_constraints(node).items():
             if not wanted.get(weight):
