@@ -175,9 +175,10 @@ def _cmd_apply(args) -> int:
     from .report import plan_summary
 
     result = None
-    tree = _archive_tree(args) if out.endswith(".keras") else _no_archive(args, "an .h5 output")
-    if tree is not None:
-        result = _apply_with_archive(args, spec, tree, out, manifest_path)
+    opened = _open_archive(args) if out.endswith(".keras") else _no_archive(args, "an .h5 output")
+    if opened is not None:
+        with opened:
+            result = _apply_with_archive(args, spec, opened, out, manifest_path)
     if result is None:
         result = _apply_with_keras(args, spec, out, manifest_path)
     the_plan, status = result
@@ -189,14 +190,14 @@ def _cmd_apply(args) -> int:
     return EXIT_OK
 
 
-def _apply_with_archive(args, spec: Spec, tree, out: str, manifest_path: str):
+def _apply_with_archive(args, spec: Spec, opened, out: str, manifest_path: str):
     """(plan, exit status or None) by rewriting the archive; None when Keras must do it."""
     from .atomic import AtomicOutputs
     from .engines import archive
     from .manifest import build_manifest
     from .plan import plan_spec
 
-    the_plan = plan_spec(spec, tree, allow_empty=args.allow_empty)
+    the_plan = plan_spec(spec, opened.tree, allow_empty=args.allow_empty)
     reason = archive.unsupported(the_plan)
     if reason is not None:
         _fallback(args, reason)
@@ -205,11 +206,11 @@ def _apply_with_archive(args, spec: Spec, tree, out: str, manifest_path: str):
     with AtomicOutputs(fsync=args.fsync) as outputs:
         model_tmp = outputs.reserve(out, ".keras")
         try:
-            written = archive.write(args.model, the_plan, str(model_tmp))
+            written = opened.write(the_plan, str(model_tmp))
         except (OSError, archive.ArchiveUnsupported) as exc:
             raise SurgeryError(f"{out}: cannot save the model: {exc}") from None
         manifest = build_manifest(the_plan, spec, model_source=args.model,
-                                  model_sha256=written.source_sha256, model_name=tree.root.name,
+                                  model_sha256=written.source_sha256, model_name=opened.name,
                                   output_sha256=written.sha256)
         return the_plan, _write_manifest_and_commit(outputs, manifest, manifest_path, out)
 
@@ -293,6 +294,16 @@ def _archive_tree(args, *, read_only: bool = False):
     """The model's LayerTree read from its .keras archive without TensorFlow, or None when the
     Keras engine must load it (chosen, or --engine auto and the archive cannot be read alone).
     A command that only reads (``read_only``) also takes an archive saved compiled."""
+    opened = _open_archive(args, read_only=read_only)
+    if opened is None:
+        return None
+    with opened:
+        return opened.tree
+
+
+def _open_archive(args, *, read_only: bool = False):
+    """The model's .keras archive opened and described (`engines.archive.Opened`), or None as
+    `_archive_tree` says."""
     engine = getattr(args, "engine", "keras")
     if engine == "keras":
         return None
@@ -301,7 +312,7 @@ def _archive_tree(args, *, read_only: bool = False):
     from .engines import archive
 
     try:
-        return archive.describe(args.model, compiled=read_only)
+        return archive.Opened(args.model, compiled=read_only)
     except archive.ArchiveUnsupported as exc:
         _fallback(args, str(exc))
     except (OSError, ValueError) as exc:

@@ -73,8 +73,8 @@ from ..tree import Layer, LayerTree, Weight
 if TYPE_CHECKING:  # pragma: no cover
     from ..plan import Plan
 
-__all__ = ["ArchiveUnsupported", "Written", "describe", "write", "unsupported", "model_name",
-           "is_archive"]
+__all__ = ["ArchiveUnsupported", "Written", "Opened", "describe", "write", "unsupported",
+           "model_name", "is_archive"]
 
 CONFIG = "config.json"
 WEIGHTS = "model.weights.h5"
@@ -113,51 +113,91 @@ def describe(path: str, *, compiled: bool = False) -> LayerTree:
     layers and change none of them, so commands that only read (show, plan, verify, lint) can
     take it. `write` cannot: Keras drops that state when it loads with compile=False, and the
     output of both engines must be the same, so `apply` loads such a file through Keras."""
-    return _describe(path, compiled=compiled)
-
-
-def _describe(path: str, *, use_h5py: bool = False, compiled: bool = False) -> LayerTree:
-    with _Archive(path) as archive:
-        cfg = archive.config()
-        root = _structure(cfg, compiled_ok=compiled)
-        if not use_h5py:
-            try:
-                return LayerTree(_describe_tree(root, archive.weights_reader()))
-            except _H5Format:
-                pass  # a layout the small reader does not read: h5py reads it
-        reader = archive.weights_reader(use_h5py=True)
-        try:
-            return LayerTree(_describe_tree(root, reader))
-        except ArchiveUnsupported:
-            raise
-        except Exception as exc:  # h5py's errors on a damaged file are many types
-            raise ArchiveUnsupported(f"{WEIGHTS} is unreadable: {_first_line(exc)}") from None
-        finally:
-            reader.close()
+    with Opened(path, compiled=compiled) as opened:
+        return opened.tree
 
 
 def model_name(path: str) -> str:
     """The model's name (``model.name`` after loading), from config.json."""
     with _Archive(path) as archive:
         cfg = archive.config()
-    return _structure(cfg).name
+    return _structure(cfg, compiled_ok=True).name
 
 
 def write(src: str, plan: "Plan", dst: str) -> Written:
-    """Copy the archive ``src`` to ``dst`` with every layer's ``trainable`` flag set from ``plan``.
+    """Copy the archive ``src`` to ``dst`` with every layer's ``trainable`` flag set from
+    ``plan``: `Opened.write`."""
+    with Opened(src) as opened:
+        return opened.write(plan, dst)
 
-    ``config.json`` is rewritten (same JSON layout as Keras writes, only ``trainable`` values
-    changed); every other entry is copied as stored (same bytes, compression, timestamp), in the
-    original order; the weights are streamed in chunks. The output depends only on the input
-    bytes and the plan, so it is byte-reproducible. ``dst`` is written in place (the caller passes
-    a temporary path and renames it)."""
-    with _Archive(src) as archive:
-        cfg = archive.config()
-        root = _structure(cfg)
-        _check_plan(root, plan)
-        _set_flags(root, plan)
-        config_bytes = json.dumps(cfg).encode("utf-8")
-        return _copy_zip(archive, dst, {CONFIG: config_bytes})
+
+class Opened:
+    """A `.keras` archive read once: ``tree`` (what `describe` gives) and ``name`` (the model's),
+    then `write` from the same parsed config, so `apply` reads and checks the archive once.
+    Use it as a context manager (or `close` it)."""
+
+    def __init__(self, path: str, *, compiled: bool = False):
+        self._archive = _Archive(path)
+        try:
+            self._cfg = self._archive.config()
+            self._root = _structure(self._cfg, compiled_ok=compiled)
+            self.tree = _read_tree(self._archive, self._root)
+        except BaseException:
+            self._archive.close()
+            raise
+        self.name = self._root.name
+        self._written = False
+
+    def write(self, plan: "Plan", dst: str) -> Written:
+        """Write the archive to ``dst`` with every layer's ``trainable`` flag set from ``plan``.
+
+        ``config.json`` is rewritten (same JSON layout as Keras writes, only ``trainable`` values
+        and the affine class changed); every other entry is copied as stored (same bytes,
+        compression, timestamp), in the original order; the weights are streamed in chunks. The
+        output depends only on the input bytes and the plan, so it is byte-reproducible. ``dst``
+        is written in place (the caller passes a temporary path and renames it). Once: the flags
+        are set in the parsed config."""
+        if self._root.compiled:
+            raise ArchiveUnsupported(_COMPILED)
+        if self._written:
+            raise RuntimeError("an Opened archive is written once")
+        self._written = True
+        _check_plan(self._root, plan)
+        _set_flags(self._root, plan)
+        config_bytes = json.dumps(self._cfg).encode("utf-8")
+        return _copy_zip(self._archive, dst, {CONFIG: config_bytes})
+
+    def close(self) -> None:
+        self._archive.close()
+
+    def __enter__(self) -> "Opened":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _describe(path: str, *, use_h5py: bool = False) -> LayerTree:
+    """`describe` with h5py as the reader of the weights file, if ``use_h5py`` (for tests)."""
+    with _Archive(path) as archive:
+        return _read_tree(archive, _structure(archive.config()), use_h5py=use_h5py)
+
+
+def _read_tree(archive: "_Archive", root: "_Node", *, use_h5py: bool = False) -> LayerTree:
+    if not use_h5py:
+        try:
+            return LayerTree(_describe_tree(root, archive.weights_reader()))
+        except _H5Format:
+            pass  # a layout the small reader does not read: h5py reads it
+    reader = archive.weights_reader(use_h5py=True)
+    try:
+        return LayerTree(_describe_tree(root, reader))
+    except ArchiveUnsupported:
+        raise
+    except Exception as exc:  # h5py's errors on a damaged file are many types
+        raise ArchiveUnsupported(f"{WEIGHTS} is unreadable: {_first_line(exc)}") from None
+    finally:
+        reader.close()
 
 
 # --- the archive ---------------------------------------------------------------------------------
@@ -298,6 +338,10 @@ def _model_kind(layer_config: dict) -> Optional[str]:
     return None
 
 
+_COMPILED = ("the model was saved compiled (optimizer and compile state), which Keras drops when "
+             "it loads with compile=False")
+
+
 def _structure(cfg: dict, *, compiled_ok: bool = False) -> _Node:
     kind = _model_kind(cfg)
     cls = cfg.get("class_name")
@@ -306,8 +350,7 @@ def _structure(cfg: dict, *, compiled_ok: bool = False) -> _Node:
             f"the model is a {cls!s} (module {cfg.get('module')!s}), not a Functional or "
             "Sequential model: config.json does not describe its layers")
     if cfg.get("compile_config") and not compiled_ok:
-        raise ArchiveUnsupported("the model was saved compiled (optimizer and compile state), "
-                                 "which Keras drops when it loads with compile=False")
+        raise ArchiveUnsupported(_COMPILED)
     conf = cfg.get("config")
     if not isinstance(conf, dict) or not isinstance(conf.get("name"), str):
         raise ArchiveUnsupported(f"{CONFIG} has no model name")
@@ -340,9 +383,9 @@ def _foreign_object(value) -> Optional[str]:
                 stack.append(item.get("config", {}).get("inner") if isinstance(
                     item.get("config"), dict) else None)
                 continue
-            stack.extend(item.values())
+            stack.extend(v for v in item.values() if isinstance(v, (dict, list)))
         elif isinstance(item, list):
-            stack.extend(item)
+            stack.extend(v for v in item if isinstance(v, (dict, list)))
     return None
 
 
