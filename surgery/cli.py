@@ -198,7 +198,7 @@ def _apply_with_archive(args, spec: Spec, opened, out: str, manifest_path: str):
     from .plan import plan_spec
 
     the_plan = plan_spec(spec, opened.tree, allow_empty=args.allow_empty)
-    reason = archive.unsupported(the_plan)
+    reason = opened.unsupported(the_plan)
     if reason is not None:
         _fallback(args, reason)
         return None

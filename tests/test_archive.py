@@ -85,6 +85,12 @@ def _nested_mobilenet(keras):
     return keras.Model(inputs, keras.layers.Dense(2, name="head")(x), name="classifier")
 
 
+# Entries frozen inside eight layers of _zoo_functional (sub-layer freezing).
+PARTS_SPEC = ("freeze conv.filters[0:2]\nfreeze sep.filters[1:3]\nfreeze dw.filters[::2]\n"
+              "freeze einsum.units[0:2]\nfreeze inner_seq/inner_bn.gamma\nfreeze head.units[1]\n"
+              "freeze convt.kernel\nfreeze ln.gamma")
+
+
 @dataclass(frozen=True)
 class Arch:
     build: object
@@ -104,16 +110,20 @@ ARCHS = {
         "freeze inner_seq",
         "freeze **/type:BatchNormalization, twice, embed",
         "freeze inner_seq/inner_fc\nfreeze layers[0:6]",
+        PARTS_SPEC,  # entries frozen inside eight layers: their values read from the weights
     ), slow=False),
     "VGG16": Arch(_app("VGG16"), (
         "freeze all\nunfreeze block5_*",
         "freeze layers[0:10]",
+        "freeze block1_conv1.filters[::2]\nfreeze block5_conv3.filters[100:300]",
     ), slow=False),
     "MobileNetV2_nested": Arch(_nested_mobilenet, (
         "freeze mobilenetv2*/layers[:100]",
         "freeze all except **/block_16_*",
         "freeze mobilenetv2*",
         "freeze all except **/block_16_*\nbatchnorm affine",
+        "freeze **/expanded_conv_depthwise.filters[0:4]\nfreeze head.units[1]\n"
+        "freeze **/Conv1.kernel",
     ), slow=False),
     "ResNet50": Arch(_app("ResNet50"), (
         "freeze all\nunfreeze conv5_*",
@@ -234,6 +244,7 @@ def test_engines_agree(name, saved, tmp_path):
         out_tree_live = live.describe(loaded_live)[0]
         loaded_arch = _load(archive_out)
         assert live.describe(loaded_arch)[0].root == out_tree_live.root  # classes too (affine)
+        assert _constraints(loaded_arch) == _constraints(loaded_live), text  # values included
         flags_a, trainable_a, weights_a = _state(loaded_arch)
         assert flags_a == flags_l, text
         assert trainable_a == trainable_l, text
@@ -256,13 +267,9 @@ def test_engines_agree(name, saved, tmp_path):
             assert again == written
 
 
-PARTS = ("freeze conv.filters[0:2]\nfreeze sep.filters[1:3]\nfreeze dw.filters[::2]\n"
-         "freeze einsum.units[0:2]\nfreeze inner_seq/inner_bn.gamma\nfreeze head.units[1]\n"
-         "freeze convt.kernel\nfreeze ln.gamma")
-
-
 def _constraints(model):
-    """layer path -> weight -> (constraint class, frozen indices) for every constrained weight."""
+    """layer path -> weight -> (constraint class, frozen indices, frozen values as bytes, inner
+    constraint) for every constrained weight."""
     import keras
 
     out = {}
@@ -275,8 +282,11 @@ def _constraints(model):
             for v in layer.weights:
                 c = v.constraint
                 if c is not None:
-                    out.setdefault(path, {})[v.name] = (type(c).__name__,
-                                                        getattr(c, "indices", None))
+                    values = getattr(c, "values", None)
+                    out.setdefault(path, {})[v.name] = (
+                        type(c).__name__, getattr(c, "indices", None),
+                        None if values is None else (values.dtype.str, values.tobytes()),
+                        type(getattr(c, "inner", None)).__name__)
     walk(model, "")
     return out
 
@@ -288,17 +298,20 @@ def partly_frozen(saved, tmp_path_factory):
 
     model = _load(saved("zoo_functional"))
     tree, objects = live.describe(model)
-    live.write(model, plan_spec(surgery.parse(PARTS), tree), objects)
+    live.write(model, plan_spec(surgery.parse(PARTS_SPEC), tree), objects)
     path = str(tmp_path_factory.mktemp("parts") / "parts.keras")
     model.save(path)
     return path
 
 
 @pytest.mark.parametrize("text", ["freeze all", "unfreeze head", "unfreeze conv, einsum",
-                                  "freeze inner_seq\nfreeze twice"])
+                                  "freeze inner_seq\nfreeze twice", "freeze conv.filters[2:3]",
+                                  "unfreeze dw.filters[0]", "freeze twice.units[0]",
+                                  "freeze convt.filters[1]\nunfreeze ln"])
 def test_engines_agree_on_entries_frozen_inside_layers(partly_frozen, text, tmp_path):
-    """A model carrying sub-layer freezes: both engines describe them alike; plans that keep or
-    remove them are written by the archive engine as the live engine writes them."""
+    """A model carrying sub-layer freezes: both engines describe them alike; plans that keep,
+    remove, extend or shrink them are written by the archive engine as the live engine writes
+    them (new values read from the weights file)."""
     from surgery.engines import live
 
     src = partly_frozen
@@ -310,7 +323,7 @@ def test_engines_agree_on_entries_frozen_inside_layers(partly_frozen, text, tmp_
         "conv", "sep", "dw", "einsum", "inner_seq/inner_bn", "head", "convt", "ln"}
     spec = surgery.parse(text)
     live_plan, archive_plan = plan_spec(spec, live_tree), plan_spec(spec, tree)
-    assert archive.unsupported(archive_plan) is None
+    assert archive.unsupported(src, archive_plan) is None
     live.write(model, live_plan, objects)
     model.save(str(tmp_path / "live.keras"))
     written = archive.write(src, archive_plan, str(tmp_path / "archive.keras"))
@@ -329,14 +342,15 @@ def test_engines_agree_on_entries_frozen_inside_layers(partly_frozen, text, tmp_
     _assert_same_tree(archive.describe(str(tmp_path / "archive.keras")), tree_a)
 
 
-def test_new_entries_frozen_inside_a_layer_need_the_live_engine(partly_frozen, tmp_path):
-    tree = archive.describe(partly_frozen)
-    for text in ("freeze conv.filters[2:3]", "unfreeze dw.filters[0]", "freeze twice.units[0]"):
-        plan = plan_spec(surgery.parse(text), tree)
-        assert "needs Keras" in archive.unsupported(plan)
-        with pytest.raises(ArchiveUnsupported):
-            archive.write(partly_frozen, plan, str(tmp_path / "out.keras"))
-        assert not (tmp_path / "out.keras").exists()
+def test_frozen_values_are_taken_as_numpy_takes_them():
+    """_take against np.take on the middle axis, both copy strategies (row runs, byte columns)."""
+    rng = np.random.default_rng(0)
+    cases = [(1, 7, 1, [0, 1, 2, 5]), (6, 5, 3, [4]), (2, 9, 1, [1, 3, 5, 7]),
+             (3, 4, 2, [0, 1, 2, 3]), (5, 8, 4, [0, 2, 3, 6])]
+    for outer, size, inner, picks in cases:
+        a = rng.standard_normal((outer, size, inner)).astype("float32")
+        got = archive._take(a.tobytes(), outer, size, inner * 4, tuple(picks))
+        assert got == np.take(a, picks, axis=1).tobytes()
 
 
 # --- properties of the archive path --------------------------------------------------------------

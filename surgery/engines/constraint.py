@@ -36,7 +36,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ..parts import Index, PartError, Selection, select  # noqa: E402
+from ..parts import Index, PartError, Selection, index_runs, select  # noqa: E402
 
 __all__ = [
     "FrozenEntries",
@@ -166,7 +166,7 @@ class FrozenEntries(keras.constraints.Constraint):
         return {
             "shape": list(self.shape),
             "axes": list(self.axes),
-            "indices": _runs(self.indices),
+            "indices": index_runs(self.indices),
             "dtype": _dtype_name(self.values.dtype),
             "values": self._encoded,
             "inner": keras.constraints.serialize(self.inner) if self.inner is not None else None,
@@ -401,17 +401,6 @@ def _pieces(indices: tuple[int, ...], size: int) -> list[tuple[int, int, Optiona
             else:
                 out.append((start, i, None))
             start = i
-    return out
-
-
-def _runs(indices: tuple[int, ...]) -> list[list[int]]:
-    """Sorted indices as [start, stop) runs: ``filters[0:32]`` is stored as [[0, 32]]."""
-    out: list[list[int]] = []
-    for i in indices:
-        if out and out[-1][1] == i:
-            out[-1][1] = i + 1
-        else:
-            out.append([i, i + 1])
     return out
 
 
