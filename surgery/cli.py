@@ -227,8 +227,9 @@ def _apply_with_keras(args, spec: Spec, out: str, manifest_path: str):
         if source is not None:
             try:
                 digest = source.result()
-            except OSError as exc:
-                raise SurgeryError(f"{args.model}: {exc.strerror or exc}") from None
+            except OSError as exc:  # a read error, or digest.changed_error (which names the file)
+                raise SurgeryError(f"{args.model}: {exc.strerror}" if exc.strerror
+                                   else str(exc)) from None
     the_plan, manifest = apply_plan(model, spec, allow_empty=args.allow_empty,
                                     model_source=args.model, model_sha256=digest)
     _print_diagnostics(the_plan.diagnostics, spec)
@@ -290,20 +291,11 @@ def _fallback(args, reason: str) -> None:
     args.fallback_note = f"surgery: note: {reason}; loaded through Keras"
 
 
-def _archive_tree(args, *, read_only: bool = False):
-    """The model's LayerTree read from its .keras archive without TensorFlow, or None when the
-    Keras engine must load it (chosen, or --engine auto and the archive cannot be read alone).
-    A command that only reads (``read_only``) also takes an archive saved compiled."""
-    opened = _open_archive(args, read_only=read_only)
-    if opened is None:
-        return None
-    with opened:
-        return opened.tree
-
-
 def _open_archive(args, *, read_only: bool = False):
-    """The model's .keras archive opened and described (`engines.archive.Opened`), or None as
-    `_archive_tree` says."""
+    """The model's .keras archive opened and described without TensorFlow
+    (`engines.archive.Opened`), or None when the Keras engine must load it (chosen, or --engine
+    auto and the archive cannot be read alone). A command that only reads (``read_only``) also
+    takes an archive saved compiled."""
     engine = getattr(args, "engine", "keras")
     if engine == "keras":
         return None
@@ -321,9 +313,10 @@ def _open_archive(args, *, read_only: bool = False):
 
 
 def _model_tree(args):
-    tree = _archive_tree(args, read_only=True)
-    if tree is not None:
-        return tree
+    opened = _open_archive(args, read_only=True)
+    if opened is not None:
+        with opened:
+            return opened.tree
     from .engines import live
 
     return live.describe(_load_model(live, args))[0]

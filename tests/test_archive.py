@@ -669,12 +669,35 @@ def test_compiled_checkpoint_is_read_for_reading_only(checkpoint, tmp_path):
     # The command line, in a process that must not import TensorFlow to verify the checkpoint.
     manifest_path = tmp_path / "m.json"
     manifest_path.write_text(manifest.to_json())
-    code = ("import sys; from surgery.cli import main; "
-            f"rc = main(['verify', {str(manifest_path)!r}, {path!r}]); "
-            "heavy = [m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras')]; "
-            "print('heavy:', heavy); sys.exit(rc)")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+    result = _cli_without_keras(["verify", str(manifest_path), path])
+    assert "note:" not in result.stderr  # read by the archive engine, no fallback
+
+
+def _cli_without_keras(argv):
+    """Run the command line in a fresh process and check it imported neither TensorFlow nor
+    Keras (nor NumPy or h5py): the archive path, not a fallback."""
+    code = ("import sys; from surgery.cli import main; rc = main(sys.argv[1:]); "
+            "heavy = [m for m in sys.modules if m.split('.')[0] in "
+            "('tensorflow', 'keras', 'numpy', 'h5py')]; print('heavy:', heavy); sys.exit(rc)")
+    result = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "heavy: []" in result.stdout
-    assert "note:" not in result.stderr  # read by the archive engine, no fallback
+    return result
+
+
+def test_cli_writes_sub_layer_freezes_and_the_affine_class_without_keras(saved, tmp_path):
+    src = saved("zoo_functional")
+    spec = tmp_path / "spec.frz"
+    spec.write_text("freeze all except inner_seq, conv, head\n"
+                    "freeze conv.filters[0:2], head.units[1]\nbatchnorm affine\n")
+    out = tmp_path / "out.keras"
+    result = _cli_without_keras(["apply", str(spec), src, "-o", str(out)])
+    assert "loaded through Keras" not in result.stderr
+    model = _load(str(out))
+    assert type(model.get_layer("inner_seq").get_layer("inner_bn")).__qualname__ == \
+        "AffineBatchNormalization"
+    frozen = _constraints(model)
+    assert frozen["conv"]["kernel"][:2] == ("FrozenEntries", (0, 1))
+    assert frozen["head"]["bias"][:2] == ("FrozenEntries", (1,))
+    _cli_without_keras(["verify", str(out) + ".manifest.json", str(out)])

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -285,11 +286,21 @@ def test_archive_engine_writes_reproducible_outputs_that_verify(work, capsys):
 
 
 def test_auto_engine_falls_back_to_keras_with_a_note(work, capsys):
+    import keras
+
     tmp, spec, model = work
-    spec.write_text("freeze stem.units[0:2]\n")  # new frozen entries need the weight values
+    # Saved compiled: the output must drop the compile state as load_model(compile=False) does,
+    # which rewriting config.json and copying the weights entry cannot.
+    compiled = keras.models.load_model(model, compile=False)
+    compiled.compile(optimizer="adam", loss="mse")
+    compiled.train_on_batch(np.zeros((2, 6), "float32"), np.zeros((2, 2), "float32"))
+    model = tmp / "compiled.keras"
+    compiled.save(model)
     assert run("apply", spec, model, "-o", tmp / "t.keras", "--engine", "auto") == 0
     err = capsys.readouterr().err
-    assert err.startswith("surgery: note: freezing entries inside 'stem'")
+    assert err.startswith("surgery: note: the model was saved compiled")
     assert "loaded through Keras" in err
+    assert not json.loads(zipfile.ZipFile(tmp / "t.keras").read("config.json")).get(
+        "compile_config")  # Keras writes {} for a model loaded with compile=False
     assert run("apply", spec, model, "-o", tmp / "u.keras", "--engine", "archive") == 2
     assert "the archive engine cannot handle it" in capsys.readouterr().err

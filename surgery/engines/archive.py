@@ -44,8 +44,8 @@ tests/test_archive.py against the live engine on keras.applications architecture
 Whatever it is not sure of raises `ArchiveUnsupported` with a one-line reason, and the caller falls
 back to the live engine: not a zip with ``config.json``, a subclassed or custom class, a Lambda,
 a custom object anywhere in the config, a layer whose weights are nested or cannot be named,
-layers shared between models, compile state (when writing), quantized or LoRA layers, new
-sub-layer freezes.
+layers shared between models, compile state (when writing), quantized or LoRA layers, weights
+stored in a form neither reader reads.
 
 Importing this module imports no TensorFlow, Keras, NumPy or h5py: ``model.weights.h5`` is read
 by a small reader of the HDF5 metadata h5py writes (superblock 0/1, symbol-table groups, version-1
@@ -128,8 +128,7 @@ def model_name(path: str) -> str:
 
 
 def write(src: str, plan: "Plan", dst: str) -> Written:
-    """Copy the archive ``src`` to ``dst`` with every layer's ``trainable`` flag set from
-    ``plan``: `Opened.write`."""
+    """Copy the archive ``src`` to ``dst`` in ``plan``'s state: `Opened.write`."""
     with Opened(src) as opened:
         return opened.write(plan, dst)
 
@@ -183,10 +182,11 @@ class Opened:
         self._prepared = plan
 
     def write(self, plan: "Plan", dst: str) -> Written:
-        """Write the archive to ``dst`` with every layer's ``trainable`` flag set from ``plan``.
+        """Write the archive to ``dst`` in ``plan``'s state: every layer's ``trainable`` flag, its
+        class (affine or not), the entries frozen inside it.
 
-        ``config.json`` is rewritten (same JSON layout as Keras writes, only ``trainable`` values
-        and the affine class changed); every other entry is copied as stored (same bytes,
+        ``config.json`` is rewritten (same JSON layout as Keras writes, only those values
+        changed); every other entry is copied as stored (same bytes,
         compression, timestamp), in the original order; the weights are streamed in chunks. The
         output depends only on the input bytes and the plan, so it is byte-reproducible. ``dst``
         is written in place (the caller passes a temporary path and renames it). For one plan:
