@@ -119,7 +119,8 @@ def test_freezing_a_nested_base_then_unfreezing_inside_it(keras_module):
     base = keras.applications.MobileNetV2(weights=None, include_top=False, input_shape=(32, 32, 3))
     base.trainable = False  # the usual first step of transfer learning, done by hand
     model = _classifier(keras, base)
-    surgery.apply(model, "unfreeze **/block_16_*, head")
+    with pytest.warns(surgery.SurgeryWarning, match="without a policy"):  # BatchNorm unfrozen
+        surgery.apply(model, "unfreeze **/block_16_*, head")
     trained = trainable_paths(model)
     assert trained and all(p.startswith(("block_16_", "head/")) for p in trained)
     expected = sorted(v.path for layer in base.layers if layer.name.startswith("block_16_")
@@ -160,7 +161,8 @@ def test_apply_warns_that_a_compiled_model_needs_compiling_again(keras_module):
 def test_manifest_counts_match_keras(keras_module):
     keras = keras_module
     model = keras.applications.ResNet50(weights=None, include_top=False, input_shape=SMALL)
-    manifest = surgery.apply(model, "freeze all; unfreeze conv5_*")
+    with pytest.warns(surgery.SurgeryWarning, match="without a policy"):  # BatchNorm unfrozen
+        manifest = surgery.apply(model, "freeze all; unfreeze conv5_*")
     totals = manifest.data["totals"]
     keras_trainable = sum(int(np.prod(v.shape)) for v in model.trainable_weights)
     keras_total = sum(int(np.prod(v.shape)) for v in model.weights)
