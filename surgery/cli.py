@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .digest import InputChanged
+from .engines import APPLICATIONS_PREFIX
 from .errors import SpecError, SurgeryError, UsageError, render_diagnostics
 from .ir import Spec
 from .parse import load_spec
@@ -207,6 +209,8 @@ def _apply_with_archive(args, spec: Spec, opened, out: str, manifest_path: str):
         model_tmp = outputs.reserve(out, ".keras")
         try:
             written = opened.write(the_plan, str(model_tmp))
+        except (InputChanged, archive.DamagedArchive) as exc:  # the input's fault
+            raise SurgeryError(f"{args.model}: {exc}") from None
         except (OSError, archive.ArchiveUnsupported) as exc:
             raise SurgeryError(f"{out}: cannot save the model: {exc}") from None
         manifest = build_manifest(the_plan, spec, model_source=args.model,
@@ -219,17 +223,21 @@ def _apply_with_keras(args, spec: Spec, out: str, manifest_path: str):
     """(plan, exit status or None) by loading, changing and saving the model through Keras."""
     from .api import apply_plan
     from .atomic import AtomicOutputs
-    from .engines import live
 
-    with _input_digest(args.model) as source:  # hashed while TensorFlow loads
+    # Hashed in a thread while TensorFlow imports and the model loads: begun before the import.
+    with _input_digest(args.model) as source:
+        from .engines import live
+
         model = _load_model(live, args)
         digest = None
         if source is not None:
             try:
                 digest = source.result()
-            except OSError as exc:  # a read error, or digest.changed_error (which names the file)
-                raise SurgeryError(f"{args.model}: {exc.strerror}" if exc.strerror
-                                   else str(exc)) from None
+            except InputChanged as exc:
+                raise SurgeryError(f"{args.model}: {exc}") from None
+            except OSError as exc:
+                raise SurgeryError(f"{args.model}: cannot read it: "
+                                   f"{exc.strerror or exc}") from None
     the_plan, manifest = apply_plan(model, spec, allow_empty=args.allow_empty,
                                     model_source=args.model, model_sha256=digest)
     _print_diagnostics(the_plan.diagnostics, spec)
@@ -248,7 +256,8 @@ def _input_digest(model: str):
     for a path that does not open, which loading the model then reports."""
     from .digest import FileDigest
 
-    if os.path.isfile(model):
+    # As engines.live.load decides: a keras.applications name is built, whatever the folder has.
+    if not model.startswith(APPLICATIONS_PREFIX) and os.path.isfile(model):
         try:
             return FileDigest(model)
         except OSError:

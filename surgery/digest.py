@@ -22,9 +22,18 @@ import os
 import threading
 from typing import Optional
 
-__all__ = ["FileDigest", "sha256_file", "changed", "changed_error"]
+__all__ = ["FileDigest", "InputChanged", "sha256_file", "changed"]
 
 _BUFFER = 1 << 18  # fits the CPU's L2: the copy in and the hash read stay out of main memory
+
+
+class InputChanged(OSError):
+    """The input file was written, or replaced, while it was being read. ``str(exc)`` does not
+    name the file: the caller says which."""
+
+    def __init__(self) -> None:
+        super().__init__("changed while it was being read; run again once whatever writes it "
+                         "is done")
 
 
 class FileDigest:
@@ -36,7 +45,7 @@ class FileDigest:
         self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         self._stat = os.fstat(self._fd)
         self._digest = hashlib.sha256()
-        self._error: Optional[OSError] = None
+        self._error: Optional[BaseException] = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="surgery-input-sha256",
                                         daemon=True)
@@ -56,7 +65,7 @@ class FileDigest:
                     return
                 digest.update(view[:n])
                 offset += n
-        except OSError as exc:
+        except BaseException as exc:  # whatever stopped it, result() must not return a digest
             self._error = exc
 
     def result(self) -> str:
@@ -68,7 +77,7 @@ class FileDigest:
             if self._stop.is_set():
                 raise RuntimeError("the digest was cancelled")
             if changed(self._stat, os.fstat(self._fd), self.path):
-                raise changed_error(self.path)
+                raise InputChanged()
             return self._digest.hexdigest()
         finally:
             self._close()
@@ -102,11 +111,6 @@ def changed(before: os.stat_result, after: os.stat_result, path: str) -> bool:
     except OSError:
         return True
     return (now.st_dev, now.st_ino) != (before.st_dev, before.st_ino)
-
-
-def changed_error(path: str) -> OSError:
-    return OSError(f"{path} changed while it was being read; run again once whatever writes "
-                   "it is done")
 
 
 def _read_into(fd: int, view: memoryview, offset: int) -> int:

@@ -180,8 +180,8 @@ def build_manifest(plan: Plan, spec: Spec, *, model_source: str, model_sha256: O
                 "trainable": lp.after,
                 "rule": lp.rule.number if lp.rule is not None else None,
                 **({"frozen_parts": _parts(lp)} if lp.frozen_parts else {}),
-                **({"batchnorm": lp.batchnorm}
-                   if lp.policy is not None or lp.layer.affine else {}),
+                **({"batchnorm": lp.batchnorm, "affine": lp.affine}
+                   if lp.policy is not None or lp.affine else {}),
             }
             for lp in plan.layers
         ],
@@ -221,7 +221,8 @@ def _phase(ph) -> dict:
         "trainable": [lp.path for lp in leaves if lp.after],
         "frozen_parts": {lp.path: _parts(lp) for lp in leaves if lp.frozen_parts},
         "batchnorm": {lp.path: lp.batchnorm for lp in leaves
-                      if lp.policy is not None or lp.layer.affine},
+                      if lp.policy is not None or lp.affine},
+        "affine": [lp.path for lp in leaves if lp.affine],
         "trainable_params": ph.plan.totals.trainable_after,
     }
 
@@ -269,8 +270,10 @@ def phase_layers(manifest: Manifest, epoch: int) -> list[dict]:
         if e["path"] in parts:
             e["frozen_parts"] = parts[e["path"]]
         e.pop("batchnorm", None)
+        e.pop("affine", None)
         if e["path"] in phase.get("batchnorm", {}):
             e["batchnorm"] = phase["batchnorm"][e["path"]]
+            e["affine"] = e["path"] in phase.get("affine", ())
     for e in entries:
         if e["container"]:
             prefix = e["path"] + "/"
@@ -302,13 +305,14 @@ def verify(manifest: Manifest, tree: LayerTree, *, epoch: Optional[int] = None) 
             differences.append(f"{path}: the manifest has a {entry['class']}, the model a "
                                f"{node.cls}")
             continue
-        # The class is affine when the mode is and the layer trains (plan._affine).
-        want_affine = entry.get("batchnorm") == BN_AFFINE and bool(entry.get("trainable"))
+        # The class the plan gave the layer (plan._affine); a manifest written before it was
+        # recorded has only the mode, which under a policy means the class where the layer trains.
+        want_affine = entry["affine"] if "affine" in entry else (
+            entry.get("batchnorm") == BN_AFFINE and bool(entry.get("trainable")))
         if want_affine != node.affine:
             word = lambda affine: "affine" if affine else "not affine"  # noqa: E731
             differences.append(f"{path}: the manifest has this BatchNormalization "
                                f"{word(want_affine)}, the model {word(node.affine)}")
-            continue
         if node.params == 0:
             continue
         actual = _trains(tree, node)

@@ -86,7 +86,7 @@ class LayerPlan:
             return None
         if self.policy is not None:
             return self.policy.mode
-        return BN_AFFINE if self.layer.affine else BN_TRAIN
+        return BN_AFFINE if self.affine else BN_TRAIN
 
     @property
     def changed(self) -> bool:
@@ -149,8 +149,8 @@ class Plan:
         affine = sum(1 for lp in bn if lp.after and lp.affine)
         trainable = len(bn) - frozen - affine
         notes = []
-        partial_bn = [lp for lp in bn if lp.partial]
-        if partial_bn:
+        partial_bn = [lp for lp in bn if lp.partial and not lp.affine]
+        if partial_bn:  # (an affine one is told below: its statistics stay fixed)
             notes.append(
                 f"{len(partial_bn)} BatchNormalization layer{'s have' if len(partial_bn) > 1 else ' has'}"
                 " frozen parts but stay trainable: in training they normalize with batch "
@@ -299,12 +299,13 @@ def make_plan(tree: LayerTree, resolution: Resolution, source: str = "") -> Plan
 
 
 def _affine(node: Layer, policy: Optional[BatchNormRule], trainable: bool) -> bool:
-    # Only a layer that trains needs the class: frozen, every BatchNormalization behaves alike,
-    # and a plain one keeps the output loadable without surgery. So the class is affine exactly
-    # when the mode in force (the policy's; without one, the class the layer has) is affine and
-    # the layer trains: what `manifest.verify` checks from the manifest's batchnorm and trainable.
-    mode = policy.mode if policy is not None else (BN_AFFINE if node.affine else None)
-    return mode == BN_AFFINE and trainable
+    # Under a policy, only a layer that trains needs the class: frozen, every BatchNormalization
+    # behaves alike, and a plain one keeps the output loadable without surgery. Without one, the
+    # class stays as it is: a later phase that unfreezes the layer (against the model as applied)
+    # must find it as the spec's author left it. The manifest records the class (verify reads it).
+    if policy is None:
+        return node.affine
+    return policy.mode == BN_AFFINE and trainable
 
 
 @dataclass(frozen=True)

@@ -134,12 +134,13 @@ def plan_summary(plan: Plan) -> str:
     frozen = sum(1 for lp in plan.layers if not lp.layer.children and not lp.after)
     leaves = sum(1 for lp in plan.layers if not lp.layer.children)
     partial = sum(1 for lp in plan.layers if lp.partial)
-    switched = sum(1 for lp in plan.layers if lp.affine != lp.layer.affine)
+    to_affine = sum(1 for lp in plan.layers if lp.affine and not lp.layer.affine)
+    from_affine = sum(1 for lp in plan.layers if lp.layer.affine and not lp.affine)
+    switched = "".join(
+        f", {n} BatchNormalization layer{'s' if n != 1 else ''} switched {way} the affine class"
+        for n, way in ((to_affine, "to"), (from_affine, "from")) if n)
     lines.append(f"{frozen} of {leaves} layers frozen" + (
-        f", {partial} frozen in part" if partial else "") + (
-        f", {switched} BatchNormalization layer{'s' if switched != 1 else ''} switched "
-        f"{'to' if any(lp.affine for lp in plan.layers) else 'from'} the affine policy"
-        if switched else ""))
+        f", {partial} frozen in part" if partial else "") + switched)
     lines.extend(_totals(plan, with_change=True))
     lines.extend(f"note: {n}" for n in plan.notes)
     if plan.phases:

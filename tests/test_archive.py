@@ -701,3 +701,83 @@ def test_cli_writes_sub_layer_freezes_and_the_affine_class_without_keras(saved, 
     assert frozen["conv"]["kernel"][:2] == ("FrozenEntries", (0, 1))
     assert frozen["head"]["bias"][:2] == ("FrozenEntries", (1,))
     _cli_without_keras(["verify", str(out) + ".manifest.json", str(out)])
+
+
+# --- found by review: damaged, changing and unusual inputs -------------------------------------
+
+
+def _weights_rewritten(src, dst, rewrite):
+    """Copy the archive ``src`` to ``dst`` with model.weights.h5 replaced by rewrite(bytes)."""
+    with zipfile.ZipFile(src) as z, zipfile.ZipFile(dst, "w") as out:
+        for info in z.infolist():
+            data = z.read(info.filename)
+            out.writestr(info, rewrite(data) if info.filename == "model.weights.h5" else data)
+
+
+def test_sub_layer_values_are_read_by_h5py_when_the_small_reader_cannot(saved, tmp_path):
+    """A weights file in HDF5's newer format (superblock 3), which only h5py reads: freezing
+    entries still goes through the archive engine, and matches a Keras save."""
+    import io
+
+    import h5py
+
+    def latest(data):
+        src = h5py.File(io.BytesIO(data), "r")
+        buf = io.BytesIO()
+        with h5py.File(buf, "w", libver="latest") as dst:
+            for key in src:
+                src.copy(src[key], dst, key)
+        return buf.getvalue()
+
+    src = str(tmp_path / "latest.keras")
+    _weights_rewritten(saved("zoo_sequential"), src, latest)
+    plan = plan_spec(surgery.parse("freeze fc1.units[0:3], out.kernel"), archive.describe(src))
+    assert archive.unsupported(src, plan) is None
+    archive.write(src, plan, str(tmp_path / "out.keras"))
+    model = _load(str(tmp_path / "out.keras"))
+    reference = _load(saved("zoo_sequential"))
+    assert _constraints(model)["fc1"]["kernel"][2] == (
+        "<f4", reference.get_layer("fc1").kernel.numpy()[:, 0:3].tobytes())
+
+
+def test_a_damaged_weights_entry_is_an_error_not_a_copy(saved, tmp_path):
+    """Bytes that fail the entry's CRC-32 (what Keras checks on load) stop `apply` with exit 2,
+    nothing written, instead of an output that cannot load."""
+    from surgery.cli import main
+
+    src = saved("zoo_sequential")
+    data = bytearray(open(src, "rb").read())
+    with zipfile.ZipFile(src) as z:
+        info = z.getinfo("model.weights.h5")
+    start = info.header_offset + 30 + len(info.filename) + len(info.extra)
+    data[start + info.compress_size - 64] ^= 0xFF  # inside the last dataset's bytes
+    bad = tmp_path / "bad.keras"
+    bad.write_bytes(bytes(data))
+    spec = tmp_path / "s.frz"
+    spec.write_text("freeze fc1\n")
+    out = tmp_path / "out.keras"
+    assert main(["apply", str(spec), str(bad), "-o", str(out), "--engine", "archive"]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.keras", "s.frz"]  # nothing else
+    with pytest.raises(archive.DamagedArchive, match="CRC-32"):
+        archive.write(str(bad), plan_spec(surgery.parse("freeze fc1"), archive.describe(str(bad))),
+                      str(tmp_path / "direct.keras"))
+
+
+def test_an_input_rewritten_after_it_was_opened_is_an_error(saved, tmp_path):
+    """The state is checked from the moment the archive is opened: a checkpoint written over the
+    path between planning and copying (same size, other weights) is refused."""
+    import shutil
+
+    from surgery.digest import InputChanged
+
+    src = tmp_path / "live.keras"
+    shutil.copy(saved("zoo_sequential"), src)
+    opened = archive.Opened(str(src))
+    plan = plan_spec(surgery.parse("freeze fc1.units[0:2]"), opened.tree)
+    assert opened.unsupported(plan) is None  # values read now, from the first version
+    data = bytearray(src.read_bytes())
+    with open(src, "r+b") as f:  # in place, as a save over the same path does
+        f.write(bytes(data))
+    with pytest.raises(InputChanged):
+        opened.write(plan, str(tmp_path / "out.keras"))
+    opened.close()

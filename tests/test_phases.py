@@ -257,6 +257,40 @@ def test_a_model_carrying_the_affine_class_keeps_it_without_a_policy_and_loses_i
     assert switched.plan.by_path["bn"].changed is True
 
 
+def test_freezing_an_affine_layer_without_a_policy_keeps_its_class_for_a_later_phase():
+    """No policy: the class stays, frozen or not, so the phase that unfreezes the layer (planned
+    against the model as applied) finds it affine. Under an affine policy a frozen layer takes
+    the plain class. The manifest records the class, and verify checks it in both cases."""
+    from surgery.manifest import build_manifest, verify
+
+    description = {"name": "model", "layers": [
+        "conv:Conv2D", {"name": "bn", "class": "BatchNormalization", "affine": True,
+                        "weights": [["gamma", [4], True], ["beta", [4], True]]}]}
+    spec = "freeze bn\nat epoch 1:\n  unfreeze bn\n"
+    first, later = phases(spec, description)
+    assert (first.plan.by_path["bn"].after, first.plan.by_path["bn"].affine) == (False, True)
+    assert (later.plan.by_path["bn"].after, later.plan.by_path["bn"].affine) == (True, True)
+    (policy,) = phases("freeze bn\nbatchnorm affine\n", description)
+    assert (policy.plan.by_path["bn"].after, policy.plan.by_path["bn"].affine) == (False, False)
+
+    for text, affine in ((spec, True), ("freeze bn\nbatchnorm affine\n", False)):
+        parsed = surgery.parse(text)
+        plan = plan_spec(parsed, tree(description))
+        manifest = build_manifest(plan, parsed, model_source="m.keras", model_sha256=None,
+                                  model_name="model", surgery_version="test")
+        (entry,) = [e for e in manifest.layers if e["path"] == "bn"]
+        assert (entry["batchnorm"], entry["affine"], entry["trainable"]) == (
+            BN_AFFINE, affine, False)
+        as_written = dict(description, layers=[
+            "conv:Conv2D", {"name": "bn", "class": "BatchNormalization", "affine": affine,
+                            "trainable": False,
+                            "weights": [["gamma", [4], True], ["beta", [4], True]]}])
+        assert verify(manifest, tree(as_written)) == []
+        flipped = dict(as_written, layers=[as_written["layers"][0],
+                                           dict(as_written["layers"][1], affine=not affine)])
+        assert len(verify(manifest, tree(flipped))) == 1
+
+
 def test_policy_selectors_that_match_no_batchnorm_are_an_error_with_line_and_column():
     with pytest.raises(surgery.SelectorError) as info:
         phases("freeze all\nbatchnorm affine conv1, head\n")

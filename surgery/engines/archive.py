@@ -69,15 +69,15 @@ import zlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, NamedTuple, Optional
 
-from ..digest import _read_into, changed, changed_error, sha256_file
+from ..digest import InputChanged, _read_into, changed, sha256_file
 from ..parts import PartError, index_runs, select
 from ..tree import Layer, LayerTree, Weight
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..plan import Plan
 
-__all__ = ["ArchiveUnsupported", "Written", "Opened", "describe", "write", "unsupported",
-           "model_name", "is_archive"]
+__all__ = ["ArchiveUnsupported", "DamagedArchive", "Written", "Opened", "describe", "write",
+           "unsupported", "model_name", "is_archive"]
 
 CONFIG = "config.json"
 WEIGHTS = "model.weights.h5"
@@ -85,6 +85,11 @@ WEIGHTS = "model.weights.h5"
 
 class ArchiveUnsupported(Exception):
     """This archive cannot be handled without Keras; ``str(exc)`` is a one-line reason."""
+
+
+class DamagedArchive(Exception):
+    """An entry of the archive fails its CRC-32 check: Keras would refuse the file too, and a
+    copy would carry the damage into the output. ``str(exc)`` does not name the file."""
 
 
 class Written(NamedTuple):
@@ -212,20 +217,23 @@ def _describe(path: str, *, use_h5py: bool = False) -> LayerTree:
 
 
 def _read_tree(archive: "_Archive", root: "_Node", *, use_h5py: bool = False) -> LayerTree:
-    if not use_h5py:
-        try:
-            return LayerTree(_describe_tree(root, archive.weights_reader()))
-        except _H5Format:
-            pass  # a layout the small reader does not read: h5py reads it
-    reader = archive.weights_reader(use_h5py=True)
+    reader: Optional[_H5] = None
     try:
+        if not use_h5py:
+            try:
+                reader = archive.weights_reader()
+                return LayerTree(_describe_tree(root, reader))
+            except _H5Format:
+                pass  # a layout the small reader does not read: h5py reads it
+        reader = archive.weights_reader(use_h5py=True)
         return LayerTree(_describe_tree(root, reader))
     except ArchiveUnsupported:
         raise
     except Exception as exc:  # h5py's errors on a damaged file are many types
         raise ArchiveUnsupported(f"{WEIGHTS} is unreadable: {_first_line(exc)}") from None
     finally:
-        reader.close()
+        if reader is not None:
+            reader.close()
 
 
 # --- the archive ---------------------------------------------------------------------------------
@@ -238,6 +246,9 @@ class _Archive:
             self.file = open(self.path, "rb")
         except OSError as exc:
             raise ArchiveUnsupported(f"cannot open: {exc.strerror or exc}") from None
+        # Whatever is read from here on (config, weights, values, the copy) must come from this
+        # version of the file: `_copy_zip` checks at the end that it was not written meanwhile.
+        self.stat = os.fstat(self.file.fileno())
         try:
             self.zip = zipfile.ZipFile(self.file)
         except (zipfile.BadZipFile, ValueError, OSError, EOFError):
@@ -844,20 +855,26 @@ class _Values:
         self._reader: Optional[_H5] = None
 
     def get(self, path: str, layer: str) -> tuple[str, bytes]:
+        try:
+            return self._read(path)
+        except ArchiveUnsupported as exc:
+            raise ArchiveUnsupported(f"layer {layer!r}: {exc}") from None
+        except Exception as exc:  # h5py's errors on a damaged file are many types
+            raise ArchiveUnsupported(f"layer {layer!r}: cannot read its weights from {WEIGHTS}: "
+                                     f"{_first_line(exc)}") from None
+
+    def _read(self, path: str) -> tuple[str, bytes]:
         if self._reader is None:
-            self._reader = self._archive.weights_reader()
+            try:
+                self._reader = self._archive.weights_reader()
+            except _H5Format:  # a layout the small reader does not read: h5py reads it
+                self._reader = self._archive.weights_reader(use_h5py=True)
         if isinstance(self._reader, _PureH5):
             try:
                 return self._reader.dataset(path)
             except (_H5Format, struct.error, IndexError, KeyError, ValueError):
                 self._reader = self._archive.weights_reader(use_h5py=True)
-        try:
-            return self._reader.dataset(path)
-        except ArchiveUnsupported:
-            raise
-        except Exception as exc:  # h5py's errors on a damaged file are many types
-            raise ArchiveUnsupported(f"layer {layer!r}: cannot read {path} from {WEIGHTS}: "
-                                     f"{_first_line(exc)}") from None
+        return self._reader.dataset(path)
 
     def close(self) -> None:
         if self._reader is not None:
@@ -880,8 +897,7 @@ _ZIP64_COUNT = 0xFFFF
 def _copy_zip(archive: _Archive, dst: str, replace: dict[str, bytes]) -> Written:
     infos = archive.zip.infolist()
     fd = archive.file.fileno()
-    before = os.fstat(fd)
-    src_size = before.st_size
+    src_size = os.fstat(fd).st_size
     spans = []  # (local header offset, data offset, data end) in the source, per entry
     for info in infos:
         start = archive.data_offset(info)
@@ -917,7 +933,12 @@ def _copy_zip(archive: _Archive, dst: str, replace: dict[str, bytes]) -> Written
                     entry = _entry(info, writer.offset, info.compress_size, info.file_size,
                                    info.CRC)
                     writer.write(entry.local_header())
-                    _pass(fd, start, end, buffers, src_hash if sequential else None, writer)
+                    crc = _pass(fd, start, end, buffers, src_hash if sequential else None, writer)
+                    # Stored bytes are the content: check them as any zip reader will. (A
+                    # compressed entry's CRC is over its inflated bytes, which are not read.)
+                    if info.compress_type == zipfile.ZIP_STORED and crc != info.CRC:
+                        raise DamagedArchive(f"{info.filename} fails its CRC-32 check: the file "
+                                             "is damaged")
                 if sequential:
                     pos = end
                 central.append(entry)
@@ -926,8 +947,8 @@ def _copy_zip(archive: _Archive, dst: str, replace: dict[str, bytes]) -> Written
             _write_central(writer, central, archive.zip.comment)
         digest_out = out_hash.finish()
         digest_in = src_hash.finish() if sequential else sha256_file(archive.path)
-        if changed(before, os.fstat(fd), archive.path):  # the copy and its digests would not match
-            raise changed_error(archive.path)
+        if changed(archive.stat, os.fstat(fd), archive.path):
+            raise InputChanged()  # the config, the values, the copy and the digests may disagree
     finally:
         out_hash.close()
         src_hash.close()
@@ -1123,8 +1144,10 @@ class _Out:
 
 
 def _pass(fd: int, begin: int, end: int, buffers: _Buffers, src_hash: Optional[_Hasher],
-          writer: Optional[_Out] = None) -> None:
-    """Read [begin, end) of the source in chunks: hash it as source bytes, copy it out, or both."""
+          writer: Optional[_Out] = None) -> int:
+    """Read [begin, end) of the source in chunks: hash it as source bytes, copy it out, or both.
+    The CRC-32 of the bytes copied (0 when none are)."""
+    crc = 0
     while begin < end:
         n = min(_CHUNK, end - begin)
         buf = buffers.get()
@@ -1138,9 +1161,11 @@ def _pass(fd: int, begin: int, end: int, buffers: _Buffers, src_hash: Optional[_
             done()
         if writer is not None:
             writer.write(view, done)
+            crc = zlib.crc32(view, crc)
         if src_hash is not None:
             src_hash.update(view, done)
         begin += n
+    return crc
 
 
 # --- model.weights.h5 ----------------------------------------------------------------------------
@@ -1453,8 +1478,8 @@ def _dataspace(data: bytes) -> tuple[tuple[int, ...], bool]:
     return tuple(int(d) for d in dims), scalar
 
 
-# (itemsize, exponent bits, mantissa bits) of the float types weights come in; bfloat16 (8, 7)
-# is not among them: its h5py type is ml_dtypes', which the pure reader leaves to h5py.
+# (itemsize, exponent bits, mantissa bits) of the float types h5py writes for weights. Keras
+# stores bfloat16 as opaque 2-byte items, not as an HDF5 float: h5py reads those, and refuses.
 _FLOATS = {(2, 5, 10): "float16", (4, 8, 23): "float32", (8, 11, 52): "float64"}
 
 
@@ -1536,8 +1561,9 @@ class _H5pyReader(_H5):
     def dataset(self, path: str) -> tuple[str, bytes]:
         values = self._get(path)[()]  # NumPy: h5py's own dependency
         dtype = values.dtype
-        if dtype.kind != "f":
-            raise ArchiveUnsupported(f"{path} holds {dtype.name} values, not floats")
+        if dtype.kind != "f":  # Keras stores bfloat16 as opaque 2-byte items ('|V2')
+            raise ArchiveUnsupported(f"its weights are stored as {dtype.str!r}, not as IEEE "
+                                     "floats (bfloat16 is stored so)")
         return dtype.name, values.astype(dtype.newbyteorder("<")).tobytes()
 
     def name_attr(self, path: str) -> Optional[str]:

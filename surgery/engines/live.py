@@ -52,7 +52,7 @@ from ..tree import Layer, LayerTree, Weight  # noqa: E402
 
 __all__ = ["describe", "write", "load", "save", "APPLICATIONS_PREFIX"]
 
-APPLICATIONS_PREFIX = "keras.applications."
+from . import APPLICATIONS_PREFIX  # noqa: E402,F401  (re-exported: live.APPLICATIONS_PREFIX)
 
 
 def describe(model) -> tuple[LayerTree, dict[str, object]]:
