@@ -334,7 +334,18 @@ class _Builder:
         )
 
     def selectors(self, tree: Tree) -> tuple[Selector, ...]:
-        return tuple(self.selector(s) for s in tree.children)
+        out = tuple(self.selector(s) for s in tree.children)
+        # Commas are optional, but two selectors written against each other are a typo: above
+        # all `bn.gamma[0:2]`, which would read as `bn.gamma` and the glob `[0:2]`.
+        for prev, cur in zip(out, out[1:]):
+            if (prev.span.end_line, prev.span.end_column) == (cur.span.line, cur.span.column):
+                if prev.part is not None and prev.part.kind == "weight" and \
+                        cur.text.startswith("["):
+                    raise self.error(f"'.{prev.part.name}' takes no index: only .filters[...] "
+                                     "and .units[...] select entries inside a layer", cur.span)
+                raise self.error(f"'{cur.text}' is written against '{prev.text}': separate "
+                                 "selectors with a comma or a space", cur.span)
+        return out
 
     def selector(self, tree: Tree) -> Selector:
         *path, part_tree = tree.children

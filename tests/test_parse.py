@@ -171,6 +171,8 @@ def test_new_keywords_quoted_and_words_that_stay_names():
     ("freeze except", 1, 8, "'except' is a keyword here; quote it to mean a layer named except: \"except\""),
     ("freeze type:", 1, 13, "expected a layer class name, as in 'type:BatchNormalization', found end of file"),
     ("freeze layers[" + "9" * 5000 + "]", 1, 15, "number is too large"),
+    ("freeze bn.gamma[0:2]", 1, 16, "'.gamma' takes no index: only .filters[...] and .units[...] select entries inside a layer"),
+    ('freeze a"b"', 1, 9, "'\"b\"' is written against 'a': separate selectors with a comma or a space"),
     # phases and policies
     ("freeze at", 1, 8, "'at' is a keyword here; start a new statement on a new line or after ';' "
      '(or quote it to mean a layer named at: "at")'),
