@@ -111,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("b", metavar="B", help="a manifest (or a model, with --spec)")
     p.add_argument("--spec", metavar="SPEC", help="plan SPEC on the models A and B and compare")
     p.add_argument("--unsafe", action="store_true", help=argparse.SUPPRESS)
+    _engine_option(p)
     p.set_defaults(func=_cmd_diff)
     return parser
 
@@ -482,16 +483,16 @@ def _cmd_diff(args) -> int:
 def _planned_manifest(args, spec_path: str, model_path: str):
     """The manifest `apply` would write for this spec and model, computed without writing."""
     from . import __version__
-    from .engines import live
     from .manifest import build_manifest, sha256_file
     from .plan import plan_spec
 
     spec = _read_spec(spec_path)
-    model = _load_model(live, argparse.Namespace(model=model_path, unsafe=args.unsafe))
-    tree, _ = live.describe(model)
-    digest = None if model_path.startswith(live.APPLICATIONS_PREFIX) else sha256_file(model_path)
+    # Read as plan reads it: from the archive when it can, else through Keras, with a note.
+    tree = _model_tree(argparse.Namespace(model=model_path, unsafe=args.unsafe,
+                                          engine=args.engine))
+    digest = None if model_path.startswith(APPLICATIONS_PREFIX) else sha256_file(model_path)
     return build_manifest(plan_spec(spec, tree), spec, model_source=model_path,
-                          model_sha256=digest, model_name=model.name,
+                          model_sha256=digest, model_name=tree.root.name,
                           surgery_version=__version__)
 
 
