@@ -226,6 +226,9 @@ def _load_problem(exc: BaseException) -> str:
         return (f"the class '{missing.group(1)}' is not registered: import the module that "
                 f"defines it (decorated with @keras.saving.register_keras_serializable) before "
                 f"loading")
+    if str(exc).startswith("File not found: filepath="):
+        # What Keras says of any .keras file that is not a readable zip, though the file is there.
+        return "not a readable .keras file (a zip archive): truncated or damaged?"
     return _first_line(exc)
 
 
