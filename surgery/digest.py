@@ -122,11 +122,7 @@ def _read_into(fd: int, view: memoryview, offset: int) -> int:
 
 
 def sha256_file(path: str) -> str:
-    """The hex sha256 of a file, in the calling thread."""
-    digest = hashlib.sha256()
-    buf = bytearray(_BUFFER)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            digest.update(view[:n])
-    return digest.hexdigest()
+    """The hex sha256 of a file, waited for: `FileDigest` with its check that the file did not
+    change while it was read."""
+    with FileDigest(path) as digest:
+        return digest.result()

@@ -217,7 +217,8 @@ def test_engines_agree(name, saved, tmp_path):
     tree = archive.describe(src)
     _assert_same_tree(tree, live_tree)
     _assert_same_tree(archive._describe(src, use_h5py=True), live_tree)  # the fallback reader
-    assert archive.model_name(src) == model.name
+    with archive.Opened(src) as opened:
+        assert opened.name == model.name
     versions = environment_versions()
     source_sha = sha256_file(src)
 
@@ -236,7 +237,7 @@ def test_engines_agree(name, saved, tmp_path):
         m_live = _manifest(live_plan, spec, src=src, sha=source_sha, name=model.name,
                            versions=versions)
         m_arch = _manifest(archive_plan, spec, src=src, sha=written.source_sha256,
-                           name=archive.model_name(src), versions=versions)
+                           name=model.name, versions=versions)
         assert m_arch.to_json() == m_live.to_json(), text
 
         loaded_live = _load(live_out)
@@ -323,13 +324,14 @@ def test_engines_agree_on_entries_frozen_inside_layers(partly_frozen, text, tmp_
         "conv", "sep", "dw", "einsum", "inner_seq/inner_bn", "head", "convt", "ln"}
     spec = surgery.parse(text)
     live_plan, archive_plan = plan_spec(spec, live_tree), plan_spec(spec, tree)
-    assert archive.unsupported(src, archive_plan) is None
     live.write(model, live_plan, objects)
     model.save(str(tmp_path / "live.keras"))
-    written = archive.write(src, archive_plan, str(tmp_path / "archive.keras"))
+    with archive.Opened(src) as opened:  # as `surgery apply` does: check, then write
+        assert opened.unsupported(archive_plan) is None
+        written = opened.write(archive_plan, str(tmp_path / "archive.keras"))
     versions = environment_versions()
     assert _manifest(archive_plan, spec, src=src, sha=written.source_sha256,
-                     name=archive.model_name(src), versions=versions).to_json() == \
+                     name=opened.name, versions=versions).to_json() == \
         _manifest(live_plan, spec, src=src, sha=written.source_sha256, name=model.name,
                   versions=versions).to_json()
     a = _load(str(tmp_path / "live.keras"))
@@ -476,13 +478,13 @@ from surgery.plan import plan_spec
 from surgery.report import plan_table
 
 src, dst = sys.argv[1], sys.argv[2]
-tree = archive.describe(src)
 spec = surgery.parse("freeze **/type:BatchNormalization\nfreeze inner_seq")
-plan = plan_spec(spec, tree)
-written = archive.write(src, plan, dst)
+with archive.Opened(src) as opened:  # as `surgery apply` reads and writes it
+    plan = plan_spec(spec, opened.tree)
+    assert opened.unsupported(plan) is None
+    written = opened.write(plan, dst)
 manifest = build_manifest(plan, spec, model_source=src, model_sha256=written.source_sha256,
-                          model_name=archive.model_name(src),
-                          surgery_version=surgery.__version__)
+                          model_name=opened.name, surgery_version=surgery.__version__)
 assert verify(manifest, archive.describe(dst)) == []                  # verify
 plan_table(plan_spec(surgery.parse(""), archive.describe(dst)), with_rules=False)  # show
 heavy = sorted(m for m in sys.modules
@@ -731,9 +733,10 @@ def test_sub_layer_values_are_read_by_h5py_when_the_small_reader_cannot(saved, t
 
     src = str(tmp_path / "latest.keras")
     _weights_rewritten(saved("zoo_sequential"), src, latest)
-    plan = plan_spec(surgery.parse("freeze fc1.units[0:3], out.kernel"), archive.describe(src))
-    assert archive.unsupported(src, plan) is None
-    archive.write(src, plan, str(tmp_path / "out.keras"))
+    with archive.Opened(src) as opened:
+        plan = plan_spec(surgery.parse("freeze fc1.units[0:3], out.kernel"), opened.tree)
+        assert opened.unsupported(plan) is None
+        opened.write(plan, str(tmp_path / "out.keras"))
     model = _load(str(tmp_path / "out.keras"))
     reference = _load(saved("zoo_sequential"))
     assert _constraints(model)["fc1"]["kernel"][2] == (

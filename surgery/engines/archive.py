@@ -77,7 +77,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..plan import Plan
 
 __all__ = ["ArchiveUnsupported", "DamagedArchive", "Written", "Opened", "describe", "write",
-           "unsupported", "model_name", "is_archive"]
+           "is_archive"]
 
 CONFIG = "config.json"
 WEIGHTS = "model.weights.h5"
@@ -125,23 +125,10 @@ def describe(path: str, *, compiled: bool = False) -> LayerTree:
         return opened.tree
 
 
-def model_name(path: str) -> str:
-    """The model's name (``model.name`` after loading), from config.json."""
-    with _Archive(path) as archive:
-        cfg = archive.config()
-    return _structure(cfg, compiled_ok=True).name
-
-
 def write(src: str, plan: "Plan", dst: str) -> Written:
     """Copy the archive ``src`` to ``dst`` in ``plan``'s state: `Opened.write`."""
     with Opened(src) as opened:
         return opened.write(plan, dst)
-
-
-def unsupported(src: str, plan: "Plan") -> Optional[str]:
-    """Why `write` would refuse ``plan`` for ``src`` (raising ArchiveUnsupported), or None."""
-    with Opened(src) as opened:
-        return opened.unsupported(plan)
 
 
 class Opened:
