@@ -118,3 +118,24 @@ def machine_info() -> dict:
         "python": platform.python_version(),
         **versions,
     }
+
+
+def interleave(commands: dict[str, list[str]], runs: int, workdir: Path,
+               before_each=None) -> dict[str, dict[str, list[float]]]:
+    """Run each command once untimed (warm-up), then ``runs`` times interleaved (a, b, c, a, b,
+    c, ...), so that slow drift of a shared machine hits every command alike; returns each
+    command's samples of every `Measured` field. ``before_each(name)`` runs untimed before each
+    run (delete the last output, sync)."""
+    samples = {name: {f: [] for f in Measured._fields} for name in commands}
+    for i in range(runs + 1):
+        label = "warm-up" if i == 0 else f"run {i}/{runs}"
+        for name, argv in commands.items():
+            if before_each is not None:
+                before_each(name)
+            m = measure(argv, workdir / f"{name}-{i}")
+            print(f"{label:>9}  {name:<14} {m.wall_s:7.2f} s  cpu {m.cpu_s:6.2f} s  "
+                  f"{m.peak_mib:8.1f} MiB  others {m.others_cpu_s:5.2f} s", flush=True)
+            if i > 0:
+                for f in Measured._fields:
+                    samples[name][f].append(getattr(m, f))
+    return samples
