@@ -7,11 +7,14 @@
 Importing this package loads no TensorFlow: Keras is imported by the calls that need a model.
 """
 
-from .api import SurgeryWarning, apply, plan
-from .errors import ModelError, SelectorError, SpecError, SpecSyntaxError, SurgeryError
+from .api import apply, plan
+from .errors import (
+    ModelError, SelectorError, SpecError, SpecSyntaxError, SurgeryError, SurgeryWarning,
+)
 from .ir import Spec
 from .manifest import Manifest
-from .parse import load_spec, parse
+from .parse import parse
+from .specfile import load_spec
 from ._register import install as _install_keras_hooks
 
 # Registers surgery's Keras classes (the sub-layer freezing constraint) the moment Keras is

@@ -13,11 +13,20 @@ from typing import Optional, Union
 __all__ = [
     "Span", "Name", "Glob", "Regex", "TypeGlob", "Index", "Slice", "Range", "All", "AnyDepth",
     "Segment", "Part", "WEIGHT", "FILTERS", "UNITS", "Selector", "Rule", "BatchNormRule", "Phase",
-    "Comment", "Spec", "FREEZE", "UNFREEZE", "BN_FROZEN", "BN_TRAIN", "BN_AFFINE", "BN_MODES",
+    "Comment", "Spec", "Statement", "FREEZE", "UNFREEZE", "BATCHNORM", "AT", "KEYWORDS",
+    "STATEMENT_KEYWORDS", "BN_FROZEN", "BN_TRAIN", "BN_AFFINE", "BN_MODES",
 ]
 
 FREEZE = "freeze"
 UNFREEZE = "unfreeze"
+BATCHNORM = "batchnorm"  # a BatchNormalization policy statement
+AT = "at"  # a phase header, 'at epoch N:'
+
+# The words the language reserves: a layer of that name is written quoted ("all"). Both spec
+# readers and the formatter take them from here, so a new keyword is quoted everywhere at once.
+KEYWORDS = (FREEZE, UNFREEZE, "all", "except", BATCHNORM, AT)
+# The keywords that start a statement or a phase header.
+STATEMENT_KEYWORDS = (FREEZE, UNFREEZE, BATCHNORM, AT)
 
 # BatchNormalization policies: how a BatchNormalization layer behaves once it is trainable.
 BN_FROZEN = "frozen"  # stays frozen whatever the rules say: inference mode, nothing updates
@@ -202,6 +211,9 @@ class Comment:
 
     text: str  # with the leading '#'
     span: Span
+
+
+Statement = Union[Rule, BatchNormRule, Phase]  # what a line of a spec holds, besides comments
 
 
 @dataclass(frozen=True)

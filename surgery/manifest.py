@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from .compiled import compile_spec
+from .spec_json import compile_spec
 from .digest import sha256_file
 from .ir import BN_AFFINE, Spec
 from .plan import Plan, compact_ranges

@@ -39,14 +39,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import surgery
-from surgery.compiled import compile_spec
+from surgery.spec_json import compile_spec
 from surgery.errors import Diagnostic
 from surgery.fmt import format_spec
 from surgery.ir import Span
 from surgery.lint import lint
 from surgery.plan import plan_spec
 from surgery.tree import LayerTree
-from surgery.yamlspec import parse_yaml, to_yaml
+from surgery.yaml_read import parse_yaml
+from surgery.yaml_write import to_yaml
 
 # --- the models the fuzzed specs resolve against ----------------------------------------------
 
