@@ -16,12 +16,11 @@ from .manifest import Manifest
 from .parse import parse
 from .specfile import load_spec
 from ._register import install as _install_keras_hooks
+from ._version import __version__
 
 # Registers surgery's Keras classes (the sub-layer freezing constraint) the moment Keras is
 # imported, so keras.models.load_model reads models surgery wrote; Keras itself is not imported.
 _install_keras_hooks()
-
-__version__ = "0.1.0"
 
 __all__ = [
     "parse",

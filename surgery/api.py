@@ -65,7 +65,7 @@ def apply_plan(model, spec: Spec, *, allow_empty: bool = False, model_source: st
     picks the phase whose state is written (the manifest keeps the whole schedule)."""
     from dataclasses import replace
 
-    from . import __version__
+    from ._version import __version__
     from .engines import live
 
     tree, objects = live.describe(model)

@@ -16,7 +16,7 @@ import signal
 import sys
 from pathlib import Path
 
-from . import __version__
+from ._version import __version__
 from .digest import InputChanged
 from .engines import APPLICATIONS_PREFIX
 from .errors import SpecError, SurgeryError, UsageError
@@ -485,7 +485,7 @@ def _cmd_diff(args) -> int:
 
 def _planned_manifest(args, spec_path: str, model_path: str):
     """The manifest `apply` would write for this spec and model, computed without writing."""
-    from . import __version__
+    from ._version import __version__
     from .manifest import build_manifest, sha256_file
     from .plan import plan_spec
 

@@ -138,7 +138,7 @@ def build_manifest(plan: Plan, spec: Spec, *, model_source: str, model_sha256: O
     if versions is None:
         versions = environment_versions()
     if surgery_version is None:
-        from . import __version__ as surgery_version
+        from ._version import __version__ as surgery_version
     totals = plan.totals
     data = {
         "format": FORMAT,

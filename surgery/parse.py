@@ -218,6 +218,9 @@ def parse_selectors(text: str, file: str, *, document: str,
     except UnexpectedToken as exc:
         if exc.token.type in ("SEMICOLON", "_NL"):
             raise where.error(parse_messages.NOT_SELECTORS, whole) from None
+        if exc.token.type == "EXCEPT":
+            raise where.error(parse_messages.EXCEPT_IN_SELECTORS,
+                              where.point(exc.token.start_pos, len("except"))) from None
         raise _syntax_error(exc, where) from None
     except UnexpectedInput as exc:
         raise _syntax_error(exc, where) from None

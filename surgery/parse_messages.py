@@ -13,10 +13,12 @@ import re
 from .ir import BN_MODES, FREEZE, KEYWORDS, STATEMENT_KEYWORDS, UNFREEZE
 from .suggest import did_you_mean, suggest
 
-__all__ = ["unexpected_token", "unexpected_character", "NOT_SELECTORS"]
+__all__ = ["unexpected_token", "unexpected_character", "NOT_SELECTORS", "EXCEPT_IN_SELECTORS"]
 
 # A selector string of the YAML form holding a ';' or a line break: statements, not selectors.
 NOT_SELECTORS = "one rule per list item: write selectors, not statements, here"
+EXCEPT_IN_SELECTORS = ("'except' is a key of the YAML form: list the exceptions under 'except:' "
+                       "beside the selectors")
 
 _SELECTOR_START = {"GLOB", "STRING", "TYPE_PREFIX", "LAYERS_OPEN", "ALL", "ANY_DEPTH", "REGEX",
                    "RANGE"}
