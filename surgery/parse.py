@@ -204,7 +204,11 @@ def parse(text: str, file: str = "<string>") -> Spec:
     if not isinstance(text, str):
         raise TypeError(f"spec text must be str, not {type(text).__name__}")
     where = _Where(text, file)
-    return _transform(where, _parse(where, "start"))
+    try:
+        tree = _parse(where, "start")
+    except UnexpectedInput as exc:
+        raise _syntax_error(exc, where) from None
+    return _transform(where, tree)
 
 
 def parse_selectors(text: str, file: str, *, document: str,
@@ -214,15 +218,13 @@ def parse_selectors(text: str, file: str, *, document: str,
     statements, not selectors) points at ``whole``."""
     where = _Where(text, file, document, position)
     try:
-        tree = _parser().parse(text, start="selectors")
-    except UnexpectedToken as exc:
-        if exc.token.type in ("SEMICOLON", "_NL"):
+        tree = _parse(where, "selectors")
+    except UnexpectedInput as exc:
+        if isinstance(exc, UnexpectedToken) and exc.token.type in ("SEMICOLON", "_NL"):
             raise where.error(parse_messages.NOT_SELECTORS, whole) from None
-        if exc.token.type == "EXCEPT":
+        if isinstance(exc, UnexpectedToken) and exc.token.type == "EXCEPT":
             raise where.error(parse_messages.EXCEPT_IN_SELECTORS,
                               where.point(exc.token.start_pos, len("except"))) from None
-        raise _syntax_error(exc, where) from None
-    except UnexpectedInput as exc:
         raise _syntax_error(exc, where) from None
     selectors = _transform(where, tree)
     if "#" in text[_end(tree):]:  # a comment: '#' outside every token
@@ -230,16 +232,39 @@ def parse_selectors(text: str, file: str, *, document: str,
     return selectors
 
 
+# Past this many tokens (names, keywords, punctuation) a spec is refused: Lark's tree and the IR
+# cost about 1 KB per token, so an unbounded input would take gigabytes before any answer. It
+# is far above any real spec (the seven in specs/ hold under 200 tokens each) and allows, for
+# instance, 80,000 one-name statements or one statement of 120,000 selectors.
+MAX_TOKENS = 250_000
+
+
 def _parse(where: _Where, start: str):
-    try:
-        return _parser().parse(where.text, start=start)
-    except UnexpectedInput as exc:
-        raise _syntax_error(exc, where) from None
+    """The tree of ``where.text`` from the rule ``start``; the tokens are counted as they are
+    read, so an input past `MAX_TOKENS` stops there (Lark's interactive parser is the loop
+    ``parse`` runs, with each token handed out on its way in). Raises Lark's UnexpectedInput."""
+    parser = _parser().parse_interactive(where.text, start=start)
+    token = None
+    for count, token in enumerate(parser.iter_parse(), 1):
+        if count > MAX_TOKENS:
+            raise where.error(f"the spec is too large: surgery reads up to {MAX_TOKENS:,} tokens "
+                              f"(names, keywords and punctuation), and this one has more; split "
+                              f"it", where.point(token.start_pos, len(token)))
+    return parser.feed_eof(token)
 
 
 def _transform(where: _Where, tree):
+    to_ir = _ToIR(where)
     try:
-        return _ToIR(where).transform(tree)
+        if tree.data != "start":
+            return to_ir.transform(tree)
+        # Statement by statement, each one's tree dropped once its IR exists: a large spec never
+        # holds the whole tree and the whole IR at once.
+        children, items = tree.children, []
+        for i, child in enumerate(children):
+            items.append(to_ir.transform(child))
+            children[i] = None
+        return to_ir.start(tree.meta, items)
     except VisitError as exc:  # Lark wraps what a Transformer method raises
         if isinstance(exc.orig_exc, SpecError):
             raise exc.orig_exc from None

@@ -23,7 +23,7 @@ _SHOWN = 120
 
 
 class Lines:
-    """A text's lines, broken at '\n' only: an index -> (line, column), and a line's text.
+    r"""A text's lines, broken at '\n' only: an index -> (line, column), and a line's text.
 
     Built once per text (one pass over its line breaks); every lookup is then a bisection, so a
     thousand diagnostics of one spec cost a thousand lookups, not a thousand splits."""
@@ -47,7 +47,7 @@ class Lines:
         return n + 1, index - self.starts[n] + 1
 
     def line(self, number: int) -> str:
-        """Line ``number`` (1-based) for display: without its '\n' and a '\r' that ends it."""
+        r"""Line ``number`` (1-based) for display: without its '\n' and a '\r' that ends it."""
         start = self.starts[number - 1]
         end = self.starts[number] - 1 if number < len(self.starts) else len(self.text)
         text = self.text[start:end]

@@ -144,9 +144,11 @@ FUZZ = settings(deadline=None, derandomize=True, database=None, print_blob=True,
                                        HealthCheck.filter_too_much])
 
 
-def bounded(code: str, *, cpu_seconds: int, memory_bytes: int = 2 << 30) -> str:
+def bounded(code: str, *, cpu_seconds: int, memory_bytes: int = 2 << 30, args=(),
+            status: int = 0) -> str:
     """Run ``code`` in a fresh Python with this checkout's surgery, under a CPU-time and an
-    address-space limit (`resource.setrlimit`, enforced by the kernel), and return its stdout.
+    address-space limit (`resource.setrlimit`, enforced by the kernel); it must exit with
+    ``status``; return its stdout (with ``status`` 2, its stderr: where errors go).
 
     Resource bounds belong here rather than in a clock read by the test: a loaded machine slows
     the wall clock, not the CPU a process may burn, and the limits are set far above what the
@@ -164,12 +166,12 @@ def bounded(code: str, *, cpu_seconds: int, memory_bytes: int = 2 << 30) -> str:
     root = str(Path(__file__).resolve().parent.parent)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
                           env=env, preexec_fn=limit, timeout=30 * cpu_seconds)
-    assert proc.returncode == 0, (
+    assert proc.returncode == status, (
         f"exit {proc.returncode} under {cpu_seconds} s of CPU and {memory_bytes >> 20} MiB "
         f"(a negative exit is the signal that stopped it):\n{proc.stderr[-2000:]}")
-    return proc.stdout.strip()
+    return (proc.stderr if status == 2 else proc.stdout).strip()
 
 
 # --- raw text and bytes ------------------------------------------------------------------------
@@ -692,6 +694,31 @@ def test_ten_thousand_repeated_statements_and_separators():
     assert len(plan.diagnostics) == 9_999  # every rule but the last has no effect
     err = _assert_spec_error(";" * 20_000 + "\n" * 20_000 + "freez x")
     assert (err.line, err.column) == (20_001, 1)
+
+
+# A spec past parse.MAX_TOKENS is refused where the bound is crossed, before its tree and IR
+# take gigabytes (issue 14: a million statements on one line once took some 5 GB).
+def test_a_spec_past_the_token_bound_is_an_error_where_it_crosses_it(monkeypatch):
+    import importlib
+
+    parse_module = importlib.import_module("surgery.parse")
+    monkeypatch.setattr(parse_module, "MAX_TOKENS", 30)
+    assert len(surgery.parse("freeze a;" * 10).rules) == 10  # 30 tokens: read
+    err = _assert_spec_error("freeze a\n" * 10 + "freeze b;freeze c")
+    assert (err.line, err.column) == (11, 1)
+    assert err.message == ("the spec is too large: surgery reads up to 30 tokens (names, "
+                           "keywords and punctuation), and this one has more; split it")
+
+
+@pytest.mark.slow  # parsing up to the bound takes seconds
+def test_compile_of_a_million_statements_on_one_line_stays_within_a_gigabyte(tmp_path):
+    spec = tmp_path / "huge.frz"
+    spec.write_text("freeze a;" * 1_000_000)
+    err = bounded("import sys\nfrom surgery.cli import main\nsys.exit(main(sys.argv[1:]))",
+                  args=("compile", str(spec)), cpu_seconds=120, memory_bytes=1 << 30, status=2)
+    assert err.splitlines()[0] == (
+        f"{spec}:1:750005: error: the spec is too large: surgery reads up to 250,000 tokens "
+        f"(names, keywords and punctuation), and this one has more; split it")
 
 
 @pytest.mark.parametrize("depth", [1_000, 5_000])
