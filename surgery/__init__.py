@@ -7,18 +7,20 @@
 Importing this package loads no TensorFlow: Keras is imported by the calls that need a model.
 """
 
-from .api import SurgeryWarning, apply, plan
-from .errors import ModelError, SelectorError, SpecError, SpecSyntaxError, SurgeryError
+from .api import apply, plan
+from .errors import (
+    ModelError, SelectorError, SpecError, SpecSyntaxError, SurgeryError, SurgeryWarning,
+)
 from .ir import Spec
 from .manifest import Manifest
-from .parse import load_spec, parse
+from .parse import parse
+from .specfile import load_spec
 from ._register import install as _install_keras_hooks
+from ._version import __version__
 
 # Registers surgery's Keras classes (the sub-layer freezing constraint) the moment Keras is
 # imported, so keras.models.load_model reads models surgery wrote; Keras itself is not imported.
 _install_keras_hooks()
-
-__version__ = "0.1.0"
 
 __all__ = [
     "parse",

@@ -7,42 +7,17 @@ stays light.
 
 from __future__ import annotations
 
-import os
 import warnings
-from pathlib import Path
-from typing import Optional, Union
+from typing import Optional
 
+from .errors import SurgeryWarning  # re-exported: surgery.api.SurgeryWarning, as before
 from .ir import Spec
 from .manifest import Manifest, build_manifest
-from .parse import load_spec, parse
 from .plan import Plan, plan_spec
+from .specfile import SpecLike
+from .specfile import as_spec as _as_spec
 
 __all__ = ["apply", "plan", "apply_plan", "SurgeryWarning"]
-
-SpecLike = Union[Spec, str, Path]
-
-
-class SurgeryWarning(UserWarning):
-    """A spec finding that does not stop the run (a rule with no effect, an empty selector with
-    ``allow_empty``), or a model state the user must act on (compile again)."""
-
-
-def _as_spec(spec: SpecLike) -> Spec:
-    if isinstance(spec, Spec):
-        return spec
-    if isinstance(spec, Path):
-        return load_spec(spec)
-    if isinstance(spec, str):
-        # A path given as a string is read as a path: 'finetune.frz' parsed as spec text would
-        # only say "unknown statement 'finetune'".
-        one_line = "\n" not in spec and ";" not in spec
-        if one_line and os.path.isfile(spec):
-            return load_spec(spec)
-        if one_line and spec.strip().lower().endswith((".frz", ".yaml", ".yml")):
-            raise FileNotFoundError(f"no such spec file: {spec!r} (pass a path to an existing "
-                                    f".frz/.yaml file, or spec text)")
-        return parse(spec)
-    raise TypeError(f"spec must be a Spec, spec text or a path, not {type(spec).__name__}")
 
 
 def plan(model, spec: SpecLike, *, allow_empty: bool = False) -> Plan:
@@ -90,7 +65,7 @@ def apply_plan(model, spec: Spec, *, allow_empty: bool = False, model_source: st
     picks the phase whose state is written (the manifest keeps the whole schedule)."""
     from dataclasses import replace
 
-    from . import __version__
+    from ._version import __version__
     from .engines import live
 
     tree, objects = live.describe(model)

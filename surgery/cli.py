@@ -16,12 +16,13 @@ import signal
 import sys
 from pathlib import Path
 
-from . import __version__
+from ._version import __version__
 from .digest import InputChanged
 from .engines import APPLICATIONS_PREFIX
-from .errors import SpecError, SurgeryError, UsageError, render_diagnostics
+from .errors import SpecError, SurgeryError, UsageError
 from .ir import Spec
-from .parse import load_spec
+from .render import render_diagnostics
+from .specfile import load_spec
 
 __all__ = ["main"]
 
@@ -380,7 +381,9 @@ def _cmd_lint(args) -> int:
 def _cmd_fmt(args) -> int:
     from .atomic import AtomicOutputs
     from .fmt import format_spec
-    from .yamlspec import is_embedded, is_yaml_path, to_yaml
+    from .specfile import is_yaml_path
+    from .yaml_read import is_embedded
+    from .yaml_write import to_yaml
 
     if len(args.specs) > 1 and not (args.check or args.write):
         raise UsageError("several files: pass --check or --write (printing is for one file)")
@@ -419,7 +422,7 @@ def _cmd_fmt(args) -> int:
 
 
 def _cmd_compile(args) -> int:
-    from .compiled import compile_spec
+    from .spec_json import compile_spec
     from .manifest import canonical_json
 
     sys.stdout.write(canonical_json(compile_spec(_read_spec(args.spec))))
@@ -482,7 +485,7 @@ def _cmd_diff(args) -> int:
 
 def _planned_manifest(args, spec_path: str, model_path: str):
     """The manifest `apply` would write for this spec and model, computed without writing."""
-    from . import __version__
+    from ._version import __version__
     from .manifest import build_manifest, sha256_file
     from .plan import plan_spec
 

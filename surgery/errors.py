@@ -1,8 +1,8 @@
-"""The one error hierarchy, and how a diagnostic is rendered for a person.
+"""Every exception surgery raises on purpose, under `SurgeryError`, and `SurgeryWarning`.
 
-Every problem a user can cause is a `SurgeryError`. Problems in a spec are `SpecError`s and always
-carry a span (file, line, column); the CLI renders them once, as
-``file:line:col: severity: message``, the source line and a single caret.
+Problems in a spec are `SpecError`s and always carry a span (file, line, column); the command
+renders them once (surgery/render.py), as ``file:line:col: severity: message``, the source line
+and a single caret. Anything else that escapes is a bug of ours, and the command says so.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .ir import Span
+from .render import headline, render_diagnostics
 
 __all__ = [
     "Diagnostic",
@@ -19,8 +20,8 @@ __all__ = [
     "SelectorError",
     "ModelError",
     "UsageError",
-    "render_diagnostic",
-    "render_diagnostics",
+    "PartError",
+    "SurgeryWarning",
 ]
 
 
@@ -33,58 +34,12 @@ class Diagnostic:
     span: Span
 
     def headline(self) -> str:
-        s = self.span
-        return f"{s.file}:{s.line}:{s.column}: {self.severity}: {self.message}"
+        return headline(self)
 
 
-def render_diagnostic(diag: Diagnostic, source: str | None) -> str:
-    """``file:line:col: severity: message``, then the source line and one caret under the column."""
-    return _render(diag, _source_lines(source) if source is not None else None)
-
-
-def render_diagnostics(diagnostics, source: str | None) -> str:
-    """Several diagnostics about one source, one after the other; the source is split once."""
-    lines = _source_lines(source) if source is not None else None
-    return "\n".join(_render(d, lines) for d in diagnostics)
-
-
-# The last source split, by identity: callers that render many diagnostics of one spec one at a
-# time (the CLI's warnings) split it once, not once per diagnostic.
-_last_split: tuple[str | None, list[str]] = (None, [])
-
-
-def _source_lines(source: str) -> list[str]:
-    r"""The source's lines as Lark counts them: broken at '\n' only (a '\f', a lone '\r' or a
-    '\u2028' is a character of its line), with the '\r' of a '\r\n' left out of the display."""
-    global _last_split
-    cached_source, cached = _last_split
-    if cached_source is source:
-        return cached
-    lines = source.split("\n")
-    _last_split = (source, lines)
-    return lines
-
-
-def _render(diag: Diagnostic, lines: list[str] | None) -> str:
-    out = [diag.headline()]
-    if lines is not None and 1 <= diag.span.line <= len(lines):
-        text = lines[diag.span.line - 1]
-        if text.endswith("\r"):
-            text = text[:-1]
-        # Very long lines are cut around the column so the caret stays on screen.
-        col = max(diag.span.column - 1, 0)
-        start = max(0, col - 60) if len(text) > 120 else 0
-        shown = text[start : start + 120]
-        prefix = "..." if start else ""
-        out.append("  " + prefix + _printable(shown))
-        out.append("  " + " " * (len(prefix) + col - start) + "^")
-    return "\n".join(out)
-
-
-def _printable(text: str) -> str:
-    # Control characters (NUL, escape sequences) must not reach the user's terminal raw; replacing
-    # each by one character keeps the caret aligned.
-    return "".join(c if c.isprintable() or c == "\t" else "?" for c in text).replace("\t", " ")
+class SurgeryWarning(UserWarning):
+    """A spec finding that does not stop the run (a rule with no effect, an empty selector with
+    ``allow_empty``), or a model state the user must act on (compile again)."""
 
 
 class SurgeryError(Exception):
@@ -120,7 +75,8 @@ class SpecError(SurgeryError):
 
 
 class SpecSyntaxError(SpecError):
-    """The text is not a spec: bad token, missing selector, malformed slice or regex."""
+    """The text is not a spec: bad token, missing selector, malformed slice or regex, or a spec
+    whose statements cannot go together (phases out of order, a phase without statements)."""
 
 
 class SelectorError(SpecError):
@@ -139,3 +95,11 @@ class ModelError(SurgeryError):
 
 class UsageError(SurgeryError):
     """Arguments that cannot work together (an existing output without --force, ...)."""
+
+
+class PartError(SurgeryError):
+    """A part the layer does not have, or indices outside it. The message names the layer, its
+    class, the weight's shape and the axis, so it can be shown as is under a spec line."""
+
+
+# --- the engines' exceptions ---------------------------------------------------------------------

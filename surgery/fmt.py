@@ -20,16 +20,15 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional
 
 from .ir import (
-    WEIGHT, All, AnyDepth, BatchNormRule, Comment, Glob, Index, Name, Part, Phase, Range, Regex,
-    Rule, Selector, Slice, Spec, TypeGlob,
+    BATCHNORM, KEYWORDS, WEIGHT, All, AnyDepth, BatchNormRule, Comment, Glob, Index, Name, Part,
+    Phase, Range, Regex, Rule, Selector, Slice, Spec, Statement, TypeGlob,
 )
-from .parse import KEYWORDS
 
 __all__ = ["format_spec", "format_rule", "format_policy", "format_phase", "format_statement",
-           "format_selector", "format_name", "layout", "Line"]
+           "format_selector", "format_name", "statement_text", "layout", "Line"]
 
 _BARE = re.compile(r"[A-Za-z0-9_\-]+")
 
@@ -80,28 +79,29 @@ def format_selector(sel: Selector) -> str:
     return text + format_part(sel.part) if sel.part is not None else text
 
 
-def format_rule(rule: Rule) -> str:
-    text = f"{rule.action} " + ", ".join(format_selector(s) for s in rule.selectors)
-    if rule.excepts:
-        text += " except " + ", ".join(format_selector(s) for s in rule.excepts)
+def statement_text(head: str, selectors: tuple[Selector, ...],
+                   excepts: tuple[Selector, ...]) -> str:
+    """``head selector, selector except selector``: a statement's canonical text from its parts
+    (``head`` is ``freeze``, ``unfreeze`` or ``batchnorm MODE``)."""
+    text = head
+    if selectors:
+        text += " " + ", ".join(format_selector(s) for s in selectors)
+    if excepts:
+        text += " except " + ", ".join(format_selector(s) for s in excepts)
     return text
+
+
+def format_rule(rule: Rule) -> str:
+    return statement_text(rule.action, rule.selectors, rule.excepts)
 
 
 def format_policy(policy: BatchNormRule) -> str:
     """``batchnorm MODE``, then its selectors and exceptions when it has any."""
-    text = f"batchnorm {policy.mode}"
-    if policy.selectors:
-        text += " " + ", ".join(format_selector(s) for s in policy.selectors)
-    if policy.excepts:
-        text += " except " + ", ".join(format_selector(s) for s in policy.excepts)
-    return text
+    return statement_text(f"{BATCHNORM} {policy.mode}", policy.selectors, policy.excepts)
 
 
 def format_phase(phase: Phase) -> str:
     return f"at epoch {phase.epoch}:"
-
-
-Statement = Union[Rule, BatchNormRule, Phase]  # what a line of a spec holds, besides comments
 
 
 def format_statement(item: Statement) -> str:

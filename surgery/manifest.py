@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from .compiled import compile_spec
+from .spec_json import compile_spec
 from .digest import sha256_file
 from .ir import BN_AFFINE, Spec
 from .plan import Plan, compact_ranges
@@ -138,7 +138,7 @@ def build_manifest(plan: Plan, spec: Spec, *, model_source: str, model_sha256: O
     if versions is None:
         versions = environment_versions()
     if surgery_version is None:
-        from . import __version__ as surgery_version
+        from ._version import __version__ as surgery_version
     totals = plan.totals
     data = {
         "format": FORMAT,

@@ -1,34 +1,40 @@
-"""Spec text -> IR. Lark stays inside this module: nothing else sees a Tree or a Token.
+"""Spec text -> IR: a .frz spec (`parse`), or one selector string of the YAML form
+(`parse_selectors`). Lark stays inside this module: nothing else sees a Tree or a Token.
 
-One LALR parser is built once (``_parser``) from ``grammars/surgery.lark``. Lark's exceptions are
-turned into ``SpecSyntaxError`` here, with a line, a column and a message written for people
-(``unknown statement 'unfreez'; did you mean 'unfreeze'?``), never Lark's own text.
+One LALR parser with two start rules (``start``, a whole spec; ``selectors``, one list of
+selectors) is built once from ``grammars/surgery.lark`` (`_parser`), and kept on disk between
+runs. A Lark `Transformer`, one method per grammar rule, turns the tree into the IR; the
+statements and phase headers go through `checks.Statements`, which numbers them and checks the
+phases with the same words as the YAML reader. Lark's exceptions become `SpecSyntaxError`s here,
+with a line, a column and a message for people (surgery/parse_messages.py).
 """
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 import functools
+import io
+import pickle
 import re
-import threading
-from dataclasses import replace
 from pathlib import Path
+from typing import Callable, NamedTuple, Optional
 
-from lark import Lark, Token, Tree
-from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken
+from lark import Lark, Token, Transformer, v_args
+from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken, VisitError
 
-from .errors import SpecSyntaxError
+from . import parse_messages
+from .checks import Statements, integer
+from .errors import SpecError, SpecSyntaxError
 from .ir import (
-    FILTERS, FREEZE, UNFREEZE, UNITS, WEIGHT, All, AnyDepth, BatchNormRule, Comment, Glob, Index,
-    Name, Part, Phase, Range, Regex, Rule, Selector, Slice, Span, Spec, TypeGlob,
+    FILTERS, KEYWORDS, STATEMENT_KEYWORDS, UNITS, WEIGHT, All, AnyDepth, Comment, Glob, Index,
+    Name, Part, Range, Regex, Selector, Slice, Span, Spec, TypeGlob,
 )
+from .render import Lines
 
-__all__ = ["parse", "load_spec", "grammar_text", "KEYWORDS"]
+__all__ = ["parse", "parse_selectors", "grammar_text"]
 
-KEYWORDS = (FREEZE, UNFREEZE, "all", "except", "batchnorm", "at")
-_ACTIONS = (FREEZE, UNFREEZE, "batchnorm", "at")
 _GLOB_MAGIC = re.compile(r"[*?\[]")
+_BLANKS = " \t\f\r"  # the grammar's WS: what may stand between two tokens of one statement
 
 
 def grammar_text() -> str:
@@ -47,51 +53,37 @@ def grammar_text() -> str:
     return resources.files("surgery").joinpath("surgery.lark").read_text(encoding="utf-8")
 
 
-class _CommentSink:
-    """Collects COMMENT tokens (which the grammar ignores) during one parse."""
+# --- the parser, built once and kept on disk -------------------------------------------------------
 
-    def __init__(self) -> None:
-        self.tokens: list[Token] = []
-
-    def __call__(self, token: Token) -> Token:
-        self.tokens.append(token)
-        return token
-
-
-_comments = _CommentSink()
-_lock = threading.Lock()
-
-
-_LARK_OPTIONS = {"parser": "lalr", "propagate_positions": True, "maybe_placeholders": True}
-_PARSER_CACHE_FORMAT = 1
+_LARK_OPTIONS = {"parser": "lalr", "propagate_positions": True, "maybe_placeholders": True,
+                 "start": ["start", "selectors"]}
+_CACHE_FORMAT = 2  # 1 was a JSON file read through Lark's private loader
 
 
 @functools.lru_cache(maxsize=1)
 def _parser() -> Lark:
-    """One parser for the process; the lexer callback feeds a module-level sink that `parse`
-    empties around each run, under a lock so that threads do not share comments.
+    """One parser for the process.
 
-    Building the LALR tables from the grammar costs 40-60 ms, more than the rest of a `surgery`
+    Building the LALR tables from the grammar costs 30-60 ms, more than the rest of a `surgery`
     run on a small model, so the built parser is kept in the user's cache folder
     (``$SURGERY_CACHE_DIR``, else ``$XDG_CACHE_HOME/surgery``, else ``~/.cache/surgery``) and
-    loaded from there in about 5 ms. The file is named and checked by a key over the grammar
-    text, the Lark and Python versions and the options, so a changed grammar or upgraded Lark
-    builds (and caches) a new parser. It is JSON, not a pickle: a damaged or forged file can
-    only fail to load, never run code, and a file that fails to load is rebuilt. Where the
-    folder cannot be written the parser is built on every run, as before; nothing else changes.
+    loaded from there in about 3 ms, with Lark's public `Lark.save` and `Lark.load`. The file is
+    named and checked by a key over the grammar text, the Lark and Python versions and the
+    options, so a changed grammar or an upgraded Lark builds (and caches) a parser of its own.
+    Lark saves a pickle, and a pickle can name code to run; the file is trusted with none: its
+    header holds the SHA-256 of the rest, and the rest is first read by an unpickler that
+    refuses every class and function (`_DataOnly`), so only plain data (dicts, lists, strings,
+    numbers) ever reaches `Lark.load`. Any file that fails those checks or fails to load is
+    rebuilt; where the folder cannot be written the parser is built on every run, as before.
     """
-    callbacks = {"COMMENT": _comments}
     text = grammar_text()
     key = _parser_key(text)
     path = _parser_cache_path(key)
-    if path is not None:
-        try:
-            return _load_parser(path, key, callbacks)
-        except Exception:  # missing, unreadable, damaged, from another Lark: build it again
-            pass
-    parser = Lark(text, **_LARK_OPTIONS, lexer_callbacks=callbacks)
-    if path is not None:
-        _save_parser(parser, path, key)
+    parser = _load_parser(path, key) if path is not None else None
+    if parser is None:
+        parser = Lark(text, **_LARK_OPTIONS)
+        if path is not None:
+            _save_parser(parser, path, key)
     return parser
 
 
@@ -101,12 +93,12 @@ def _parser_key(text: str) -> str:
 
     import lark
 
-    what = [_PARSER_CACHE_FORMAT, lark.__version__, list(sys.version_info[:2]),
+    what = [_CACHE_FORMAT, lark.__version__, list(sys.version_info[:2]),
             sorted(_LARK_OPTIONS.items()), text]
     return hashlib.sha256(repr(what).encode("utf-8")).hexdigest()
 
 
-def _parser_cache_path(key: str):
+def _parser_cache_path(key: str) -> Optional[Path]:
     import os
 
     folder = os.environ.get("SURGERY_CACHE_DIR")
@@ -115,48 +107,63 @@ def _parser_cache_path(key: str):
         if not os.path.isabs(base):
             return None  # no usable home (expanduser left "~"): do not cache in the cwd
         folder = os.path.join(base, "surgery")
-    return Path(folder) / f"parser-{key[:24]}.json"
+    return Path(folder) / f"parser-{key[:24]}.pickle"
 
 
-def _load_parser(path: Path, key: str, callbacks: dict) -> Lark:
-    import json
+def _header(key: str, payload: bytes) -> bytes:
+    import hashlib
 
-    with open(path, "rb") as f:
-        saved = json.loads(f.read(), object_hook=_untag)
-    if saved.get("format") != _PARSER_CACHE_FORMAT or saved.get("key") != key:
-        raise ValueError("another parser")
-    # Lark's own loader for saved parsers (Lark.load reads the same dict from a pickle).
-    return Lark._load_from_dict(saved["data"], saved["memo"], lexer_callbacks=callbacks,
-                                propagate_positions=_LARK_OPTIONS["propagate_positions"])
+    digest = hashlib.sha256(payload).hexdigest()
+    return f"surgery-parser {_CACHE_FORMAT} {key} {digest}\n".encode("ascii")
+
+
+class _DataOnly(pickle.Unpickler):
+    """Refuses every global: the only way a pickle reaches a class or a function to call."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"the parser cache names {module}.{name}")
+
+
+def _load_parser(path: Path, key: str) -> Optional[Lark]:
+    """The cached parser, or None when there is none this run can trust."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:  # missing or unreadable: build it
+        return None
+    end = data.find(b"\n") + 1
+    payload = data[end:]
+    if not end or data[:end] != _header(key, payload):
+        return None  # another grammar, Lark or format, a truncated or damaged file
+    try:
+        _DataOnly(io.BytesIO(payload)).load()
+        parser = Lark.load(io.BytesIO(payload))
+    except Exception:  # noqa: BLE001 - see below
+        # Only a file forged to match its own digest gets here, and only as plain data: what
+        # Lark's loader raises on such data is not ours to list, and the cure is the same for
+        # every kind, building the tables again. No code of ours runs inside this 'try'.
+        return None
+    return parser if isinstance(parser, Lark) else None
 
 
 def _save_parser(parser: Lark, path: Path, key: str) -> None:
-    """Write the cache file atomically (concurrent runs never read half a file); any failure,
-    a read-only or full disk included, leaves the run as it was."""
-    import json
+    """Write the cache file atomically (concurrent runs never read half a file); a read-only or
+    full disk leaves the run as it was."""
     import os
     import secrets
 
-    from lark.grammar import Rule
-    from lark.lark import _LOAD_ALLOWED_OPTIONS
-    from lark.lexer import TerminalDef
-
+    buffer = io.BytesIO()
+    parser.save(buffer)
+    payload = buffer.getvalue()
     tmp = None
     try:
-        data, memo = parser.memo_serialize([TerminalDef, Rule])
-        # As Lark.save does: options given again at load time (callbacks) are not stored.
-        data["options"] = {k: v for k, v in data["options"].items()
-                           if k not in _LOAD_ALLOWED_OPTIONS}
-        payload = json.dumps({"format": _PARSER_CACHE_FORMAT, "key": key,
-                              "data": _tag(data), "memo": _tag(memo)},
-                             separators=(",", ":")).encode("utf-8")
         os.makedirs(path.parent, mode=0o700, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:
-            f.write(payload)
+            f.write(_header(key, payload) + payload)
         os.replace(tmp, path)
-    except Exception:
+    except OSError:
         if tmp is not None:
             try:
                 os.unlink(tmp)
@@ -164,250 +171,273 @@ def _save_parser(parser: Lark, path: Path, key: str) -> None:
                 pass
 
 
-def _tag(value):
-    """Lark's serialized parser as JSON: tuples and dicts with non-string keys (the LALR
-    tables' state numbers) are tagged, so that `_untag` gives back the very same values."""
-    if isinstance(value, dict):
-        if all(isinstance(k, str) for k in value) and not (len(value) == 1 and
-                                                           ("<dict>" in value or
-                                                            "<tuple>" in value)):
-            return {k: _tag(v) for k, v in value.items()}
-        return {"<dict>": [[_tag(k), _tag(v)] for k, v in value.items()]}
-    if isinstance(value, tuple):
-        return {"<tuple>": [_tag(v) for v in value]}
-    if isinstance(value, list):
-        return [_tag(v) for v in value]
-    if value is None or isinstance(value, (str, int, float)):
-        return value
-    raise TypeError(f"cannot store a {type(value).__name__} in the parser cache")
+# --- entry points ----------------------------------------------------------------------------------
 
 
-def _untag(obj: dict):
-    if len(obj) == 1:
-        if "<dict>" in obj:
-            return {k: v for k, v in obj["<dict>"]}
-        if "<tuple>" in obj:
-            return tuple(obj["<tuple>"])
-    return obj
+class _Where:
+    """The text being parsed and where it sits: an index of the text -> a position in the
+    document that errors render against (the .frz text itself, or the YAML file a selector
+    string came from)."""
+
+    def __init__(self, text: str, file: str, document: Optional[str] = None,
+                 position: Optional[Callable[[int], tuple[int, int]]] = None):
+        self.text = text
+        self.file = file
+        self.lines = Lines(text)
+        self.document = text if document is None else document
+        self.position = position or self.lines.position
+
+    def span(self, start: int, end: int) -> Span:
+        return Span(self.file, *self.position(start), *self.position(max(end, start)))
+
+    def point(self, index: int, width: int = 1) -> Span:
+        line, column = self.position(index)
+        return Span(self.file, line, column, line, column + width)
+
+    def error(self, message: str, span: Span) -> SpecSyntaxError:
+        return SpecSyntaxError(message, span, source=self.document)
 
 
 def parse(text: str, file: str = "<string>") -> Spec:
-    """Parse spec text into a `Spec`. Raises `SpecSyntaxError` (with line and column) on bad input."""
+    """Parse .frz spec text into a `Spec`. Raises `SpecSyntaxError` (with line and column) on
+    bad input. (`surgery.load_spec` reads a file of either form: surgery/specfile.py.)"""
     if not isinstance(text, str):
         raise TypeError(f"spec text must be str, not {type(text).__name__}")
-    parser = _parser()
-    with _lock:
-        _comments.tokens = []
-        try:
-            tree = parser.parse(text)
-        except UnexpectedInput as exc:
-            raise _syntax_error(exc, text, file) from None
-        finally:
-            tokens, _comments.tokens = _comments.tokens, []
-    builder = _Builder(text, file)
-    comments = tuple(Comment(str(t).rstrip(), builder.span(t)) for t in tokens)
-    return replace(builder.spec(tree), comments=comments)
-
-
-def load_spec(path: str | Path) -> Spec:
-    """Read and parse a spec file: .frz text, or the YAML form (.yaml, .yml). The path is kept
-    as given, for messages."""
-    shown = str(path)
-    data = Path(path).read_bytes()
+    where = _Where(text, file)
     try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
-        span = Span(shown, line, column, line, column + 1)
-        raise SpecSyntaxError(f"the file is not UTF-8 text (byte 0x{data[exc.start]:02x})", span,
-                              source=data.decode("utf-8", "replace")) from None
-    if shown.endswith((".yaml", ".yml")):
-        from .yamlspec import parse_yaml  # yamlspec builds on this module
-
-        return parse_yaml(text, shown)
-    return parse(text, shown)
+        tree = _parse(where, "start")
+    except UnexpectedInput as exc:
+        raise _syntax_error(exc, where) from None
+    return _transform(where, tree)
 
 
-# --- tree -> IR --------------------------------------------------------------------------------
+def parse_selectors(text: str, file: str, *, document: str,
+                    position: Callable[[int], tuple[int, int]], whole: Span) -> tuple[Selector, ...]:
+    """The selectors of one selector string of the YAML form. ``position`` maps an index of
+    ``text`` to its (line, column) in ``document``; an error about the string as a whole (it holds
+    statements, not selectors) points at ``whole``."""
+    where = _Where(text, file, document, position)
+    try:
+        tree = _parse(where, "selectors")
+    except UnexpectedInput as exc:
+        if isinstance(exc, UnexpectedToken) and exc.token.type in ("SEMICOLON", "_NL"):
+            raise where.error(parse_messages.NOT_SELECTORS, whole) from None
+        if isinstance(exc, UnexpectedToken) and exc.token.type == "EXCEPT":
+            raise where.error(parse_messages.EXCEPT_IN_SELECTORS,
+                              where.point(exc.token.start_pos, len("except"))) from None
+        raise _syntax_error(exc, where) from None
+    selectors = _transform(where, tree)
+    if "#" in text[_end(tree):]:  # a comment: '#' outside every token
+        raise where.error(parse_messages.NOT_SELECTORS, whole)
+    return selectors
 
 
-class _Builder:
-    def __init__(self, text: str, file: str):
-        self.text = text
-        self.file = file
+# Past this many tokens (names, keywords, punctuation) a spec is refused: Lark's tree and the IR
+# cost about 1 KB per token, so an unbounded input would take gigabytes before any answer. It
+# is far above any real spec (the seven in specs/ hold under 200 tokens each) and allows, for
+# instance, 80,000 one-name statements or one statement of 120,000 selectors.
+MAX_TOKENS = 250_000
 
-    def span(self, node) -> Span:
-        if isinstance(node, Token):
-            return Span(self.file, node.line, node.column, node.end_line, node.end_column)
-        m = node.meta
-        return Span(self.file, m.line, m.column, m.end_line, m.end_column)
 
-    def source_of(self, node) -> str:
-        if isinstance(node, Token):
-            return str(node)
-        return self.text[node.meta.start_pos:node.meta.end_pos]
+def _parse(where: _Where, start: str):
+    """The tree of ``where.text`` from the rule ``start``; the tokens are counted as they are
+    read, so an input past `MAX_TOKENS` stops there (Lark's interactive parser is the loop
+    ``parse`` runs, with each token handed out on its way in). Raises Lark's UnexpectedInput."""
+    parser = _parser().parse_interactive(where.text, start=start)
+    token = None
+    for count, token in enumerate(parser.iter_parse(), 1):
+        if count > MAX_TOKENS:
+            raise where.error(f"the spec is too large: surgery reads up to {MAX_TOKENS:,} tokens "
+                              f"(names, keywords and punctuation), and this one has more; split "
+                              f"it", where.point(token.start_pos, len(token)))
+    return parser.feed_eof(token)
 
-    def error(self, message: str, node_or_span) -> SpecSyntaxError:
-        span = node_or_span if isinstance(node_or_span, Span) else self.span(node_or_span)
-        return SpecSyntaxError(message, span, source=self.text)
 
-    def spec(self, tree: Tree) -> Spec:
-        rules: list[Rule] = []
-        policies: list[BatchNormRule] = []
-        phases: list[Phase] = []
-        header = None  # the current phase's header
-        block_column = None  # the indentation of its first statement on a line of its own
-        counts: dict[int, int] = {0: 0}
-        for node in tree.children:
-            if node.data == "phase":
-                header = self.phase(node, phases, counts)
-                phases.append(header)
-                counts.setdefault(header.epoch, 0)
+def _transform(where: _Where, tree):
+    to_ir = _ToIR(where)
+    try:
+        if tree.data != "start":
+            return to_ir.transform(tree)
+        # Statement by statement, each one's tree dropped once its IR exists: a large spec never
+        # holds the whole tree and the whole IR at once.
+        children, items = tree.children, []
+        for i, child in enumerate(children):
+            items.append(to_ir.transform(child))
+            children[i] = None
+        return to_ir.start(tree.meta, items)
+    except VisitError as exc:  # Lark wraps what a Transformer method raises
+        if isinstance(exc.orig_exc, SpecError):
+            raise exc.orig_exc from None
+        raise
+
+
+def _end(tree) -> int:
+    return tree.meta.end_pos if not tree.meta.empty else 0
+
+
+# --- tree -> IR ------------------------------------------------------------------------------------
+
+
+class _Item(NamedTuple):
+    """A statement, a policy or a phase header, before `Statements` numbers it."""
+
+    kind: str  # "rule" | "policy" | "phase"
+    span: Span
+    start: int
+    end: int
+    args: tuple  # what Statements.rule, .policy or .header takes besides the span
+
+
+@v_args(meta=True)
+class _ToIR(Transformer):
+    """One method per grammar rule (or alias), each given the rule's meta and its children
+    already transformed. Tokens stay Tokens (``visit_tokens=False``)."""
+
+    def __init__(self, where: _Where):
+        super().__init__(visit_tokens=False)
+        self.where = where
+        self.text = where.text
+
+    def _span(self, meta) -> Span:
+        return self.where.span(meta.start_pos, meta.end_pos)
+
+    def _token_span(self, token: Token) -> Span:
+        return self.where.span(token.start_pos, token.end_pos)
+
+    def _error(self, message: str, span: Span) -> SpecSyntaxError:
+        return self.where.error(message, span)
+
+    # statements
+
+    def start(self, meta, items: list[_Item]) -> Spec:
+        out = Statements(self.where.document, self.where.file)
+        block_column = None  # the indentation of the block's first statement on a line of its own
+        for item in items:
+            if item.kind == "phase":
+                epoch, number_span = item.args
+                out.header(epoch, item.span, number_span)
                 block_column = None
                 continue
-            epoch = header.epoch if header is not None else 0
-            if header is not None and node.meta.line > header.span.line:
+            header = out.phase
+            if header is not None and item.span.line > header.span.line:
                 if block_column is None:
-                    block_column = node.meta.column
-                if node.meta.column < header.span.column or \
-                        block_column > header.span.column >= node.meta.column:
-                    raise self.error(
-                        f"this statement is outdented out of the 'at epoch {epoch}:' block above "
-                        f"it (line {header.span.line}), but a block runs to the next 'at': indent "
-                        f"it to run at epoch {epoch}, or move it before the first 'at' to be part "
-                        f"of phase 0", node)
-            counts[epoch] += 1
-            if node.data == "policy":
-                policies.append(self.policy(node, len(policies), epoch))
-            else:
-                rules.append(self.rule(node, len(rules), epoch))
-        for ph in phases:
-            if not counts[ph.epoch]:
-                raise self.error(f"the phase 'at epoch {ph.epoch}:' has no statements", ph.span)
-        return Spec(rules=tuple(rules), source=self.text, file=self.file,
-                    policies=tuple(policies), phases=tuple(phases))
+                    block_column = item.span.column
+                if item.span.column < header.span.column or \
+                        block_column > header.span.column >= item.span.column:
+                    raise self._error(
+                        f"this statement is outdented out of the 'at epoch {header.epoch}:' block "
+                        f"above it (line {header.span.line}), but a block runs to the next 'at': "
+                        f"indent it to run at epoch {header.epoch}, or move it before the first "
+                        f"'at' to be part of phase 0", item.span)
+            (out.rule if item.kind == "rule" else out.policy)(*item.args, item.span)
+        return out.spec(self._comments(items))
 
-    def phase(self, node: Tree, phases: list[Phase], counts: dict[int, int]) -> Phase:
-        _at, _epoch, number = node.children
-        epoch = self.integer(number)
-        span = self.span(node)
-        if epoch < 0:
-            raise self.error("an epoch is 0 or more (Keras counts epochs from 0, as for "
-                             "initial_epoch)", number)
-        for earlier in phases:
-            if earlier.epoch == epoch:
-                raise self.error(f"the phase 'at epoch {epoch}:' overlaps the one on line "
-                                 f"{earlier.span.line}: write its statements in one block", span)
-            if earlier.epoch > epoch:
-                raise self.error(f"phases run in epoch order: 'at epoch {epoch}:' comes after "
-                                 f"'at epoch {earlier.epoch}:' (line {earlier.span.line}); move it "
-                                 f"before that one", span)
-        if epoch == 0 and counts[0]:
-            raise self.error("'at epoch 0:' overlaps the statements before it, which already form "
-                             "phase 0: write them in one block", span)
-        return Phase(epoch, span)
+    def _comments(self, items: list[_Item]) -> tuple[Comment, ...]:
+        """The comments, which the grammar ignores. Between two items there are only blanks,
+        ';', line breaks and comments, and a comment runs to the end of its line: so the first
+        '#' of such a gap starts one."""
+        text, found, pos = self.text, [], 0
+        for start, end in [(it.start, it.end) for it in items] + [(len(text), len(text))]:
+            i = text.find("#", pos, start)
+            while i >= 0:
+                stop = text.find("\n", i, start)
+                stop = start if stop < 0 else stop
+                found.append(Comment(text[i:stop].rstrip(), self.where.span(i, stop)))
+                i = text.find("#", stop, start)
+            pos = end
+        return tuple(found)
 
-    def rule(self, st: Tree, number: int, epoch: int = 0) -> Rule:
-        action_tree, selectors, _except, excepts = st.children
-        action = str(action_tree.children[0])
-        return Rule(
-            action=action,
-            selectors=self.selectors(selectors),
-            excepts=self.selectors(excepts) if excepts is not None else (),
-            text=self.source_of(st),
-            span=self.span(st),
-            number=number,
-            epoch=epoch,
-        )
+    def statement(self, meta, children) -> _Item:
+        action, selectors, _except, excepts = children
+        return _Item("rule", self._span(meta), meta.start_pos, meta.end_pos,
+                     (action, selectors, excepts or (), self.text[meta.start_pos:meta.end_pos]))
 
-    def policy(self, node: Tree, number: int, epoch: int) -> BatchNormRule:
-        _kw, mode, selectors, _except, excepts = node.children
-        return BatchNormRule(
-            mode=str(mode),
-            selectors=self.selectors(selectors) if selectors is not None else (),
-            excepts=self.selectors(excepts) if excepts is not None else (),
-            text=self.source_of(node),
-            span=self.span(node),
-            number=number,
-            epoch=epoch,
-        )
+    def action(self, meta, children) -> str:
+        return str(children[0])
 
-    def selectors(self, tree: Tree) -> tuple[Selector, ...]:
-        out = tuple(self.selector(s) for s in tree.children)
+    def policy(self, meta, children) -> _Item:
+        _keyword, mode, selectors, _except, excepts = children
+        return _Item("policy", self._span(meta), meta.start_pos, meta.end_pos,
+                     (str(mode), selectors or (), excepts or (),
+                      self.text[meta.start_pos:meta.end_pos]))
+
+    def phase(self, meta, children) -> _Item:
+        _at, _epoch, number = children
+        number_span = self._token_span(number)
+        epoch = integer(str(number), number_span, self.where.document)
+        return _Item("phase", self._span(meta), meta.start_pos, meta.end_pos, (epoch, number_span))
+
+    # selectors
+
+    def selectors(self, meta, items) -> tuple[Selector, ...]:
         # Commas are optional, but two selectors written against each other are a typo: above
         # all `bn.gamma[0:2]`, which would read as `bn.gamma` and the glob `[0:2]`.
-        for prev, cur in zip(out, out[1:]):
-            if (prev.span.end_line, prev.span.end_column) == (cur.span.line, cur.span.column):
-                if prev.part is not None and prev.part.kind == "weight" and \
+        for (prev, _, prev_end), (cur, cur_start, _) in zip(items, items[1:]):
+            if prev_end == cur_start:
+                if prev.part is not None and prev.part.kind == WEIGHT and \
                         cur.text.startswith("["):
-                    raise self.error(f"'.{prev.part.name}' takes no index: only .filters[...] "
-                                     "and .units[...] select entries inside a layer", cur.span)
-                raise self.error(f"'{cur.text}' is written against '{prev.text}': separate "
-                                 "selectors with a comma or a space", cur.span)
-        return out
+                    raise self._error(f"'.{prev.part.name}' takes no index: only .filters[...] "
+                                      "and .units[...] select entries inside a layer", cur.span)
+                raise self._error(f"'{cur.text}' is written against '{prev.text}': separate "
+                                  "selectors with a comma or a space", cur.span)
+        return tuple(sel for sel, _, _ in items)
 
-    def selector(self, tree: Tree) -> Selector:
-        *path, part_tree = tree.children
-        segments = tuple(self.segment(c) for c in path if not isinstance(c, Token))
+    def selector(self, meta, children) -> tuple[Selector, int, int]:
+        *path, part = children
+        segments = tuple(c for c in path if not isinstance(c, Token))  # without the '/'s
         if isinstance(segments[-1], AnyDepth):
-            raise self.error("'**' must be followed by '/' and a selector, as in '**/conv1_*'",
-                             segments[-1].span)
-        part = self.part(part_tree) if part_tree is not None else None
-        return Selector(segments=segments, text=self.source_of(tree), span=self.span(tree),
-                        part=part)
+            raise self._error("'**' must be followed by '/' and a selector, as in '**/conv1_*'",
+                              segments[-1].span)
+        selector = Selector(segments=segments, text=self.text[meta.start_pos:meta.end_pos],
+                            span=self._span(meta), part=part)
+        return selector, meta.start_pos, meta.end_pos
 
-    def part(self, tree: Tree) -> Part:
-        span = self.span(tree)
-        if tree.data == "weight_part":
-            return Part(WEIGHT, str(tree.children[1]), None, span)
-        _dot, opener, index = tree.children
+    def weight_part(self, meta, children) -> Part:
+        _dot, name = children
+        return Part(WEIGHT, str(name), None, self._span(meta))
+
+    def channel_part(self, meta, children) -> Part:
+        _dot, opener, index = children
+        span = self._span(meta)
         kind = FILTERS if str(opener).startswith(FILTERS) else UNITS
-        return Part(kind, None, self.index(index, span), span)
+        return Part(kind, None, _index(index, span), span)
 
-    def segment(self, tree: Tree):
-        kind = tree.data
-        span = self.span(tree)
-        if kind == "all":
-            return All(span)
-        if kind == "any_depth":
-            return AnyDepth(span)
-        if kind == "glob":
-            return self.glob(tree.children[0])
-        if kind == "exact":
-            return Name(_unquote(tree.children[0]), span)
-        if kind == "regex":
-            return self.regex(tree.children[0])
-        if kind == "type":
-            token = tree.children[1]
-            return TypeGlob(str(token), span, regex=_glob_regex(str(token)))
-        if kind == "layers":
-            return self.index(tree.children[1], span)
-        if kind == "range":
-            first, dots, last = tree.children
-            self.tight(first, dots, last)
-            return self.range(span, first, last)
-        if kind == "range_to":
-            dots, last = tree.children
-            self.tight(None, dots, last)
-            return self.range(span, None, last)
-        raise AssertionError(f"grammar rule without a builder: {kind}")  # pragma: no cover
+    # segments
 
-    def glob(self, token: Token):
+    def all(self, meta, children) -> All:
+        return All(self._span(meta))
+
+    def any_depth(self, meta, children) -> AnyDepth:
+        return AnyDepth(self._span(meta))
+
+    def layers(self, meta, children):
+        _open, index = children
+        return _index(index, self._span(meta))
+
+    def type(self, meta, children) -> TypeGlob:
+        _prefix, token = children
+        return TypeGlob(str(token), self._span(meta), regex=_glob_regex(str(token)))
+
+    def glob(self, meta, children):
+        (token,) = children
         text = str(token)
         if text in KEYWORDS:
-            hint = ("start a new statement on a new line or after ';'" if text in _ACTIONS
+            hint = ("start a new statement on a new line or after ';'" if text in STATEMENT_KEYWORDS
                     else f'quote it to mean a layer named {text}: "{text}"')
             if text in ("at", "batchnorm"):  # keywords since phases and policies came in
                 hint += f' (or quote it to mean a layer named {text}: "{text}")'
-
-            raise self.error(f"'{text}' is a keyword here; {hint}", token)
-        span = self.span(token)
+            raise self._error(f"'{text}' is a keyword here; {hint}", self._token_span(token))
+        span = self._token_span(token)
         if _GLOB_MAGIC.search(text):
             return Glob(text, span, regex=_glob_regex(text))
         return Name(text, span)
 
-    def regex(self, token: Token) -> Regex:
+    def exact(self, meta, children) -> Name:
+        (token,) = children
+        return Name(re.sub(r"\\(.)", r"\1", str(token)[1:-1]), self._token_span(token))
+
+    def regex(self, meta, children) -> Regex:
+        (token,) = children
         body = str(token)[1:-1]
         pattern = body.replace("\\/", "/")
         try:
@@ -421,202 +451,84 @@ class _Builder:
                 warnings.simplefilter("ignore", DeprecationWarning)
                 compiled = re.compile(pattern)
         except re.error as exc:
-            pos = exc.pos or 0
-            col = token.column + 1 + min(pos, len(body))
-            span = Span(self.file, token.line, col, token.line, col + 1)
-            raise self.error(f"invalid regular expression: {exc.msg}", span) from None
-        except (OverflowError, RecursionError, ValueError):
-            raise self.error("regular expression is too large", token) from None
-        return Regex(pattern, self.span(token), regex=compiled)
+            at = token.start_pos + 1 + min(exc.pos or 0, len(body))
+            raise self._error(f"invalid regular expression: {exc.msg}",
+                              self.where.point(at)) from None
+        except (OverflowError, RecursionError, ValueError):  # what re.compile raises on size
+            raise self._error("regular expression is too large", self._token_span(token)) from None
+        return Regex(pattern, self._token_span(token), regex=compiled)
 
-    def index(self, tree: Tree, span: Span):
-        values = [self.integer(t) if t is not None else None for t in tree.children]
-        if tree.data == "item":
-            return Index(values[0], span)
-        start, stop, step = values
-        if step == 0:
-            raise self.error("slice step cannot be zero", tree.children[2])
-        return Slice(start, stop, step, span)
+    def range(self, meta, children) -> Range:
+        first, dots, last = children
+        return self._range(meta, first, dots, last)
 
-    def integer(self, token: Token) -> int:
-        try:
-            return int(str(token))
-        except ValueError:  # more digits than Python converts (sys.get_int_max_str_digits)
-            raise self.error("number is too large", token) from None
+    def range_to(self, meta, children) -> Range:
+        dots, last = children
+        return self._range(meta, None, dots, last)
 
-    def tight(self, first, dots: Token, last) -> None:
-        """A range is written without blanks: commas between selectors are optional, so
-        'a.. b' would otherwise silently read as the range 'a..b'."""
-        before = first is not None and first.meta.end_pos != dots.start_pos
-        after = last is not None and dots.end_pos != last.meta.start_pos
+    def _range(self, meta, first, dots: Token, last) -> Range:
+        # A range is written without blanks: commas between selectors are optional, so 'a.. b'
+        # would otherwise silently read as the range 'a..b'.
+        before = first is not None and self.text[dots.start_pos - 1] in _BLANKS
+        after = last is not None and self.text[dots.end_pos] in _BLANKS
         if before or after:
-            raise self.error("write a range without blanks ('a..b'); to list an open range and "
-                             "another selector, separate them with a comma ('a.., b')", dots)
-
-    def range(self, span: Span, first, last) -> Range:
-        ends = []
+            raise self._error("write a range without blanks ('a..b'); to list an open range and "
+                              "another selector, separate them with a comma ('a.., b')",
+                              self._token_span(dots))
         for end in (first, last):
-            if end is None:
-                ends.append((None, None))
-                continue
-            token = end.children[0]
-            if end.data == "glob":
-                if _GLOB_MAGIC.search(str(token)):
-                    raise self.error("the ends of a range are exact layer names; globs are not "
-                                     "allowed here", token)
-                if str(token) in KEYWORDS:
-                    raise self.glob(token)  # pragma: no cover - glob() raises for keywords
-                ends.append((str(token), self.span(token)))
-            else:
-                ends.append((_unquote(token), self.span(token)))
-        (a, a_span), (b, b_span) = ends
-        return Range(a, b, span, a_span, b_span)
+            if isinstance(end, Glob):
+                raise self._error("the ends of a range are exact layer names; globs are not "
+                                  "allowed here", end.span)
+        return Range(first.value if first else None, last.value if last else None,
+                     self._span(meta), first.span if first else None,
+                     last.span if last else None)
+
+    # indices: the rule that holds one (layers[...], .filters[...]) gives it its span
+
+    def item(self, meta, children) -> tuple:
+        (number,) = children
+        return ("item", self._integer(number))
+
+    def slice(self, meta, children) -> tuple:
+        start, stop, step = (self._integer(t) if t is not None else None for t in children)
+        if step == 0:
+            raise self._error("slice step cannot be zero", self._token_span(children[2]))
+        return ("slice", start, stop, step)
+
+    def _integer(self, token: Token) -> int:
+        return integer(str(token), self._token_span(token), self.where.document)
 
 
-def _unquote(token: Token) -> str:
-    return re.sub(r"\\(.)", r"\1", str(token)[1:-1])
+def _index(draft: tuple, span: Span):
+    if draft[0] == "item":
+        return Index(draft[1], span)
+    _, start, stop, step = draft
+    return Slice(start, stop, step, span)
 
 
 def _glob_regex(pattern: str) -> re.Pattern:
     return re.compile(fnmatch.translate(pattern))
 
 
-# --- Lark errors -> SpecSyntaxError --------------------------------------------------------------
-
-_SELECTOR_START = {"GLOB", "STRING", "TYPE_PREFIX", "LAYERS_OPEN", "ALL", "ANY_DEPTH", "REGEX",
-                   "RANGE"}
-_TOKEN_WORDS = {
-    "_NL": "end of line", "$END": "end of file", "SEMICOLON": "';'", "COMMA": "','",
-    "RSQB": "']'", "COLON": "':'", "SLASH": "'/'", "RANGE": "'..'", "EXCEPT": "'except'",
-}
+# --- Lark errors -> SpecSyntaxError ----------------------------------------------------------------
 
 
-def _expected_words(expected: set[str]) -> str:
-    if expected & _SELECTOR_START >= {"GLOB", "REGEX"}:
-        return "a selector"
-    if {FREEZE.upper(), UNFREEZE.upper()} <= expected:
-        return "'freeze' or 'unfreeze'"
-    if expected & {"GLOB", "STRING"} == {"GLOB", "STRING"}:
-        return "a layer name"
-    if "INT" in expected:
-        return "an integer, ':' or ']'"
-    if expected == {"GLOB"}:
-        return "a layer class name, as in 'type:BatchNormalization'"
-    if "RSQB" in expected:
-        return "']'"
-    words = sorted(_TOKEN_WORDS.get(e, e.lower()) for e in expected if e not in ("_NL", "$END"))
-    return " or ".join(words) if words else "end of statement"
-
-
-def _found(token: Token) -> str:
-    if token.type in ("_NL", "$END"):
-        return _TOKEN_WORDS[token.type]
-    return f"'{token}'"
-
-
-def _syntax_error(exc: UnexpectedInput, text: str, file: str) -> SpecSyntaxError:
+def _syntax_error(exc: UnexpectedInput, where: _Where) -> SpecSyntaxError:
     if isinstance(exc, UnexpectedToken):
         token = exc.token
         if token.type == "$END":
             # Lark's $END borrows the position of the last token; point just after it.
-            line, column = token.end_line or 1, token.end_column or 1
+            index = token.end_pos if token.end_pos is not None else (token.start_pos or 0)
         else:
-            line, column = token.line, token.column
-        message = _unexpected_token_message(token, set(exc.expected), text)
+            index = token.start_pos
+        before = where.lines.before(index).rstrip()
+        message = parse_messages.unexpected_token(str(token), token.type, set(exc.expected),
+                                                  before)
         width = max(1, len(str(token)))
     elif isinstance(exc, UnexpectedCharacters):
-        line, column = exc.line, exc.column
-        message = _unexpected_char_message(text, exc.pos_in_stream, set(exc.allowed or ()))
+        index = exc.pos_in_stream
+        message = parse_messages.unexpected_character(where.text, index, set(exc.allowed or ()))
         width = 1
     else:  # pragma: no cover - LALR raises only the two above
-        line, column, message, width = getattr(exc, "line", 1), getattr(exc, "column", 1), \
-            "invalid spec", 1
-    span = Span(file, line, column, line, column + width)
-    return SpecSyntaxError(message, span, source=text)
-
-
-def _unexpected_token_message(token: Token, expected: set[str], text: str) -> str:
-    word = str(token)
-    if {"FREEZE", "UNFREEZE"} <= expected and token.type == "GLOB":
-        close = difflib.get_close_matches(word, KEYWORDS, n=1, cutoff=0.6)
-        if close and close[0] in _ACTIONS:
-            return f"unknown statement '{word}'; did you mean '{close[0]}'?"
-        return (f"unknown statement '{word}'; a statement starts with 'freeze', 'unfreeze' or "
-                f"'batchnorm', and a phase with 'at epoch N:'")
-    if "BN_MODE" in expected:
-        close = [m for m in ("frozen", "train", "affine") if word.lower().startswith(m)] or \
-            difflib.get_close_matches(word.lower(), ("frozen", "train", "affine"), n=1, cutoff=0.6)
-        hint = f"; did you mean '{close[0]}'?" if close and token.type not in ("_NL", "$END") \
-            else ""
-        return (f"expected a BatchNormalization policy, 'frozen', 'train' or 'affine', found "
-                f"{_found(token)}{hint}")
-    if "EPOCH" in expected:
-        return f"expected 'epoch' after 'at', as in 'at epoch 3:', found {_found(token)}"
-    if expected == {"INT"} and token.type != "INT":
-        return f"expected an epoch number, as in 'at epoch 3:', found {_found(token)}"
-    if expected == {"COLON"}:
-        return f"expected ':' to end the phase header, as in 'at epoch 3:', found {_found(token)}"
-    if token.type in ("LAYERS_OPEN", "TYPE_PREFIX", "STRING", "REGEX", "GLOB") and \
-            "SLASH" in expected:
-        return f"expected ',' or end of statement before '{word}'"
-    if "PART_NAME" in expected and token.type == "GLOB":
-        before = _before(text, token)
-        name = re.split(r"[\s,;/]", before)[-1] + word
-        return (f"unexpected '{word}' after '.': a name containing '.' is written quoted, as in "
-                f"\"{name}\"; after a layer, '.' names a part: .kernel, .bias, .filters[...], "
-                f".units[...]")
-    if "PART_NAME" in expected:
-        return ("expected a part after '.': a weight name (.kernel, .bias, ...), "
-                ".filters[...] or .units[...]")
-    if token.type in ("_NL", "$END") and "RSQB" in expected:
-        return "unclosed '[': expected ']'"
-    if token.type == "SLASH" and "REGEX" in expected:
-        return "unterminated regular expression: add the closing '/'"
-    before = _before(text, token)
-    if token.type in ("_NL", "$END") and "REGEX" in expected and before.endswith("/"):
-        if re.search(r"\s/[^/\s]+/$", before):
-            return ("expected a selector after '/'; a /regex/ that follows another selector needs "
-                    "a comma before it: 'a, /regex/'")
-        return "expected a selector after '/'"
-    return f"expected {_expected_words(expected)}, found {_found(token)}"
-
-
-def _before(text: str, token: Token) -> str:
-    """The text before a token's position, without trailing blanks and comments."""
-    lines = text.splitlines()
-    if token.type == "$END":
-        line_no, col = (token.end_line or 1), (token.end_column or 1)
-    else:
-        line_no, col = token.line, token.column
-    line = lines[line_no - 1] if 0 < line_no <= len(lines) else ""
-    return line[: col - 1].rstrip()
-
-
-def _unexpected_char_message(text: str, pos: int, allowed: set[str]) -> str:
-    ch = text[pos] if pos < len(text) else ""
-    if ch == '"' or ch == "'":
-        return f"unterminated string: add the closing {ch}"
-    if ch == "/" and "REGEX" in allowed:
-        return "unterminated regular expression: add the closing '/'"
-    if ch == ".":
-        start = pos
-        while start > 0 and not text[start - 1].isspace() and text[start - 1] not in ",;/":
-            start -= 1
-        end = pos
-        while end < len(text) and not text[end].isspace() and text[end] not in ",;#/":
-            end += 1
-        name = text[start:end]
-        return (f"unexpected '.': a name containing '.' is written quoted, as in \"{name}\"; "
-                f"'..' makes a range")
-    if "INT" in allowed:
-        return f"expected an integer, ':' or ']' inside '[...]', found {_char(ch)}"
-    if allowed & _SELECTOR_START:
-        return (f"unexpected {_char(ch)}: names with special characters are written quoted, "
-                f"as in \"my layer\"")
-    return f"unexpected {_char(ch)}"
-
-
-def _char(ch: str) -> str:
-    if ch.isprintable() and ch not in " \t":
-        return f"character '{ch}'"
-    return f"character {ch!r} (U+{ord(ch):04X})" if ch else "end of input"
+        index, message, width = 0, "invalid spec", 1
+    return where.error(message, where.point(index, width))

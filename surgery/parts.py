@@ -32,7 +32,7 @@ import math
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Optional, Sequence, Union
 
-from .errors import SurgeryError
+from .errors import PartError
 
 __all__ = [
     "PartError",
@@ -46,11 +46,6 @@ __all__ = [
 ]
 
 Index = Union[None, int, slice, Iterable[int]]
-
-
-class PartError(SurgeryError):
-    """A part the layer does not have, or indices outside it. The message names the layer, its
-    class, the weight's shape and the axis, so it can be shown as is under a spec line."""
 
 
 @dataclass(frozen=True)

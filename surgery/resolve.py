@@ -9,7 +9,6 @@ with the closest names; ``allow_empty`` turns those errors into warnings.
 from __future__ import annotations
 
 import bisect
-import difflib
 import fnmatch
 import re
 from dataclasses import dataclass, field
@@ -22,9 +21,10 @@ from .ir import (
 )
 from .parts import PartError, Selection
 from .parts import select as select_part
+from .suggest import suggest
 from .tree import Layer, LayerTree
 
-__all__ = ["RuleResult", "PartOp", "Resolution", "resolve", "suggest", "BATCHNORM_CLASSES"]
+__all__ = ["RuleResult", "PartOp", "Resolution", "resolve", "BATCHNORM_CLASSES"]
 
 
 @dataclass(frozen=True)
@@ -462,25 +462,6 @@ def _where(scopes: list[Layer], after_any: bool) -> str:
 
 def _in(where: str) -> str:
     return "" if where == "the model" else f" in {where}"
-
-
-def suggest(word: str, candidates: list[str], n: int = 3) -> list[str]:
-    """Closest names: same parts in another order first (``bn_conv1`` -> ``conv1_bn``), then the
-    nearest spellings."""
-    if not word:
-        return []
-    unique = list(dict.fromkeys(candidates))
-    # Compare without case ('Batchnorm' -> 'BatchNormalization'); answer in the real spelling.
-    folded: dict[str, str] = {}
-    for c in unique:
-        folded.setdefault(c.lower(), c)
-    key = word.lower()
-    parts = sorted(re.split(r"[_\-]", key))
-    letters = sorted(key)
-    reordered = [c for c in unique if c != word and (
-        sorted(re.split(r"[_\-]", c.lower())) == parts or sorted(c.lower()) == letters)]
-    close = [folded[c] for c in difflib.get_close_matches(key, list(folded), n=n, cutoff=0.6)]
-    return [c for c in dict.fromkeys(reordered + close) if c != word][:n]
 
 
 def _literal_hint(seg: Name, text: str, names: list[str]) -> str:

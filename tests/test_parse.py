@@ -4,7 +4,9 @@ human message with line and column. No TensorFlow here."""
 import pytest
 
 import surgery
-from surgery.ir import All, AnyDepth, BatchNormRule, Glob, Index, Name, Range, Regex, Slice, TypeGlob
+from surgery.ir import (
+    All, AnyDepth, BatchNormRule, Glob, Index, Name, Range, Regex, Slice, Span, TypeGlob,
+)
 
 
 def segments(text):
@@ -181,9 +183,9 @@ def test_new_keywords_quoted_and_words_that_stay_names():
     ("at epoch 3:\n  freeze a\nfreeze b", 3, 1, "this statement is outdented out of the 'at epoch 3:' block above it (line 1), but a block runs to the next 'at': indent it to run at epoch 3, or move it before the first 'at' to be part of phase 0"),
     ("at epoch 3:", 1, 1, "the phase 'at epoch 3:' has no statements"),
     ("at epoch 3:\nat epoch 4: freeze a", 1, 1, "the phase 'at epoch 3:' has no statements"),
-    ("at epoch 3: freeze a\nat epoch 3: freeze b", 2, 1, "the phase 'at epoch 3:' overlaps the one on line 1: write its statements in one block"),
+    ("at epoch 3: freeze a\nat epoch 3: freeze b", 2, 1, "the phase 'at epoch 3:' overlaps the one on line 1: write its statements under one header"),
     ("at epoch 5: freeze a\nat epoch 3: freeze b", 2, 1, "phases run in epoch order: 'at epoch 3:' comes after 'at epoch 5:' (line 1); move it before that one"),
-    ("freeze a\nat epoch 0: freeze b", 2, 1, "'at epoch 0:' overlaps the statements before it, which already form phase 0: write them in one block"),
+    ("freeze a\nat epoch 0: freeze b", 2, 1, "'at epoch 0:' overlaps the statements before it, which already form phase 0: remove the header, or move those statements under it"),
     ("at epoch -1: freeze a", 1, 10, "an epoch is 0 or more (Keras counts epochs from 0, as for initial_epoch)"),
     ("at epok 3: freeze a", 1, 4, "expected 'epoch' after 'at', as in 'at epoch 3:', found 'epok'"),
     ("at epoch: freeze a", 1, 9, "expected an epoch number, as in 'at epoch 3:', found ':'"),
@@ -260,3 +262,144 @@ def test_statement_keywords_are_whole_words(text, message):
     with pytest.raises(surgery.SpecSyntaxError) as info:
         surgery.parse(text)
     assert info.value.message == message
+
+
+# Was a bug: the hint took the text before the token from str.splitlines(), which also breaks
+# lines at '\f' (and '\v', '\x1c'-'\x1e', '\x85', '\u2028', ...) where Lark counts '\n' only:
+# the comment's 'b' was read as the start of line 2 and the hint said to quote "b9x".
+def test_a_hint_quotes_the_text_of_the_line_lark_counted():
+    with pytest.raises(surgery.SpecSyntaxError) as info:
+        surgery.parse("# a\x0cb\nfreeze conv1.9x", "spec.frz")
+    assert info.value.render() == (
+        "spec.frz:2:14: error: unexpected '9x' after '.': a name containing '.' is written "
+        "quoted, as in \"conv1.9x\"; after a layer, '.' names a part: .kernel, .bias, "
+        ".filters[...], .units[...]\n"
+        "  freeze conv1.9x\n"
+        "               ^"
+    )
+
+
+def test_comments_are_kept_with_their_positions_and_hashes_inside_tokens_are_not_comments():
+    spec = surgery.parse('freeze "a#b", /c#d/ # one\n\n  # two\r\nunfreeze e;# three', "c.frz")
+    assert [s.segments[0].value if hasattr(s.segments[0], "value") else s.segments[0].pattern
+            for s in spec.rules[0].selectors] == ["a#b", "c#d"]
+    assert [(c.text, c.span.line, c.span.column) for c in spec.comments] == [
+        ("# one", 1, 21), ("# two", 3, 3), ("# three", 4, 12)]
+
+
+# --- the YAML form: what a selector string may hold, keys written twice -------------------------
+
+
+def _yaml_error(text):
+    from surgery.yaml_read import parse_yaml
+
+    with pytest.raises(surgery.SpecSyntaxError) as info:
+        parse_yaml(text, "s.yaml")
+    return info.value
+
+
+@pytest.mark.parametrize("text,line,column,message", [
+    # PyYAML keeps the last of two equal keys and drops the other without a word (issue 14)
+    ("rules:\n  - freeze: all\nrules:\n  - unfreeze: head\n", 3, 1,
+     "the key 'rules' is written twice (first on line 1); YAML would keep only the last one: "
+     "write it once"),
+    ("epochs: 3\nsurgery:\n  rules: []\n  rules: [{freeze: a}]\n", 4, 3,
+     "the key 'rules' is written twice (first on line 3); YAML would keep only the last one: "
+     "write it once"),
+    ("rules:\n  - freeze: all\n    except: a\n    except: b\n", 4, 5,
+     "the key 'except' is written twice (first on line 3); YAML would keep only the last one: "
+     "write it once"),
+    ("rules:\n  - at epoch 2:\n      - {unfreeze: a, unfreeze: b}\n", 3, 23,
+     "the key 'unfreeze' is written twice (first on line 3); YAML would keep only the last one: "
+     "write it once"),
+    # a selector string holds selectors: not statements, comments or an 'except'
+    ("rules:\n  - freeze: 'a # why'\n", 2, 13,
+     "one rule per list item: write selectors, not statements, here"),
+    ("rules:\n  - freeze: |\n      a\n      b\n", 2, 13,
+     "one rule per list item: write selectors, not statements, here"),
+    ("rules:\n  - freeze: 'a except b'\n", 2, 16,
+     "'except' is a key of the YAML form: list the exceptions under 'except:' beside the "
+     "selectors"),
+    # positions inside the string are the YAML text's, escapes and quotes counted
+    ('rules:\n  - freeze: "a\\x2e\\x2e b"\n', 2, 15,
+     "write a range without blanks ('a..b'); to list an open range and another selector, "
+     "separate them with a comma ('a.., b')"),
+    ("rules:\n  - freeze: ''\n", 2, 14, "expected a selector, found end of file"),
+])
+def test_yaml_selector_strings_and_keys_written_twice(text, line, column, message):
+    err = _yaml_error(text)
+    assert (err.line, err.column, err.message) == (line, column, message)
+
+
+def test_a_yaml_selector_string_reads_as_the_same_selectors_as_frz():
+    from surgery.yaml_read import parse_yaml
+
+    text = "conv1_*, **/type:BatchNormalization layers[-5:] a..b head.units[0:2] /x\\/y/"
+    from_yaml = parse_yaml(f"rules:\n  - freeze: '{text}'\n", "s.yaml").rules[0]
+    from_frz = surgery.parse(f"freeze {text}\n").rules[0]
+    assert [s.text for s in from_yaml.selectors] == [s.text for s in from_frz.selectors]
+    assert [s.span.column - 13 for s in from_yaml.selectors] == \
+        [s.span.column - 7 for s in from_frz.selectors]
+    strip = [(type(seg).__name__, getattr(seg, "value", getattr(seg, "pattern", None)))
+             for s in from_frz.selectors for seg in s.segments]
+    assert strip == [(type(seg).__name__, getattr(seg, "value", getattr(seg, "pattern", None)))
+                     for s in from_yaml.selectors for seg in s.segments]
+
+
+# --- the parser cache: public Lark.save/Lark.load, never trusted -------------------------------
+
+
+@pytest.fixture
+def parser_module(tmp_path, monkeypatch):
+    import importlib
+
+    module = importlib.import_module("surgery.parse")
+    monkeypatch.setenv("SURGERY_CACHE_DIR", str(tmp_path / "cache"))
+    module._parser.cache_clear()
+    yield module
+    module._parser.cache_clear()
+
+
+class _Touch:
+    """A pickle that creates a file when it is loaded: what a forged cache file would do."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_forged_cache_file_with_a_valid_digest_runs_no_code(parser_module, tmp_path):
+    import pickle
+
+    parser_module._parser()
+    (path,) = (tmp_path / "cache").iterdir()
+    marker = tmp_path / "ran"
+    key = parser_module._parser_key(parser_module.grammar_text())
+    payload = pickle.dumps({"data": _Touch(marker), "memo": {}})
+    path.write_bytes(parser_module._header(key, payload) + payload)
+    parser_module._parser.cache_clear()
+    assert parser_module.parse("freeze all\n").rules[0].action == "freeze"
+    assert not marker.exists()
+    head, _, rest = path.read_bytes().partition(b"\n")
+    assert rest != payload and parser_module._header(key, rest) == head + b"\n"  # rebuilt
+
+
+def test_the_cache_holds_plain_data_and_loads_without_building(parser_module, tmp_path,
+                                                               monkeypatch):
+    import io
+
+    parser_module._parser()
+    (path,) = (tmp_path / "cache").iterdir()
+    payload = path.read_bytes().partition(b"\n")[2]
+    parser_module._DataOnly(io.BytesIO(payload)).load()  # no class, no function named
+    parser_module._parser.cache_clear()
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("built, not loaded")
+
+    monkeypatch.setattr(parser_module.Lark, "__init__", no_build)
+    assert [s.text for s in parser_module.parse_selectors(
+        "a, b", "s.yaml", document="a, b", position=lambda i: (1, i + 1),
+        whole=Span("s.yaml", 1, 1, 1, 2))] == ["a", "b"]

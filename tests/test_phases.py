@@ -505,3 +505,64 @@ def test_statements_carry_their_phase_however_the_block_is_written():
         ("freeze all", 0), ("unfreeze a", 2), ("unfreeze b", 4), ("unfreeze c", 4)]
     assert [(p.text, p.epoch) for p in spec.policies] == [
         ("batchnorm frozen", 0), ("batchnorm train", 2)]
+
+
+# --- the checks both forms share (surgery/checks.py): the same words, at each form's own text ---
+
+_BIG = "9" * 5000
+
+
+@pytest.mark.parametrize("frz,frz_at,yaml_text,yaml_at,message", [
+    ("at epoch -1: freeze a\n", (1, 10),
+     "rules:\n  - at epoch -1: [{freeze: a}]\n", (2, 5),
+     "an epoch is 0 or more (Keras counts epochs from 0, as for initial_epoch)"),
+    (f"at epoch {_BIG}: freeze a\n", (1, 10),
+     f"rules:\n  - ? at epoch {_BIG}\n    : [{{freeze: a}}]\n", (2, 7),  # a key over 1024
+     "number is too large"),                                             # characters: '?'-form
+    ("freeze x\nat epoch 3: freeze a\nat epoch 3: freeze b\n", (3, 1),
+     "rules:\n  - freeze: x\n  - at epoch 3: [{freeze: a}]\n  - at epoch 3: [{freeze: b}]\n",
+     (4, 5),
+     "the phase 'at epoch 3:' overlaps the one on line {first}: write its statements under one "
+     "header"),
+    ("freeze x\nat epoch 5: freeze a\nat epoch 3: freeze b\n", (3, 1),
+     "rules:\n  - freeze: x\n  - at epoch 5: [{freeze: a}]\n  - at epoch 3: [{freeze: b}]\n",
+     (4, 5),
+     "phases run in epoch order: 'at epoch 3:' comes after 'at epoch 5:' (line {first}); move it "
+     "before that one"),
+    ("freeze x\nat epoch 0: freeze a\n", (2, 1),
+     "rules:\n  - freeze: x\n  - at epoch 0: [{freeze: a}]\n", (3, 5),
+     "'at epoch 0:' overlaps the statements before it, which already form phase 0: remove the "
+     "header, or move those statements under it"),
+    ("freeze x\nat epoch 3:\nat epoch 4: freeze a\n", (2, 1),
+     "rules:\n  - freeze: x\n  - at epoch 3: []\n  - at epoch 4: [{freeze: a}]\n", (3, 5),
+     "the phase 'at epoch 3:' has no statements"),
+    ("freeze x\nat epoch 3:\n", (2, 1),
+     "rules:\n  - freeze: x\n  - at epoch 3:\n", (3, 5),
+     "the phase 'at epoch 3:' has no statements"),
+])
+def test_both_forms_refuse_the_same_phases_in_the_same_words(frz, frz_at, yaml_text, yaml_at,
+                                                               message):
+    from surgery.yaml_read import parse_yaml
+
+    for read, text, at, first in ((surgery.parse, frz, frz_at, 2),
+                                  (parse_yaml, yaml_text, yaml_at, 3)):
+        with pytest.raises(surgery.SpecSyntaxError) as info:
+            read(text, "spec")
+        err = info.value
+        assert ((err.line, err.column), err.message) == (at, message.format(first=first)), text[:60]
+
+
+def test_both_forms_number_statements_and_give_them_their_phase_alike():
+    from surgery.yaml_read import parse_yaml
+
+    frz = surgery.parse("freeze a\nbatchnorm frozen\nat epoch 2:\n  unfreeze b\n  batchnorm train\n"
+                        "  unfreeze c\nat epoch 5:\n  freeze d\n")
+    yml = parse_yaml("rules:\n  - freeze: a\n  - batchnorm: frozen\n  - at epoch 2:\n"
+                     "      - unfreeze: b\n      - batchnorm: train\n      - unfreeze: c\n"
+                     "  - at epoch 5:\n      - freeze: d\n")
+    for spec in (frz, yml):
+        assert [(r.text, r.number, r.epoch) for r in spec.rules] == [
+            ("freeze a", 0, 0), ("unfreeze b", 1, 2), ("unfreeze c", 2, 2), ("freeze d", 3, 5)]
+        assert [(p.text, p.number, p.epoch) for p in spec.policies] == [
+            ("batchnorm frozen", 0, 0), ("batchnorm train", 1, 2)]
+        assert [p.epoch for p in spec.phases] == [2, 5]

@@ -11,9 +11,10 @@ import yaml
 
 import surgery
 from surgery.cli import main
-from surgery.compiled import compile_spec
+from surgery.spec_json import compile_spec
 from surgery.fmt import format_policy, format_rule, format_spec
-from surgery.yamlspec import parse_yaml, to_yaml
+from surgery.yaml_read import parse_yaml
+from surgery.yaml_write import to_yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = sorted((ROOT / "specs").glob("*.frz"))
@@ -427,13 +428,13 @@ def test_yaml_hand_written_phases_flow_lists_and_a_larger_config(tmp_path):
     ("rules:\n  - at epoch -3: [{freeze: a}]\n", 2, 5,
      "an epoch is 0 or more (Keras counts epochs from 0, as for initial_epoch)"),
     ("rules:\n  - at epoch 3: [{freeze: a}]\n  - at epoch 3: [{freeze: b}]\n", 3, 5,
-     "the phase 'at epoch 3:' overlaps the one on line 2: write its statements in one list"),
+     "the phase 'at epoch 3:' overlaps the one on line 2: write its statements under one header"),
     ("rules:\n  - at epoch 5: [{freeze: a}]\n  - at epoch 3: [{freeze: b}]\n", 3, 5,
      "phases run in epoch order: 'at epoch 3:' comes after 'at epoch 5:' (line 2); move it "
      "before that one"),
     ("rules:\n  - freeze: x\n  - at epoch 0: [{freeze: a}]\n", 3, 5,
-     "'at epoch 0:' overlaps the statements before it, which already form phase 0: write them "
-     "in one list"),
+     "'at epoch 0:' overlaps the statements before it, which already form phase 0: remove the "
+     "header, or move those statements under it"),
     ("rules:\n  - batchnorm: froze\n", 2, 16, "expected a BatchNormalization policy, 'frozen', "
      "'train' or 'affine', found 'froze'; did you mean 'frozen'?"),
     ("rules:\n  - batchnorm: [affine]\n", 2, 16, "expected a BatchNormalization policy, "

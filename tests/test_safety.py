@@ -550,7 +550,7 @@ def test_the_parser_is_cached_and_the_cached_one_parses_the_same(parser_cache, m
     parse_module, folder = parser_cache
     built = _outcomes(parse_module)  # builds the tables and writes the cache
     files = sorted(folder.iterdir())
-    assert [f.name[:7] for f in files] == ["parser-"] and files[0].suffix == ".json"
+    assert [f.name[:7] for f in files] == ["parser-"] and files[0].suffix == ".pickle"
     assert oct(folder.stat().st_mode & 0o777) == oct(0o700)
     parse_module._parser.cache_clear()
     _no_build(monkeypatch, parse_module)

@@ -193,7 +193,7 @@ def _application(source: str):
     builders = {n: getattr(keras.applications, n) for n in dir(keras.applications)
                 if n[:1].isupper() and callable(getattr(keras.applications, n))}
     if name not in builders:
-        from ..resolve import suggest
+        from ..suggest import suggest
 
         close = suggest(name, list(builders))
         hint = f"; did you mean {APPLICATIONS_PREFIX}{close[0]}?" if close else ""

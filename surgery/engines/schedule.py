@@ -34,7 +34,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 
-from ..api import SurgeryWarning  # noqa: E402
+from ..errors import SurgeryWarning  # noqa: E402
 from ..errors import SurgeryError  # noqa: E402
 from ..ir import Spec  # noqa: E402
 from ..plan import PhasePlan, changes, plan_phases  # noqa: E402
@@ -84,7 +84,7 @@ class Schedule(keras.callbacks.Callback):
     def __init__(self, spec: Union[Spec, str, Path], *, allow_empty: bool = False,
                  verbose: int = 1):
         super().__init__()
-        from ..api import _as_spec
+        from ..specfile import as_spec as _as_spec
 
         self.spec = _as_spec(spec)
         self.allow_empty = allow_empty

@@ -1,4 +1,4 @@
-"""The compiled form of a spec: its ordered operations as plain data (canonical JSON).
+"""A spec's canonical JSON: its ordered operations as plain data (was surgery/compiled.py).
 
 This is what `surgery compile` prints and what a manifest embeds: the meaning of the spec with
 its spelling normalised (two specs that differ only in layout or quoting compile the same,
