@@ -1,4 +1,4 @@
-"""The archive engine (surgery/engines/archive.py) against the live engine.
+"""The archive engine (surgery/engines/archive/) against the live engine.
 
 For every architecture: the LayerTree read from the `.keras` archive equals the one the live
 engine reads from the model Keras loads; for several specs, both engines give byte-identical
@@ -14,6 +14,7 @@ number variables created without a name (ConvNeXt's LayerScale) as the archive e
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import zipfile
@@ -25,7 +26,8 @@ import pytest
 import surgery
 from conftest import layer_flags, trainable_paths
 from surgery.engines import archive
-from surgery.engines.archive import ArchiveUnsupported
+from surgery.engines.archive import ArchiveUnsupported, DamagedArchive, zip_copy
+from surgery.engines.archive.rewrite import take
 from surgery.manifest import build_manifest, environment_versions, sha256_file, verify
 from surgery.plan import plan_spec
 
@@ -216,7 +218,7 @@ def test_engines_agree(name, saved, tmp_path):
     live_tree, objects = live.describe(model)
     tree = archive.describe(src)
     _assert_same_tree(tree, live_tree)
-    _assert_same_tree(archive._describe(src, use_h5py=True), live_tree)  # the fallback reader
+    _assert_same_tree(archive.describe(src, h5="h5py"), live_tree)  # the other backend
     with archive.Opened(src) as opened:
         assert opened.name == model.name
     versions = environment_versions()
@@ -345,13 +347,14 @@ def test_engines_agree_on_entries_frozen_inside_layers(partly_frozen, text, tmp_
 
 
 def test_frozen_values_are_taken_as_numpy_takes_them():
-    """_take against np.take on the middle axis, both copy strategies (row runs, byte columns)."""
+    """rewrite.take against np.take on the middle axis, both copy strategies (row runs, byte
+    columns)."""
     rng = np.random.default_rng(0)
     cases = [(1, 7, 1, [0, 1, 2, 5]), (6, 5, 3, [4]), (2, 9, 1, [1, 3, 5, 7]),
              (3, 4, 2, [0, 1, 2, 3]), (5, 8, 4, [0, 2, 3, 6])]
     for outer, size, inner, picks in cases:
         a = rng.standard_normal((outer, size, inner)).astype("float32")
-        got = archive._take(a.tobytes(), outer, size, inner * 4, tuple(picks))
+        got = take(a.tobytes(), outer, size, inner * 4, tuple(picks))
         assert got == np.take(a, picks, axis=1).tobytes()
 
 
@@ -424,10 +427,13 @@ def test_other_hdf5_layouts_are_read_through_h5py(saved, tmp_path):
                         fin.copy(fin[key], fout, name=key)
                 data = buffer.getvalue()
             zout.writestr(info, data)
-    with archive._Archive(latest) as opened:
-        with pytest.raises(archive._H5Format):
-            archive._describe_tree(archive._structure(opened.config()), opened.weights_reader())
-    _assert_same_tree(archive.describe(latest), archive.describe(src))
+    with archive.Opened(latest) as opened:  # "best" looks at the superblock: h5py's
+        assert opened.h5_backend == "h5py"
+        _assert_same_tree(opened.tree, archive.describe(src))
+    with pytest.raises(ArchiveUnsupported, match="superblock version 3"):
+        archive.describe(latest, h5="pure")
+    with archive.Opened(src) as opened:
+        assert opened.h5_backend == "pure"
 
 
 @pytest.mark.parametrize("pool", [(1, 1), (2, 3), (6, 16)])
@@ -437,9 +443,9 @@ def test_the_copy_and_both_digests_hold_whatever_the_buffer_pool(saved, tmp_path
     of reused buffers: with tiny chunks, every buffer is reused many times, handed to both
     hashers, and the copy must still be exact and both digests those of the files."""
     src = saved("zoo_functional")
-    monkeypatch.setattr(archive, "_CHUNK", 4096)
-    monkeypatch.setattr(archive, "_MIN_CHUNKS", pool[0])
-    monkeypatch.setattr(archive, "_MAX_CHUNKS", pool[1])
+    monkeypatch.setattr(zip_copy, "_CHUNK", 4096)
+    monkeypatch.setattr(zip_copy, "_MIN_CHUNKS", pool[0])
+    monkeypatch.setattr(zip_copy, "_MAX_CHUNKS", pool[1])
     plan = plan_spec(surgery.parse("freeze all\nunfreeze head"), archive.describe(src))
     out = tmp_path / "small_chunks.keras"
     written = archive.write(src, plan, str(out))
@@ -452,8 +458,8 @@ def test_the_copy_and_both_digests_hold_whatever_the_buffer_pool(saved, tmp_path
 def test_zip64_fields_are_written_when_sizes_need_them(saved, tmp_path, monkeypatch):
     """Weights over 4 GiB need zip64 sizes and offsets: exercised by lowering the limits."""
     src = saved("zoo_sequential")
-    monkeypatch.setattr(archive, "_ZIP64_LIMIT", 64)
-    monkeypatch.setattr(archive, "_ZIP64_COUNT", 1)
+    monkeypatch.setattr(zip_copy, "_ZIP64_LIMIT", 64)
+    monkeypatch.setattr(zip_copy, "_ZIP64_COUNT", 1)
     out = str(tmp_path / "zip64.keras")
     plan = plan_spec(surgery.parse("freeze fc1, bn1"), archive.describe(src))
     written = archive.write(src, plan, out)
@@ -537,7 +543,10 @@ def test_zip_without_config_is_refused(tmp_path):
     assert "config.json" in _refused(path)
 
 
-def test_damaged_weights_file_is_refused(saved, tmp_path):
+@pytest.mark.parametrize("backend", ["best", "h5py"])
+def test_damaged_weights_file_is_an_error(saved, tmp_path, backend):
+    """Zeroed metadata where groups should be: an error with its reason from either backend
+    (Keras would refuse the file too), not a reason to try another engine."""
     src = saved("zoo_sequential")
     path = str(tmp_path / "damaged.keras")
     with zipfile.ZipFile(src) as zin, zipfile.ZipFile(path, "w") as zout:
@@ -546,7 +555,11 @@ def test_damaged_weights_file_is_refused(saved, tmp_path):
             if info.filename == "model.weights.h5":
                 data = data[:600] + bytes(len(data) - 600)  # superblock kept, the rest zeroed
             zout.writestr(info, data)
-    assert "unreadable" in _refused(path)
+    with pytest.raises(archive.H5FormatError) as info:
+        archive.describe(path, h5=backend)
+    assert str(info.value) and "\n" not in str(info.value)
+    if backend == "best":  # the pure reader says what it did not find, and where
+        assert re.fullmatch(r"no (local heap|group B-tree node) at address \d+", str(info.value))
 
 
 def test_legacy_h5_file_is_refused(tmp_path):
