@@ -163,7 +163,12 @@ class DamagedArchive(SurgeryError):
 
 class H5FormatError(DamagedArchive):
     """``model.weights.h5`` is malformed where the reader looked (what, and at which address),
-    or asks for more work than a file of its size can hold (a hostile file)."""
+    or asks for more work than a file of its size can hold (a hostile file). ``reason`` is what
+    the reader found; ``str(exc)`` names the entry."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+        super().__init__(f"model.weights.h5 is damaged: {reason}")
 
 
 class FrozenEntriesError(SurgeryError, ValueError):

@@ -407,12 +407,13 @@ def _np_dtype(name: str):
 
 
 def _device_of(w) -> str:
+    """Where ``w``'s storage lives under TensorFlow (a keras.Variable's tf.Variable, or a
+    tensor's device), '' for the default. Not ``w.value``: under an autocast or stateless scope
+    that is a new tensor, not the storage."""
     if keras.backend.backend() != "tensorflow":
         return ""
-    try:
-        return str(getattr(getattr(w, "value", w), "device", "") or "")
-    except (AttributeError, ValueError, RuntimeError):
-        return ""
+    storage = getattr(w, "_value", None)
+    return str(getattr(w if storage is None else storage, "device", "") or "")
 
 
 def _eager_on(device: str):

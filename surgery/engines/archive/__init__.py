@@ -58,10 +58,12 @@ __all__ = ["ArchiveUnsupported", "DamagedArchive", "H5FormatError", "Written", "
 
 def is_archive(path: str) -> bool:
     """A cheap test for a zip file with a config.json, for choosing an engine."""
+    if not zipfile.is_zipfile(path):  # False for a path that does not open, too
+        return False
     try:
         with zipfile.ZipFile(path) as zf:
             return CONFIG in zf.NameToInfo
-    except (OSError, zipfile.BadZipFile):
+    except zipfile.BadZipFile:  # an end record, but no directory where it says
         return False
 
 

@@ -103,11 +103,14 @@ class ArchiveFile:
                                  f"beside these weights holds ({cap}): a damaged or hostile "
                                  "file?")
         try:
-            # zipfile inflates no more than the directory's size, and checks the CRC-32 at the end.
+            # read(size), not read(): zipfile inflates up to what it is asked for (read() asks
+            # for 2 GiB at a time), keeps the directory's size and checks the CRC-32 there.
             with self.zip.open(info) as entry:
-                data = entry.read()
+                data = entry.read(info.file_size)
         except zipfile.BadZipFile as exc:
             raise DamagedArchive(f"{CONFIG}: {exc}") from None
+        except EOFError:
+            raise DamagedArchive(f"{CONFIG} is shorter than the zip directory says") from None
         except zlib.error:
             raise DamagedArchive(f"{CONFIG} is not a valid deflate stream") from None
         try:

@@ -34,7 +34,7 @@ def _call(what: str, fn: Callable[..., T], *args) -> T:
         return fn(*args)
     except (OSError, KeyError, ValueError, RuntimeError) as exc:  # h5py's, see above
         text = str(exc).strip().partition("\n")[0] or type(exc).__name__
-        raise H5FormatError(f"{what}: {text}") from None
+        raise H5FormatError(f"{what or '/'}: {text}") from None
 
 
 class H5pyReader(Reader):
@@ -45,7 +45,7 @@ class H5pyReader(Reader):
             raise ArchiveUnsupported(f"{WEIGHTS} needs h5py to be read, which is not installed")
         self._fileobj = source.open()
         try:
-            self._file = _call(f"{WEIGHTS} is unreadable", h5py.File, self._fileobj, "r")
+            self._file = _call("h5py cannot open it", h5py.File, self._fileobj, "r")
         except BaseException:
             self._fileobj.close()
             raise
@@ -54,16 +54,16 @@ class H5pyReader(Reader):
         """The object at ``path``, or None."""
         if not path:
             return self._file
-        if not _call(f"{WEIGHTS}: {path}", self._file.__contains__, path):
+        if not _call(path, self._file.__contains__, path):
             return None
-        return _call(f"{WEIGHTS}: {path}", self._file.__getitem__, path)
+        return _call(path, self._file.__getitem__, path)
 
     def children(self, path: str) -> Optional[dict[str, str]]:
         obj = self._get(path)
         if not isinstance(obj, h5py.Group):
             return None
-        keys = _call(f"{WEIGHTS}: {path}", list, obj.keys())
-        return {k: ("group" if isinstance(_call(f"{WEIGHTS}: {path}/{k}", obj.get, k),
+        keys = _call(path, list, obj.keys())
+        return {k: ("group" if isinstance(_call(f"{path}/{k}", obj.get, k),
                                           h5py.Group) else "dataset") for k in keys}
 
     def _dataset(self, path: str):
@@ -75,14 +75,14 @@ class H5pyReader(Reader):
     def shape(self, path: str) -> tuple[int, ...]:
         ds = self._dataset(path)
         shape = tuple(int(d) for d in ds.shape)
-        stored = _call(f"{WEIGHTS}: {path}", ds.id.get_storage_size)
+        stored = _call(path, ds.id.get_storage_size)
         if math.prod(shape) * ds.dtype.itemsize > _MAX_INFLATE_RATIO * stored + 4096:
             raise ArchiveUnsupported(f"{path} claims {math.prod(shape)} entries in {stored} "
                                      "stored bytes")
         return shape
 
     def dataset(self, path: str) -> tuple[str, bytes]:
-        values = _call(f"{WEIGHTS}: {path}", self._dataset(path).__getitem__, ())
+        values = _call(path, self._dataset(path).__getitem__, ())
         dtype = values.dtype  # NumPy: h5py's own dependency
         if dtype.kind != "f":  # Keras stores bfloat16 as opaque 2-byte items ('|V2')
             raise ArchiveUnsupported(f"its weights are stored as {dtype.str!r}, not as IEEE "
@@ -91,9 +91,9 @@ class H5pyReader(Reader):
 
     def name_attr(self, path: str) -> Optional[str]:
         obj = self._get(path)
-        if obj is None or not _call(f"{WEIGHTS}: {path}", obj.attrs.__contains__, "name"):
+        if obj is None or not _call(path, obj.attrs.__contains__, "name"):
             return None
-        value = _call(f"{WEIGHTS}: {path}", obj.attrs.__getitem__, "name")
+        value = _call(path, obj.attrs.__getitem__, "name")
         if isinstance(value, bytes):
             value = value.decode("utf-8", "replace")
         return value if isinstance(value, str) else None

@@ -107,12 +107,14 @@ class PureReader(Reader):
         return data
 
     def _meta(self, addr: int, n: int, what: str) -> bytes:
-        """As `_read`, for metadata: counted against the budget."""
+        """As `_read` (whose bounds come first: at most the file's size), for metadata:
+        counted against the budget."""
+        data = self._read(addr, n, what)
         self._budget -= n
         if self._budget < 0:
             raise H5FormatError(f"its metadata takes more reading than a file of {self._size} "
                                 "bytes can hold (a structure is reached more than once)")
-        return self._read(addr, n, what)
+        return data
 
     # object headers
 
