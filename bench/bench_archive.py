@@ -1,7 +1,7 @@
 """Benchmark the archive engine against the cost floor of a bare Keras load + save.
 
 What it measures: wall time, CPU time and peak resident memory of `surgery apply --engine
-archive` (surgery/engines/archive.py: config.json rewritten, the weights streamed, no
+archive` (surgery/engines/archive/: config.json rewritten, the weights streamed, no
 TensorFlow), next to `keras.models.load_model` + `model.save` of the same file, on ResNet50
 (weights=None, about 100 MB) and VGG16 with its classifier (about 550 MB). Target (issue 7): the
 archive path at most 0.05x the floor in wall time and in peak memory.
@@ -30,8 +30,12 @@ to the target, so a missed target can be told apart from a slow implementation.
 A report, not a test: it exits 0 when a target is missed and prints FAIL for it. Markdown to
 stdout, JSON to bench/results/archive.json.
 
+``--compare readers`` and ``--compare writers`` measure instead the two implementation choices
+of the engine (issue 12; see the comment above `compare`), printing the medians as JSON.
+
 Usage:
     python bench/bench_archive.py [--runs 5] [--workdir DIR] [--keep] [--models resnet50,vgg16]
+    python bench/bench_archive.py --compare readers|writers [--runs 7] [--workdir DIR] [--keep]
 """
 
 from __future__ import annotations
@@ -246,10 +250,9 @@ def compare(kind: str, workdir: Path, runs: int) -> dict:
     key = "resnet50" if kind == "readers" else "vgg16"
     model, spec = prepare(key, workdir)
     if kind == "readers":
-        variants = {f"{backend} {command}": [sys.executable, "-c", READER_CODE, backend,
-                                             *( [command, str(spec), str(model)]
-                                                if command == "plan" else [command, str(model)])]
-                    for command in ("show", "plan") for backend in ("pure", "h5py")}
+        commands = {"show": ["show", str(model)], "plan": ["plan", str(spec), str(model)]}
+        variants = {f"{backend} {name}": [sys.executable, "-c", READER_CODE, backend, *argv]
+                    for name, argv in commands.items() for backend in ("pure", "h5py")}
     else:
         out = workdir / "writers-out.keras"
         variants = {how: [sys.executable, "-c", WRITER_CODE, how, str(model), str(spec),

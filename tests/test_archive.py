@@ -27,7 +27,7 @@ import pytest
 import surgery
 from conftest import layer_flags, trainable_paths
 from surgery.engines import archive
-from surgery.engines.archive import ArchiveUnsupported, DamagedArchive, zip_copy
+from surgery.engines.archive import ArchiveUnsupported, zip_copy
 from surgery.engines.archive.rewrite import take
 from surgery.manifest import build_manifest, environment_versions, sha256_file, verify
 from surgery.plan import plan_spec
@@ -1035,3 +1035,24 @@ def test_the_decoder_refuses_values_that_cannot_fill_the_claimed_shape():
     assert result.returncode == 0, result.stderr
     assert result.stdout == ("FrozenEntries: stored values do not fill shape (10000000000,) "
                              "of float32\n")
+
+
+def test_the_formats_names_are_those_keras_serializes():
+    """engines/frozen_format.py writes configs without Keras: its names must be what Keras
+    writes for the registered classes, module included (it is the class's __module__)."""
+    import keras
+
+    from surgery.engines import frozen_format as ff
+    from surgery.engines.batchnorm import AffineBatchNormalization
+    from surgery.engines.constraint import FrozenEntries
+
+    c = FrozenEntries((2, 3), (1,), [0, 2], np.ones((2, 2), "float32"))
+    assert keras.saving.serialize_keras_object(c) == ff.frozen_object(c.get_config())
+    assert keras.saving.get_registered_object(ff.FROZEN_REGISTERED) is FrozenEntries
+    entry = keras.saving.serialize_keras_object(AffineBatchNormalization(name="bn"))
+    assert ff.is_affine_entry(entry)
+    plain = keras.saving.serialize_keras_object(keras.layers.BatchNormalization(name="bn"))
+    ff.set_affine_entry(plain, True)
+    assert plain == entry
+    ff.set_affine_entry(plain, False)
+    assert plain == keras.saving.serialize_keras_object(keras.layers.BatchNormalization(name="bn"))

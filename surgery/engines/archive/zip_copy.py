@@ -8,7 +8,15 @@ reads, in two threads beside the copy (hashlib releases the GIL on large updates
 small pool of reused buffers. The output depends only on the input bytes and the replacement,
 so it is byte-reproducible, and a replacement equal to the original gives the input's bytes.
 
-Why a writer of its own rather than ``zipfile``: MEASURED_FIGURES
+Why a writer of its own rather than ``zipfile`` (``zin.open(info)`` into ``zout.open(info,
+"w")``): zipfile rewrites each local header once its entry is written, so its output cannot be
+hashed as it goes and needs a second read after the copy; it computes the CRC-32 twice (reading
+and writing); and it hashes nothing of the source. Measured on the 554 MB VGG16 archive
+(``bench/bench_archive.py --compare writers --runs 9``, the copy alone, interleaved, medians; the
+shared 2-core VM with one core busy elsewhere, so the hashing threads mostly took turns): this
+writer 1.00 s (1.11 s of CPU), zipfile with the source hashed in a thread during its copy and
+the output after it 1.22 s (1.35 s of CPU): 0.82x the time. With a second free core the two
+digests run beside this copy, and the gap widens. ~290 lines for that, kept.
 """
 
 from __future__ import annotations
