@@ -3,7 +3,8 @@
 Why it exists, measured (``bench/bench_archive.py --compare readers --runs 7``: whole
 processes, interleaved, medians; a shared 2-core VM with the other core busy elsewhere): on a
 ResNet50 .keras, ``surgery show`` takes 0.126 s and 26 MiB with it, 0.389 s and 52 MiB with
-h5py; ``surgery plan`` 0.133 s against 0.396 s. That is 0.26 s (3x) and half the memory saved on
+h5py; ``surgery plan`` 0.133 s against 0.396 s (a later run: 0.156 against 0.428 s, and
+0.160 against 0.446 s). That is 0.26 s (3x) and half the memory saved on
 every read-only command (show, plan, verify, lint --model, diff --spec), which CI and pre-commit
 hooks run often. Importing h5py (NumPy and HDF5's library with it) is 0.13-0.19 s of that; the
 rest is h5py's cost per object over the 676 groups and datasets of ResNet50's file.
