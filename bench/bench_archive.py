@@ -1,7 +1,7 @@
 """Benchmark the archive engine against the cost floor of a bare Keras load + save.
 
 What it measures: wall time, CPU time and peak resident memory of `surgery apply --engine
-archive` (surgery/engines/archive.py: config.json rewritten, the weights streamed, no
+archive` (surgery/engines/archive/: config.json rewritten, the weights streamed, no
 TensorFlow), next to `keras.models.load_model` + `model.save` of the same file, on ResNet50
 (weights=None, about 100 MB) and VGG16 with its classifier (about 550 MB). Target (issue 7): the
 archive path at most 0.05x the floor in wall time and in peak memory.
@@ -30,8 +30,12 @@ to the target, so a missed target can be told apart from a slow implementation.
 A report, not a test: it exits 0 when a target is missed and prints FAIL for it. Markdown to
 stdout, JSON to bench/results/archive.json.
 
+``--compare readers`` and ``--compare writers`` measure instead the two implementation choices
+of the engine (issue 12; see the comment above `compare`), printing the medians as JSON.
+
 Usage:
     python bench/bench_archive.py [--runs 5] [--workdir DIR] [--keep] [--models resnet50,vgg16]
+    python bench/bench_archive.py --compare readers|writers [--runs 7] [--workdir DIR] [--keep]
 """
 
 from __future__ import annotations
@@ -101,13 +105,7 @@ METRICS = ("wall_s", "cpu_s", "peak_mib", "others_cpu_s")
 
 def bench_model(key: str, workdir: Path, runs: int, surgery_bin: Path) -> dict:
     info = MODELS[key]
-    model = workdir / f"{key}.keras"
-    spec = workdir / f"{key}.frz"
-    spec.write_text(info["spec"])
-    if not model.exists():
-        print(f"building {model} (untimed) ...", flush=True)
-        subprocess.run([sys.executable, "-c", MAKE_MODEL_CODE.format(build=info["build"]),
-                        str(model)], check=True, stderr=subprocess.DEVNULL)
+    model, spec = prepare(key, workdir)
     size_mb = model.stat().st_size / 1e6
 
     outs = {name: workdir / f"{key}_{name}.keras" for name in COMMANDS}
@@ -198,6 +196,108 @@ def lower_bound(model: Path, workdir: Path) -> dict:
             "wall_s": max(digest, (2 * digest + check + copy) / cores)}
 
 
+# --- the two choices issue 12 asked to measure ----------------------------------------------------
+#
+# --compare readers: a read-only command (`surgery show`, `surgery plan`) on ResNet50 with the
+# weights file read by the pure HDF5 backend and by h5py (engines/archive/h5/), whole processes.
+# --compare writers: the copy `apply` makes of VGG16 (554 MB), by the engine's own zip writer
+# (engines/archive/zip_copy.py: one read, CRC-32 checked, both sha256 digests in threads beside
+# the copy) and by the standard library: `zin.open(info)` into `zout.open(info, "w")` (zipfile
+# checks the CRC-32 on reading and computes it on writing), the source's sha256 in a thread
+# (digest.FileDigest) during the copy, the output's after it (zipfile rewrites each local header
+# once its entry is written, so the output cannot be hashed as it goes). Same child code, same
+# plan; the child times the copy alone and the bench measures the whole process.
+
+READER_CODE = (
+    "import sys; from surgery.engines import archive; "
+    "archive.Opened.__init__.__kwdefaults__['h5'] = sys.argv[1]; "
+    "from surgery.cli import main; sys.exit(main(sys.argv[2:]))"
+)
+
+WRITER_CODE = r"""
+import json, shutil, sys, time, zipfile
+import surgery
+from surgery.digest import FileDigest, sha256_file
+from surgery.engines import archive
+from surgery.plan import plan_spec
+
+how, src, spec_path, dst = sys.argv[1:5]
+with archive.Opened(src) as opened:
+    plan = plan_spec(surgery.load_spec(spec_path), opened.tree)
+    assert opened.unsupported(plan) is None
+    start = time.perf_counter()
+    if how == "engine":
+        written = opened.write(plan, dst)
+    else:
+        config = json.dumps(opened._cfg).encode("utf-8")  # what Opened.write writes
+        with FileDigest(src) as source:
+            with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+                zout.comment = zin.comment
+                for info in zin.infolist():
+                    if info.filename == "config.json":
+                        zout.writestr(info, config)
+                        continue
+                    with zin.open(info) as fin, zout.open(info, "w") as fout:
+                        shutil.copyfileobj(fin, fout, 1 << 20)
+            written = (sha256_file(dst), source.result())
+    copy_s = time.perf_counter() - start
+print(json.dumps({"copy_s": copy_s, "sha256": written[0]}))
+"""
+
+
+def compare(kind: str, workdir: Path, runs: int) -> dict:
+    """Interleaved runs of the two variants of ``kind``; medians and their ratio."""
+    key = "resnet50" if kind == "readers" else "vgg16"
+    model, spec = prepare(key, workdir)
+    if kind == "readers":
+        commands = {"show": ["show", str(model)], "plan": ["plan", str(spec), str(model)]}
+        variants = {f"{backend} {name}": [sys.executable, "-c", READER_CODE, backend, *argv]
+                    for name, argv in commands.items() for backend in ("pure", "h5py")}
+    else:
+        out = workdir / "writers-out.keras"
+        variants = {how: [sys.executable, "-c", WRITER_CODE, how, str(model), str(spec),
+                          str(out)] for how in ("engine", "stdlib")}
+    samples: dict[str, dict[str, list]] = {name: {"wall_s": [], "cpu_s": [], "peak_mib": [],
+                                                  "others_cpu_s": [], "copy_s": []}
+                                           for name in variants}
+    for i in range(runs + 1):
+        for name, argv in variants.items():
+            if kind == "writers":
+                remove(workdir / "writers-out.keras")
+                os.sync()
+            stem = workdir / f"compare-{name.replace(' ', '-')}-{i}"
+            m = measure(argv, stem)
+            extra = ""
+            if kind == "writers":
+                child = json.loads(stem.with_suffix(".stdout").read_text())
+                extra = f"  copy {child['copy_s']:.3f} s"
+            print(f"{'warm-up' if i == 0 else f'run {i}/{runs}':>9}  {name:<10} "
+                  f"{m.wall_s:7.3f} s  cpu {m.cpu_s:6.3f} s  {m.peak_mib:7.1f} MiB  "
+                  f"others {m.others_cpu_s:6.3f} s{extra}", flush=True)
+            if i > 0:
+                for metric in ("wall_s", "cpu_s", "peak_mib", "others_cpu_s"):
+                    samples[name][metric].append(getattr(m, metric))
+                if kind == "writers":
+                    samples[name]["copy_s"].append(child["copy_s"])
+    med = {name: {k: statistics.median(v) for k, v in s.items() if v}
+           for name, s in samples.items()}
+    return {"compare": kind, "model": MODELS[key]["label"], "runs": runs, "median": med,
+            "samples": samples, "load_average_after": os.getloadavg()}
+
+
+def prepare(key: str, workdir: Path) -> tuple[Path, Path]:
+    """The model file (built once, untimed) and the spec of ``key``."""
+    info = MODELS[key]
+    model = workdir / f"{key}.keras"
+    spec = workdir / f"{key}.frz"
+    spec.write_text(info["spec"])
+    if not model.exists():
+        print(f"building {model} (untimed) ...", flush=True)
+        subprocess.run([sys.executable, "-c", MAKE_MODEL_CODE.format(build=info["build"]),
+                        str(model)], check=True, stderr=subprocess.DEVNULL)
+    return model, spec
+
+
 def _timed(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -213,6 +313,9 @@ def main() -> int:
                         help=f"comma-separated, from {', '.join(MODELS)}")
     parser.add_argument("--bound", nargs=2, metavar=("MODEL", "WORKDIR"), type=Path,
                         help=argparse.SUPPRESS)  # internal: print lower_bound(MODEL) as JSON
+    parser.add_argument("--compare", choices=("readers", "writers"),
+                        help="instead: the pure HDF5 reader against h5py on a read-only command "
+                             "(ResNet50), or the engine's zip writer against zipfile (VGG16)")
     args = parser.parse_args()
     if args.bound:
         print(json.dumps(lower_bound(*args.bound)))
@@ -231,6 +334,14 @@ def main() -> int:
         return 1
     package = precompile()
     print(f"bytecode written for {package}", flush=True)
+    if args.compare:
+        try:
+            result = compare(args.compare, workdir, args.runs)
+        finally:
+            if not args.keep:
+                shutil.rmtree(workdir, ignore_errors=True)
+        print(json.dumps(result["median"], indent=2))
+        return 0
     try:
         results = [bench_model(k, workdir, args.runs, surgery_bin) for k in keys]
         info = machine_info()

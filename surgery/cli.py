@@ -202,7 +202,10 @@ def _apply_with_archive(args, spec: Spec, opened, out: str, manifest_path: str):
     from .plan import plan_spec
 
     the_plan = plan_spec(spec, opened.tree, allow_empty=args.allow_empty)
-    reason = opened.unsupported(the_plan)
+    try:
+        reason = opened.unsupported(the_plan)  # reads the values of entries it newly freezes
+    except archive.DamagedArchive as exc:
+        raise SurgeryError(f"{args.model}: {exc}") from None
     if reason is not None:
         _fallback(args, reason)
         return None
@@ -213,7 +216,7 @@ def _apply_with_archive(args, spec: Spec, opened, out: str, manifest_path: str):
             written = opened.write(the_plan, str(model_tmp))
         except (InputChanged, archive.DamagedArchive) as exc:  # the input's fault
             raise SurgeryError(f"{args.model}: {exc}") from None
-        except (OSError, archive.ArchiveUnsupported) as exc:
+        except OSError as exc:
             raise SurgeryError(f"{out}: cannot save the model: {exc}") from None
         manifest = build_manifest(the_plan, spec, model_source=args.model,
                                   model_sha256=written.source_sha256, model_name=opened.name,
@@ -316,10 +319,12 @@ def _open_archive(args, *, read_only: bool = False):
 
     try:
         return archive.Opened(args.model, compiled=read_only)
-    except archive.ArchiveUnsupported as exc:
+    except archive.ArchiveUnsupported as exc:  # the only reason to try Keras instead
         _fallback(args, str(exc))
-    except (OSError, ValueError) as exc:
-        _fallback(args, f"cannot read the archive ({exc})")
+    except archive.DamagedArchive as exc:
+        raise SurgeryError(f"{args.model}: {exc}") from None
+    except OSError as exc:
+        raise SurgeryError(f"{args.model}: cannot read it: {exc.strerror or exc}") from None
     return None
 
 

@@ -101,5 +101,33 @@ class PartError(SurgeryError):
     """A part the layer does not have, or indices outside it. The message names the layer, its
     class, the weight's shape and the axis, so it can be shown as is under a spec line."""
 
+# --- the archive engine's errors (surgery/engines/archive/, engines/frozen_format.py) ----------
+# Raised on purpose with a one-line reason that does not name the file (the caller, which knows
+# the path the user typed, puts it in front). Nothing else an engine raises is caught as one of
+# these: a KeyError in surgery's own code is a bug, and says so.
 
-# --- the engines' exceptions ---------------------------------------------------------------------
+class ArchiveUnsupported(SurgeryError):
+    """The archive engine cannot handle this `.keras` file without Keras (a custom class, a
+    layer whose weights it cannot name, a layout its HDF5 reader does not read, compile state
+    when writing). The only error ``--engine auto`` answers by loading the file through Keras,
+    with ``str(exc)`` as the note."""
+
+class DamagedArchive(SurgeryError):
+    """The file contradicts its own structure: an entry fails its CRC-32 check, an address
+    points outside the file, a record does not carry its signature, a size lies. Keras would
+    refuse it too, and a copy would carry the damage into the output: an error, never a reason
+    to try another engine."""
+
+class H5FormatError(DamagedArchive):
+    """``model.weights.h5`` is malformed where the reader looked (what, and at which address),
+    or asks for more work than a file of its size can hold (a hostile file). ``reason`` is what
+    the reader found; ``str(exc)`` names the entry."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+        super().__init__(f"model.weights.h5 is damaged: {reason}")
+
+class FrozenEntriesError(SurgeryError, ValueError):
+    """A stored FrozenEntries constraint config (engines/frozen_format.py) that does not hold
+    together: a missing key, indices outside the weight, values that do not fill the shape. A
+    ValueError too, as Keras expects of a ``from_config`` that refuses its config."""

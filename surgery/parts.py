@@ -314,18 +314,6 @@ def indices(index: Index, size: int) -> tuple[int, ...]:
     return tuple(sorted(picked))
 
 
-def index_runs(indices: Sequence[int]) -> list[list[int]]:
-    """Sorted indices as [start, stop) runs, as the FrozenEntries constraint stores them:
-    ``filters[0:32]`` is [[0, 32]]."""
-    out: list[list[int]] = []
-    for i in indices:
-        if out and out[-1][1] == i:
-            out[-1][1] = i + 1
-        else:
-            out.append([i, i + 1])
-    return out
-
-
 def format_index(index: Index) -> str:
     """How ``index`` is written after a part name: ``[0:32]``, ``[3]``, ``[::2]``, ``[1, 4]``."""
     if index is None:

@@ -1,4 +1,4 @@
-"""The archive engine (surgery/engines/archive.py) against the live engine.
+"""The archive engine (surgery/engines/archive/) against the live engine.
 
 For every architecture: the LayerTree read from the `.keras` archive equals the one the live
 engine reads from the model Keras loads; for several specs, both engines give byte-identical
@@ -14,9 +14,11 @@ number variables created without a name (ConvNeXt's LayerScale) as the archive e
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import zipfile
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,7 +27,8 @@ import pytest
 import surgery
 from conftest import layer_flags, trainable_paths
 from surgery.engines import archive
-from surgery.engines.archive import ArchiveUnsupported
+from surgery.engines.archive import ArchiveUnsupported, zip_copy
+from surgery.engines.archive.rewrite import take
 from surgery.manifest import build_manifest, environment_versions, sha256_file, verify
 from surgery.plan import plan_spec
 
@@ -216,7 +219,7 @@ def test_engines_agree(name, saved, tmp_path):
     live_tree, objects = live.describe(model)
     tree = archive.describe(src)
     _assert_same_tree(tree, live_tree)
-    _assert_same_tree(archive._describe(src, use_h5py=True), live_tree)  # the fallback reader
+    _assert_same_tree(archive.describe(src, h5="h5py"), live_tree)  # the other backend
     with archive.Opened(src) as opened:
         assert opened.name == model.name
     versions = environment_versions()
@@ -345,13 +348,14 @@ def test_engines_agree_on_entries_frozen_inside_layers(partly_frozen, text, tmp_
 
 
 def test_frozen_values_are_taken_as_numpy_takes_them():
-    """_take against np.take on the middle axis, both copy strategies (row runs, byte columns)."""
+    """rewrite.take against np.take on the middle axis, both copy strategies (row runs, byte
+    columns)."""
     rng = np.random.default_rng(0)
     cases = [(1, 7, 1, [0, 1, 2, 5]), (6, 5, 3, [4]), (2, 9, 1, [1, 3, 5, 7]),
              (3, 4, 2, [0, 1, 2, 3]), (5, 8, 4, [0, 2, 3, 6])]
     for outer, size, inner, picks in cases:
         a = rng.standard_normal((outer, size, inner)).astype("float32")
-        got = archive._take(a.tobytes(), outer, size, inner * 4, tuple(picks))
+        got = take(a.tobytes(), outer, size, inner * 4, tuple(picks))
         assert got == np.take(a, picks, axis=1).tobytes()
 
 
@@ -424,10 +428,13 @@ def test_other_hdf5_layouts_are_read_through_h5py(saved, tmp_path):
                         fin.copy(fin[key], fout, name=key)
                 data = buffer.getvalue()
             zout.writestr(info, data)
-    with archive._Archive(latest) as opened:
-        with pytest.raises(archive._H5Format):
-            archive._describe_tree(archive._structure(opened.config()), opened.weights_reader())
-    _assert_same_tree(archive.describe(latest), archive.describe(src))
+    with archive.Opened(latest) as opened:  # "best" looks at the superblock: h5py's
+        assert opened.h5_backend == "h5py"
+        _assert_same_tree(opened.tree, archive.describe(src))
+    with pytest.raises(ArchiveUnsupported, match="superblock version 3"):
+        archive.describe(latest, h5="pure")
+    with archive.Opened(src) as opened:
+        assert opened.h5_backend == "pure"
 
 
 @pytest.mark.parametrize("pool", [(1, 1), (2, 3), (6, 16)])
@@ -437,9 +444,9 @@ def test_the_copy_and_both_digests_hold_whatever_the_buffer_pool(saved, tmp_path
     of reused buffers: with tiny chunks, every buffer is reused many times, handed to both
     hashers, and the copy must still be exact and both digests those of the files."""
     src = saved("zoo_functional")
-    monkeypatch.setattr(archive, "_CHUNK", 4096)
-    monkeypatch.setattr(archive, "_MIN_CHUNKS", pool[0])
-    monkeypatch.setattr(archive, "_MAX_CHUNKS", pool[1])
+    monkeypatch.setattr(zip_copy, "_CHUNK", 4096)
+    monkeypatch.setattr(zip_copy, "_MIN_CHUNKS", pool[0])
+    monkeypatch.setattr(zip_copy, "_MAX_CHUNKS", pool[1])
     plan = plan_spec(surgery.parse("freeze all\nunfreeze head"), archive.describe(src))
     out = tmp_path / "small_chunks.keras"
     written = archive.write(src, plan, str(out))
@@ -452,8 +459,8 @@ def test_the_copy_and_both_digests_hold_whatever_the_buffer_pool(saved, tmp_path
 def test_zip64_fields_are_written_when_sizes_need_them(saved, tmp_path, monkeypatch):
     """Weights over 4 GiB need zip64 sizes and offsets: exercised by lowering the limits."""
     src = saved("zoo_sequential")
-    monkeypatch.setattr(archive, "_ZIP64_LIMIT", 64)
-    monkeypatch.setattr(archive, "_ZIP64_COUNT", 1)
+    monkeypatch.setattr(zip_copy, "_ZIP64_LIMIT", 64)
+    monkeypatch.setattr(zip_copy, "_ZIP64_COUNT", 1)
     out = str(tmp_path / "zip64.keras")
     plan = plan_spec(surgery.parse("freeze fc1, bn1"), archive.describe(src))
     written = archive.write(src, plan, out)
@@ -537,7 +544,10 @@ def test_zip_without_config_is_refused(tmp_path):
     assert "config.json" in _refused(path)
 
 
-def test_damaged_weights_file_is_refused(saved, tmp_path):
+@pytest.mark.parametrize("backend", ["best", "h5py"])
+def test_damaged_weights_file_is_an_error(saved, tmp_path, backend):
+    """Zeroed metadata where groups should be: an error with its reason from either backend
+    (Keras would refuse the file too), not a reason to try another engine."""
     src = saved("zoo_sequential")
     path = str(tmp_path / "damaged.keras")
     with zipfile.ZipFile(src) as zin, zipfile.ZipFile(path, "w") as zout:
@@ -546,7 +556,12 @@ def test_damaged_weights_file_is_refused(saved, tmp_path):
             if info.filename == "model.weights.h5":
                 data = data[:600] + bytes(len(data) - 600)  # superblock kept, the rest zeroed
             zout.writestr(info, data)
-    assert "unreadable" in _refused(path)
+    with pytest.raises(archive.H5FormatError) as info:
+        archive.describe(path, h5=backend)
+    assert str(info.value) and "\n" not in str(info.value)
+    if backend == "best":  # the pure reader says what it did not find, and where
+        assert re.fullmatch(r"no (local heap|group B-tree node) at address \d+",
+                            info.value.reason)
 
 
 def test_legacy_h5_file_is_refused(tmp_path):
@@ -784,3 +799,260 @@ def test_an_input_rewritten_after_it_was_opened_is_an_error(saved, tmp_path):
     with pytest.raises(InputChanged):
         opened.write(plan, str(tmp_path / "out.keras"))
     opened.close()
+
+
+# --- hostile files (issue 14): bounded work and memory, one clear line, exit 2 ------------------
+# Each file is crafted here from a real Keras save; `surgery show` runs in a child process under
+# a 1 GiB address-space and 60 s CPU limit: a reader that loops, recurses or inflates what the
+# file claims would be killed, or report an internal error, instead of this one line.
+
+
+def _limited(*argv):
+    import resource
+
+    def limits():
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+        resource.setrlimit(resource.RLIMIT_CPU, (60, 60))
+
+    return subprocess.run([sys.executable, "-m", "surgery", *map(str, argv)],
+                          capture_output=True, text=True, timeout=180, preexec_fn=limits)
+
+
+def _assert_refused(path, reason, *extra):
+    result = _limited("show", path, "--engine", "archive", *extra)
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == ""
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith(
+        f"surgery: error: {path}: "), result.stderr
+    assert re.search(reason, result.stderr), result.stderr
+
+
+def _rezipped(src, dst, *, weights=None, config=None):
+    """``src`` copied to ``dst`` with model.weights.h5 and config.json passed through the given
+    functions of their bytes."""
+    with zipfile.ZipFile(src) as z, zipfile.ZipFile(dst, "w") as out:
+        for info in z.infolist():
+            data = z.read(info.filename)
+            if info.filename == "model.weights.h5" and weights:
+                data = weights(bytearray(data))
+            if info.filename == "config.json" and config:
+                data = config(data)
+            out.writestr(info, bytes(data))
+    return dst
+
+
+def _pure_reader(data):
+    from surgery.engines.archive.h5.base import Source
+    from surgery.engines.archive.h5.pure import PureReader
+
+    return PureReader(Source(len(data), lambda o, n: bytes(data[o:o + n]), None))
+
+
+def _continuation_to_itself(data):
+    """The first dataset's object header: its first message of 16 bytes or more becomes a
+    continuation into the header's own message block."""
+    import struct
+
+    header = _pure_reader(data)._lookup("layers/dense/vars/0")
+    size = struct.unpack_from("<L", data, header + 8)[0]
+    p = header + 16
+    while struct.unpack_from("<H", data, p + 2)[0] < 16:
+        p += 8 + struct.unpack_from("<H", data, p + 2)[0]
+    struct.pack_into("<H", data, p, 0x10)
+    struct.pack_into("<QQ", data, p + 8, header + 16, size)
+    return data
+
+
+def _btree_into_itself(data):
+    """The root group's B-tree node claims level 1, its first child being itself."""
+    import struct
+
+    btree = _pure_reader(data)._root[1][0]
+    data[btree + 5] = 1
+    struct.pack_into("<Q", data, btree + 24 + 8, btree)
+    return data
+
+
+def _huge_heap(data):
+    """The root group's local heap claims 2**60 bytes of names."""
+    import struct
+
+    heap = _pure_reader(data)._root[1][1]
+    struct.pack_into("<Q", data, heap + 8, 1 << 60)
+    return data
+
+
+@pytest.mark.parametrize("craft,reason", [
+    (_continuation_to_itself, r"model\.weights\.h5 is damaged: the object header at address "
+                              r"\d+ continues into itself"),
+    (_btree_into_itself, r"the group B-tree reaches node \d+ twice"),
+    (_huge_heap, r"local heap data at address \d+ lies outside the file"),
+])
+def test_hostile_weights_structures_are_errors(saved, tmp_path, craft, reason):
+    path = _rezipped(saved("zoo_sequential"), tmp_path / "hostile.keras", weights=craft)
+    _assert_refused(path, reason)
+
+
+def _set_size(path, name, size):
+    """Make the zip at ``path`` declare ``size`` uncompressed bytes for ``name``, in its local
+    header and its central directory alike."""
+    import struct
+
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo(name)
+    struct.pack_into("<L", data, info.header_offset + 22, size)
+    for at in _central_headers(data):
+        name_len = struct.unpack_from("<H", data, at + 28)[0]
+        if data[at + 46:at + 46 + name_len] == name.encode():
+            struct.pack_into("<L", data, at + 24, size)
+    path.write_bytes(bytes(data))
+
+
+def _central_headers(data):
+    at = data.find(b"PK\x01\x02")
+    while at >= 0:
+        yield at
+        at = data.find(b"PK\x01\x02", at + 4)
+
+
+def test_a_config_claiming_gigabytes_is_an_error(saved, tmp_path):
+    path = _rezipped(saved("zoo_sequential"), tmp_path / "big.keras")
+    _set_size(path, "config.json", 2 << 30)  # 2 GiB, far beyond what these weights allow
+    _assert_refused(path, r"config\.json is 2147483648 bytes, more than a model config beside "
+                          r"these weights holds")
+
+
+def test_a_config_that_inflates_past_its_size_is_an_error(saved, tmp_path):
+    """A deflate bomb (1 GiB of zeros) under a small declared size: read no further than the
+    declared size, and refused by its CRC-32."""
+    bomb = zlib.compressobj(1, zlib.DEFLATED, -15)
+    chunk = bytes(1 << 24)
+    packed = b"".join(bomb.compress(chunk) for _ in range(64)) + bomb.flush()
+    src = saved("zoo_sequential")
+    path = tmp_path / "bomb.keras"
+    with zipfile.ZipFile(src) as z, zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as out:
+        for info in z.infolist():
+            if info.filename == "config.json":
+                out.writestr(info.filename, z.read(info.filename))
+            else:
+                out.writestr(info, z.read(info.filename))
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo("config.json")
+    start = info.header_offset + 30 + len(info.filename) + len(info.extra)
+    # Same declared sizes and CRC, a stream that inflates to 1 GiB where 'compressed' bytes were.
+    rebuilt = data[:start] + packed + data[start + info.compress_size:]
+    rebuilt = _with_compressed_size(rebuilt, info, len(packed))
+    path.write_bytes(bytes(rebuilt))
+    _assert_refused(path, r"config\.json: Bad CRC-32 for file 'config\.json'")
+
+
+def _with_compressed_size(data, info, size):
+    """The zip bytes with ``info``'s compressed size set to ``size`` and every later offset
+    moved by the change (local header, central directory, end record)."""
+    import struct
+
+    delta = size - info.compress_size
+    struct.pack_into("<L", data, info.header_offset + 18, size)
+    for at in _central_headers(data):
+        name_len = struct.unpack_from("<H", data, at + 28)[0]
+        offset = struct.unpack_from("<L", data, at + 42)[0]
+        if data[at + 46:at + 46 + name_len] == info.filename.encode():
+            struct.pack_into("<L", data, at + 20, size)
+        elif offset > info.header_offset:
+            struct.pack_into("<L", data, at + 42, offset + delta)
+    end = data.rindex(b"PK\x05\x06")
+    struct.pack_into("<L", data, end + 16, struct.unpack_from("<L", data, end + 16)[0] + delta)
+    return data
+
+
+def test_a_config_nested_beyond_any_reader_is_an_error(saved, tmp_path):
+    path = _rezipped(saved("zoo_sequential"), tmp_path / "deep.keras",
+                     config=lambda _: b"[" * 200_000 + b"]" * 200_000)
+    _assert_refused(path, r"config\.json nests deeper than a JSON reader follows")
+
+
+def test_models_nested_beyond_the_bound_are_refused(saved, tmp_path):
+    import json
+
+    layer = {"module": "keras.layers", "class_name": "Dense", "config": {"name": "fc"}}
+    for depth in range(70):
+        layer = {"module": "keras", "class_name": "Sequential",
+                 "config": {"name": f"level{depth}", "layers": [layer]}}
+    path = _rezipped(saved("zoo_sequential"), tmp_path / "nested.keras",
+                     config=lambda _: json.dumps(layer).encode())
+    _assert_refused(path, r"the archive engine cannot handle it: the model nests models more "
+                          r"than 64 deep")
+
+
+def test_frozen_index_runs_are_checked_before_they_are_expanded(saved, tmp_path):
+    """A FrozenEntries config claiming indices [0, 10**10): an error against the weight's
+    shape, not 10**10 integers (what expanding the run first would cost: about 11 GB)."""
+    import json
+
+    src = saved("zoo_sequential")
+    frozen = str(tmp_path / "frozen.keras")
+    with archive.Opened(src) as opened:
+        opened.write(plan_spec(surgery.parse("freeze fc1.units[0:2]"), opened.tree), frozen)
+
+    def hostile(data):
+        cfg = json.loads(data)
+        fc1 = next(lc for lc in cfg["config"]["layers"] if lc["config"].get("name") == "fc1")
+        fc1["config"]["kernel_constraint"]["config"]["indices"] = [[0, 10**10]]
+        return json.dumps(cfg).encode()
+
+    path = _rezipped(frozen, tmp_path / "hostile.keras", config=hostile)
+    _assert_refused(path, r"layer 'fc1', kernel_constraint: FrozenEntries: indices must be "
+                          r"distinct, in \[0, 8\)")
+
+
+_DECODE_HOSTILE = r"""
+import sys
+from surgery.engines import frozen_format
+from surgery.errors import FrozenEntriesError
+good = {"shape": [10**10], "axes": [0], "indices": [[0, 10**10]], "dtype": "float32",
+        "values": frozen_format.encode_values(bytes(64)), "inner": None}
+fc = frozen_format.decode(good)  # what FrozenEntries.from_config sees: no weight shape yet
+try:
+    fc.values_bytes()
+except FrozenEntriesError as exc:
+    print(exc)
+"""
+
+
+def test_the_decoder_refuses_values_that_cannot_fill_the_claimed_shape():
+    """Keras's from_config has no weight to check against: the stored values must fill the
+    claimed shape, checked before inflating (a 10**10-entry claim from 64 bytes) and before
+    the runs are expanded."""
+    import resource
+
+    def limits():
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+
+    result = subprocess.run([sys.executable, "-c", _DECODE_HOSTILE], capture_output=True,
+                            text=True, timeout=60, preexec_fn=limits)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ("FrozenEntries: stored values do not fill shape (10000000000,) "
+                             "of float32\n")
+
+
+def test_the_formats_names_are_those_keras_serializes():
+    """engines/frozen_format.py writes configs without Keras: its names must be what Keras
+    writes for the registered classes, module included (it is the class's __module__)."""
+    import keras
+
+    from surgery.engines import frozen_format as ff
+    from surgery.engines.batchnorm import AffineBatchNormalization
+    from surgery.engines.constraint import FrozenEntries
+
+    c = FrozenEntries((2, 3), (1,), [0, 2], np.ones((2, 2), "float32"))
+    assert keras.saving.serialize_keras_object(c) == ff.frozen_object(c.get_config())
+    assert keras.saving.get_registered_object(ff.FROZEN_REGISTERED) is FrozenEntries
+    entry = keras.saving.serialize_keras_object(AffineBatchNormalization(name="bn"))
+    assert ff.is_affine_entry(entry)
+    plain = keras.saving.serialize_keras_object(keras.layers.BatchNormalization(name="bn"))
+    ff.set_affine_entry(plain, True)
+    assert plain == entry
+    ff.set_affine_entry(plain, False)
+    assert plain == keras.saving.serialize_keras_object(keras.layers.BatchNormalization(name="bn"))

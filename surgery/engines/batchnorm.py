@@ -21,12 +21,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 
-__all__ = ["AffineBatchNormalization", "REGISTERED_NAME", "is_affine", "switch"]
+from .frozen_format import AFFINE_CLASS, AFFINE_PACKAGE  # noqa: E402
 
-REGISTERED_NAME = "surgery>AffineBatchNormalization"
+__all__ = ["AffineBatchNormalization", "is_affine", "switch"]
 
 
-@keras.saving.register_keras_serializable(package="surgery", name="AffineBatchNormalization")
+# Registered under the name engines/frozen_format.py writes into configs (the archive engine).
+@keras.saving.register_keras_serializable(package=AFFINE_PACKAGE, name=AFFINE_CLASS)
 class AffineBatchNormalization(keras.layers.BatchNormalization):
     """BatchNormalization in inference mode whatever ``training`` says: normalizes with the
     moving mean and variance, leaves them as they are, and trains gamma and beta when the layer

@@ -23,11 +23,9 @@ soon as Keras is imported, so ``import surgery`` is enough for ``keras.models.lo
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import math
 import os
-import zlib
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
@@ -36,7 +34,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ..parts import Index, PartError, Selection, index_runs, select  # noqa: E402
+from ..parts import Index, PartError, Selection, select  # noqa: E402
+from .frozen_format import (AXIS_CONFIG_KEYS, FROZEN_CLASS, FROZEN_PACKAGE,  # noqa: E402
+                            decode, encode_values, frozen_config)
 
 __all__ = [
     "FrozenEntries",
@@ -54,7 +54,7 @@ __all__ = [
 _MAX_PIECES = 16
 
 
-@keras.saving.register_keras_serializable(package="surgery", name="FrozenEntries")
+@keras.saving.register_keras_serializable(package=FROZEN_PACKAGE, name=FROZEN_CLASS)
 class FrozenEntries(keras.constraints.Constraint):
     """``w -> w`` with the entries at ``indices`` on ``axes`` reset to ``values``, around
     ``inner`` (the layer's own constraint, or None).
@@ -158,42 +158,25 @@ class FrozenEntries(keras.constraints.Constraint):
     # -- saving ---------------------------------------------------------------------------------
 
     def get_config(self):
+        # The format is engines/frozen_format.py's, shared with the archive engine.
         if self._encoded is None:
-            # Little-endian bytes, zlib, base64: JSON-safe and exact. Cached: the values never
-            # change and every save (and get_config) asks again.
+            # Cached: the values never change and every save (and get_config) asks again.
             raw = np.ascontiguousarray(self.values, dtype=self.values.dtype.newbyteorder("<"))
-            self._encoded = base64.b64encode(zlib.compress(raw.tobytes(), 6)).decode("ascii")
-        return {
-            "shape": list(self.shape),
-            "axes": list(self.axes),
-            "indices": index_runs(self.indices),
-            "dtype": _dtype_name(self.values.dtype),
-            "values": self._encoded,
-            "inner": keras.constraints.serialize(self.inner) if self.inner is not None else None,
-        }
+            self._encoded = encode_values(raw.tobytes())
+        inner = keras.constraints.serialize(self.inner) if self.inner is not None else None
+        return frozen_config(self.shape, self.axes, self.indices, _dtype_name(self.values.dtype),
+                             self._encoded, inner)
 
     @classmethod
     def from_config(cls, config):
-        shape = tuple(config["shape"])
-        axes = tuple(config["axes"])
-        indices = [i for start, stop in config["indices"] for i in range(start, stop)]
-        dtype = _np_dtype(config["dtype"])
-        a0, a1 = axes[0], axes[-1]
-        values_shape = shape[:a0] + (len(indices),) + shape[a1 + 1:]
-        # The config comes from a file: inflate no more than the shape says (no zlib bomb),
-        # and refuse anything but the exact byte count.
-        expected = math.prod(values_shape) * dtype.itemsize
-        inflate = zlib.decompressobj()
-        raw = inflate.decompress(base64.b64decode(config["values"], validate=True), expected + 1)
-        if len(raw) != expected or inflate.unconsumed_tail:
-            raise ValueError(f"FrozenEntries: stored values do not fill shape {values_shape} "
-                             f"of {dtype.name}")
-        values = np.frombuffer(raw, dtype=dtype.newbyteorder("<")).astype(dtype).reshape(
-            values_shape)
-        inner = config.get("inner")
-        inner = keras.constraints.deserialize(inner) if inner is not None else None
-        out = cls(shape, axes, indices, values, inner)
-        out._encoded = config["values"]
+        # Checked before anything is expanded or inflated: the config comes from a file.
+        fc = decode(config)
+        dtype = _np_dtype(fc.dtype)
+        values = np.frombuffer(fc.values_bytes(), dtype=dtype.newbyteorder("<")).astype(
+            dtype).reshape(fc.values_shape)
+        inner = keras.constraints.deserialize(fc.inner) if fc.inner is not None else None
+        out = cls(fc.shape, fc.axes, fc.indices, values, inner)
+        out._encoded = fc.values
         return out
 
     def __repr__(self):
@@ -373,7 +356,7 @@ def _classes(layer) -> tuple[str, ...]:
 
 def _config(layer) -> dict:
     # Only EinsumDense's equation is read; get_config would also serialize any frozen values.
-    return {k: getattr(layer, k) for k in ("equation", "bias_axes") if hasattr(layer, k)}
+    return {k: getattr(layer, k) for k in AXIS_CONFIG_KEYS if hasattr(layer, k)}
 
 
 def _walk(model, prefix: str = ""):
@@ -415,23 +398,22 @@ def _dtype_name(dtype) -> str:
 
 
 def _np_dtype(name: str):
+    # A name frozen_format.decode accepted: a number type.
     if name == "bfloat16":
         import ml_dtypes  # a Keras dependency; NumPy has no bfloat16 of its own
 
         return np.dtype(ml_dtypes.bfloat16)
-    dtype = np.dtype(name)
-    if dtype.kind not in "fiub":  # weights are numbers; anything else is a damaged config
-        raise ValueError(f"FrozenEntries: values of dtype {name!r}")
-    return dtype
+    return np.dtype(name)
 
 
 def _device_of(w) -> str:
+    """Where ``w``'s storage lives under TensorFlow (a keras.Variable's tf.Variable, or a
+    tensor's device), '' for the default. Not ``w.value``: under an autocast or stateless scope
+    that is a new tensor, not the storage."""
     if keras.backend.backend() != "tensorflow":
         return ""
-    try:
-        return str(getattr(getattr(w, "value", w), "device", "") or "")
-    except (AttributeError, ValueError, RuntimeError):
-        return ""
+    storage = getattr(w, "_value", None)
+    return str(getattr(w if storage is None else storage, "device", "") or "")
 
 
 def _eager_on(device: str):

@@ -47,6 +47,7 @@ with _native_stderr_captured():
 from ..errors import ModelError, SurgeryError  # noqa: E402
 from .batchnorm import is_affine, switch  # noqa: E402
 from .constraint import FrozenEntries, set_frozen  # noqa: E402
+from .frozen_format import axis_details  # noqa: E402
 from ..plan import Plan  # noqa: E402
 from ..tree import Layer, LayerTree, Weight  # noqa: E402
 
@@ -106,9 +107,7 @@ def _details(layer) -> tuple[tuple[str, str], ...]:
     # Only what decides a part's output axis (surgery/parts.py reads EinsumDense's equation).
     if type(layer).__name__ != "EinsumDense":
         return ()
-    config = layer.get_config()
-    return tuple((k, str(config.get(k))) for k in ("equation", "bias_axes")
-                 if config.get(k) is not None)
+    return axis_details("EinsumDense", layer.get_config())
 
 
 def write(model, plan: Plan, objects: dict[str, object]) -> None:
