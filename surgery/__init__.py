@@ -1,7 +1,8 @@
 """surgery: freeze and unfreeze parts of Keras models from a spec file, with a manifest.
 
     import surgery
-    manifest = surgery.apply(model, "freeze all; unfreeze conv5_*")
+    manifest = surgery.apply(model, "freeze all; unfreeze conv5_*")       # a live model
+    result = surgery.apply_file("finetune.frz", "base.keras", "tuned.keras")  # file to file
     model.fit(data, epochs=10, callbacks=[surgery.Schedule("finetune.frz")])  # phases
 
 Importing this package loads no TensorFlow: Keras is imported by the calls that need a model.
@@ -11,6 +12,7 @@ from .api import SurgeryWarning, apply, plan
 from .errors import ModelError, SelectorError, SpecError, SpecSyntaxError, SurgeryError
 from .ir import Spec
 from .manifest import Manifest
+from .modelfile import apply_file
 from .parse import load_spec, parse
 from ._register import install as _install_keras_hooks
 
@@ -24,6 +26,7 @@ __all__ = [
     "parse",
     "load_spec",
     "apply",
+    "apply_file",
     "plan",
     "Schedule",
     "Spec",

@@ -1,4 +1,5 @@
-"""The Python API behind `surgery.apply` and `surgery.plan`, shared with the CLI.
+"""The Python API on a live model: `surgery.apply` and `surgery.plan` (file to file, the command
+line and `surgery.apply_file` go through modelfile.py, which builds on `apply_plan` here).
 
 The pure pipeline (parse -> resolve -> plan -> manifest) runs on plain data; only the calls into
 `engines.live` touch Keras, and that module is imported on first use so that `import surgery`
@@ -17,7 +18,7 @@ from .manifest import Manifest, build_manifest
 from .parse import load_spec, parse
 from .plan import Plan, plan_spec
 
-__all__ = ["apply", "plan", "apply_plan", "SurgeryWarning"]
+__all__ = ["apply", "plan", "apply_plan", "as_spec", "SpecLike", "SurgeryWarning"]
 
 SpecLike = Union[Spec, str, Path]
 
@@ -27,7 +28,8 @@ class SurgeryWarning(UserWarning):
     ``allow_empty``), or a model state the user must act on (compile again)."""
 
 
-def _as_spec(spec: SpecLike) -> Spec:
+def as_spec(spec: SpecLike) -> Spec:
+    """A `Spec` as given, read from a path, or parsed from spec text."""
     if isinstance(spec, Spec):
         return spec
     if isinstance(spec, Path):
@@ -50,7 +52,7 @@ def plan(model, spec: SpecLike, *, allow_empty: bool = False) -> Plan:
     from .engines import live
 
     tree, _ = live.describe(model)
-    return plan_spec(_as_spec(spec), tree, allow_empty=allow_empty)
+    return plan_spec(as_spec(spec), tree, allow_empty=allow_empty)
 
 
 def apply(model, spec: SpecLike, *, allow_empty: bool = False, epoch: int = 0) -> Manifest:
@@ -66,7 +68,7 @@ def apply(model, spec: SpecLike, *, allow_empty: bool = False, epoch: int = 0) -
     """
     if epoch < 0:
         raise ValueError(f"epoch must be 0 or more, not {epoch}")
-    the_spec = _as_spec(spec)
+    the_spec = as_spec(spec)
     the_plan, manifest = apply_plan(model, the_spec, allow_empty=allow_empty, epoch=epoch)
     for d in the_plan.diagnostics:
         warnings.warn(SurgeryWarning(d.headline()), stacklevel=2)

@@ -166,15 +166,15 @@ def test_diff_compares_policies_and_later_phases():
 
 
 def test_a_spec_path_given_as_a_string_is_read_as_a_path(tmp_path, monkeypatch):
-    from surgery.api import _as_spec
+    from surgery.api import as_spec
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "p.txt").write_text(SPEC)
-    assert _as_spec("p.txt").phases == surgery.parse(SPEC, "p.txt").phases
-    assert _as_spec(str(tmp_path / "p.txt")).file.endswith("p.txt")
+    assert as_spec("p.txt").phases == surgery.parse(SPEC, "p.txt").phases
+    assert as_spec(str(tmp_path / "p.txt")).file.endswith("p.txt")
     with pytest.raises(FileNotFoundError, match="no such spec file: 'missing.frz'"):
-        _as_spec("missing.frz")
-    assert [r.text for r in _as_spec("freeze all").rules] == ["freeze all"]  # spec text
+        as_spec("missing.frz")
+    assert [r.text for r in as_spec("freeze all").rules] == ["freeze all"]  # spec text
 
 
 def test_an_unfreeze_that_a_frozen_policy_cancels_is_a_warning():

@@ -339,9 +339,9 @@ def test_an_interrupt_between_the_two_renames_changes_nothing(here, capsys, monk
 # --- AtomicOutputs on its own ------------------------------------------------------------------
 
 
-def _reserve_and_write(outputs, folder: Path, contents: dict) -> None:
+def _reserve_and_write(outputs, folder: Path, contents: dict, replace: bool = True) -> None:
     for name, data in contents.items():
-        outputs.reserve(folder / name, Path(name).suffix).write_bytes(data)
+        outputs.reserve(folder / name, Path(name).suffix, replace=replace).write_bytes(data)
 
 
 def test_temporaries_are_short_hidden_and_keep_the_suffix(tmp_path):
