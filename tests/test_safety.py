@@ -34,7 +34,7 @@ from pathlib import Path
 import pytest
 
 import surgery
-from surgery.atomic import AtomicOutputs
+from surgery.atomic import AtomicOutputs, OutputExists
 from surgery.cli import main
 
 SURGERY = str(Path(sys.executable).parent / "surgery")
@@ -423,6 +423,116 @@ def test_a_signal_during_the_commit_waits_until_it_is_complete(tmp_path, monkeyp
     assert (tmp_path / "a.keras").read_bytes() == b"new a"
     assert (tmp_path / "b.json").read_bytes() == b"new b"
     assert signal.getsignal(signal.SIGINT) is handler  # put back
+
+
+# --- new outputs are claimed at the commit: two runs never both write one file ----------------
+
+
+def _no_hard_links(monkeypatch):
+    def no_link(*args, **kwargs):
+        raise OSError(errno.EPERM, os.strerror(errno.EPERM))
+    monkeypatch.setattr(os, "link", no_link)
+
+
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_a_new_output_that_appears_before_the_commit_is_not_replaced(tmp_path, monkeypatch,
+                                                                     hard_links):
+    # Another run's commit lands between this run's checks and its own commit.
+    if not hard_links:
+        _no_hard_links(monkeypatch)
+    outputs = AtomicOutputs()
+    with pytest.raises(OutputExists, match="b.json: already exists; pass --force"):
+        with outputs:
+            _reserve_and_write(outputs, tmp_path, {"a.keras": b"mine", "b.json": b"mine"},
+                               replace=False)
+            (tmp_path / "b.json").write_bytes(b"the other run's")
+            outputs.commit()
+    assert not outputs.committed
+    # a.keras was placed first and taken back: nothing of this run is left
+    assert listing(tmp_path) == ["b.json"]
+    assert (tmp_path / "b.json").read_bytes() == b"the other run's"
+
+
+def test_of_two_commits_to_one_new_file_exactly_one_wins(tmp_path):
+    first, second = AtomicOutputs(), AtomicOutputs()
+    with first, second:
+        _reserve_and_write(first, tmp_path, {"m.keras": b"first"}, replace=False)
+        _reserve_and_write(second, tmp_path, {"m.keras": b"second"}, replace=False)
+        first.commit()
+        with pytest.raises(OutputExists):
+            second.commit()
+    assert listing(tmp_path) == ["m.keras"]
+    assert (tmp_path / "m.keras").read_bytes() == b"first"
+
+
+def test_apply_exits_2_when_its_new_output_appears_meanwhile(here, capsys, monkeypatch):
+    real_commit = AtomicOutputs.commit
+
+    def another_run_commits_first(self):
+        Path("out/tuned.keras").write_bytes(b"the other run's model\n")
+        return real_commit(self)
+
+    monkeypatch.setattr(AtomicOutputs, "commit", another_run_commits_first)
+    rc, out, err = cli(capsys, "apply", "spec.frz", "tiny.keras", "-o", "out/tuned.keras")
+    assert rc == 2 and out == ""
+    assert err == "surgery: error: out/tuned.keras: already exists; pass --force to replace it\n"
+    assert listing("out") == ["tuned.keras"]  # no manifest, no temporary
+    assert Path("out/tuned.keras").read_bytes() == b"the other run's model\n"
+
+
+@pytest.mark.slow
+def test_two_real_runs_writing_one_new_output_never_both_succeed(here):
+    # Both start together and pass the check at start-up; the commit decides. Without the
+    # exclusive commit both exited 0 in 9 of 10 tries, one output silently replacing the other.
+    for attempt in range(12):
+        out = f"out/race{attempt}.keras"
+        procs = [subprocess.Popen([SURGERY, "apply", "spec.frz", "tiny.keras", "-o", out],
+                                  cwd=here, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True) for _ in range(2)]
+        results = [(p.wait(timeout=300), p.stdout.read(), p.stderr.read()) for p in procs]
+        for p in procs:
+            p.stdout.close()
+            p.stderr.close()
+        codes = sorted(rc for rc, _, _ in results)
+        assert codes == [0, 2], results
+        loser = next(err for rc, _, err in results if rc == 2)
+        assert "already exists; pass --force to replace it" in loser
+    hidden = [n for n in listing("out") if n.startswith(".")]
+    assert hidden == []
+
+
+# --- temporaries a killed run left behind --------------------------------------------------------
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_the_next_run_removes_temporaries_of_dead_processes_only(here, capsys):
+    from surgery import atomic
+
+    dead, alive = _dead_pid(), os.getppid()
+    host = atomic._HOST
+    other_host = "0" * 6 if host != "0" * 6 else "1" * 6
+    names = {
+        "stale": f".surgery-{host}-{dead}-0123abcd.tmp.keras",
+        "stale manifest": f".surgery-{host}-{dead}-89abcdef.tmp.json",
+        "a running process's": f".surgery-{host}-{alive}-0123abcd.tmp.keras",
+        "another host's": f".surgery-{other_host}-{dead}-0123abcd.tmp.keras",
+        "a linked backup": f".surgery-{host}-{dead}-11111111.bak",
+        "an only copy": f".surgery-{host}-{dead}-22222222.bak",
+        "the user's": ".surgery-notes.txt",
+    }
+    for name in names.values():
+        Path("out", name).write_bytes(b"x")
+    os.link(Path("out", names["a linked backup"]), "out/previous.keras")
+    rc, _, err = cli(capsys, "apply", "spec.frz", "tiny.keras", "-o", "out/tuned.keras")
+    assert rc == 0, err
+    kept = {k for k, n in names.items() if Path("out", n).exists()}
+    assert kept == {"a running process's", "another host's", "an only copy", "the user's"}
+    assert Path("out/previous.keras").read_bytes() == b"x"
 
 
 # --- fsync: opt-in (the temporary + rename is what makes outputs all-or-nothing) ---------------
