@@ -14,13 +14,12 @@ from .ir import Spec
 from .manifest import Manifest
 from .modelfile import apply_file
 from .parse import load_spec, parse
+from .versions import __version__
 from ._register import install as _install_keras_hooks
 
 # Registers surgery's Keras classes (the sub-layer freezing constraint) the moment Keras is
 # imported, so keras.models.load_model reads models surgery wrote; Keras itself is not imported.
 _install_keras_hooks()
-
-__version__ = "0.1.0"
 
 __all__ = [
     "parse",

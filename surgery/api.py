@@ -87,12 +87,11 @@ def apply(model, spec: SpecLike, *, allow_empty: bool = False, epoch: int = 0) -
 
 def apply_plan(model, spec: Spec, *, allow_empty: bool = False, model_source: str = "<live model>",
                model_sha256: Optional[str] = None, epoch: int = 0) -> tuple[Plan, Manifest]:
-    """Resolve, plan, write the flags and build the manifest: the one path both the API and
-    the CLI take. Nothing is written to the model unless the whole plan resolved. ``epoch``
+    """Resolve, plan, write the flags and build the manifest: the one path `apply` and the
+    Keras engine of `surgery.apply_file` (modelfile.py) take. Nothing is written to the model unless the whole plan resolved. ``epoch``
     picks the phase whose state is written (the manifest keeps the whole schedule)."""
     from dataclasses import replace
 
-    from . import __version__
     from .engines import live
 
     tree, objects = live.describe(model)
@@ -102,6 +101,5 @@ def apply_plan(model, spec: Spec, *, allow_empty: bool = False, model_source: st
         the_plan = replace(in_force, phases=the_plan.phases, diagnostics=the_plan.diagnostics)
     live.write(model, the_plan, objects)
     manifest = build_manifest(the_plan, spec, model_source=model_source,
-                              model_sha256=model_sha256, model_name=model.name,
-                              surgery_version=__version__)
+                              model_sha256=model_sha256, model_name=model.name)
     return the_plan, manifest

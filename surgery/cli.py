@@ -17,11 +17,11 @@ import os
 import signal
 import sys
 
-from . import __version__
 from .atomic import AtomicOutputs, InterruptedAfterCommit
 from .errors import SpecError, SurgeryError, UsageError, render_diagnostics
 from .ir import Spec
 from .parse import load_spec
+from .versions import __version__
 
 __all__ = ["main"]
 

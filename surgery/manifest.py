@@ -27,7 +27,7 @@ from .ir import BN_AFFINE, Spec
 from .parse import parse
 from .plan import Plan, compact_ranges, plan_spec
 from .tree import LayerTree
-from .versions import environment_versions
+from .versions import __version__, environment_versions
 
 __all__ = ["Manifest", "build_manifest", "architecture_fingerprint", "canonical_json",
            "phase_layers", "verify", "check_manifest", "model_differences", "state_differences",
@@ -81,7 +81,7 @@ def build_manifest(plan: Plan, spec: Spec, *, model_source: str, model_sha256: O
     if versions is None:
         versions = environment_versions()
     if surgery_version is None:
-        from . import __version__ as surgery_version
+        surgery_version = __version__
     totals = plan.totals
     data = {
         "format": FORMAT,

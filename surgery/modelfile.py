@@ -103,8 +103,6 @@ def planned_manifest(spec: Spec, model: str, *, engine: Union[Engine, str] = Eng
                      safe_mode: bool = True) -> tuple[Manifest, ModelRead]:
     """The manifest `apply_file` would write for ``spec`` on ``model``, computed without writing
     (no ``output.sha256``: nothing is written), and how the model was read."""
-    from . import __version__
-
     read = read_model(model, engine=engine, safe_mode=safe_mode)
     digest = None
     if not model.startswith(APPLICATIONS_PREFIX):
@@ -113,8 +111,7 @@ def planned_manifest(spec: Spec, model: str, *, engine: Union[Engine, str] = Eng
         except OSError as exc:  # InputChanged included: it says what happened
             raise ModelError(model, f"cannot read it: {exc.strerror or exc}") from None
     manifest = build_manifest(plan_spec(spec, read.tree), spec, model_source=model,
-                              model_sha256=digest, model_name=read.tree.root.name,
-                              surgery_version=__version__)
+                              model_sha256=digest, model_name=read.tree.root.name)
     return manifest, read
 
 

@@ -12,7 +12,9 @@ import re
 import sys
 from typing import Optional
 
-__all__ = ["environment_versions"]
+__all__ = ["__version__", "environment_versions"]
+
+__version__ = "0.1.0"  # surgery's own (pyproject.toml has the same)
 
 
 def environment_versions() -> dict[str, Optional[str]]:

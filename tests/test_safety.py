@@ -821,7 +821,8 @@ def test_sigkill_while_the_weights_are_written_leaves_the_destination_as_it_was(
                                                                                 tmp_path):
     # What makes the fsync optional: a process killed outright runs no cleanup at all, and
     # still the destination keeps its bytes, because only a rename, which never happened,
-    # could have changed it. The hidden temporary is all that is left.
+    # could have changed it. The hidden temporary is all that is left, until the next run
+    # that writes into the folder removes it (its process is gone).
     run = _kill_mid_save(models, tmp_path, signal.SIGKILL, min_size=2 ** 20)
     assert run["rc"] == -signal.SIGKILL
     assert (run["out_dir"] / "tuned.keras").read_bytes() == run["old_model"]
@@ -829,3 +830,46 @@ def test_sigkill_while_the_weights_are_written_leaves_the_destination_as_it_was(
     left = sorted(set(listing(run["out_dir"])) - set(run["before"]))
     assert len(left) == 1 and left[0].startswith(".surgery-") and \
         left[0].endswith(".tmp.keras")
+    work = run["out_dir"].parent
+    proc = subprocess.run([SURGERY, "apply", "spec.frz", "wide.keras", "-o", "out/other.keras"],
+                          cwd=work, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert listing(run["out_dir"]) == sorted(run["before"] + ["other.keras",
+                                                              "other.keras.manifest.json"])
+
+
+@pytest.mark.slow
+def test_a_kill_loop_leaves_no_temporary_behind_the_next_run(models, tmp_path):
+    # SIGKILL at spread-out moments of the write (from the first byte of the temporary to most
+    # of it), each run over the output of the one before; after every next run, nothing hidden
+    # is left but what a run killed just now left (at most its one temporary).
+    os.link(models / "wide.keras", tmp_path / "wide.keras")
+    (tmp_path / "spec.frz").write_text("freeze all\nunfreeze head\n")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    full = (models / "wide.keras").stat().st_size
+    kills, most_left = 0, 0
+    for i in range(10):
+        proc = subprocess.Popen([SURGERY, "apply", "spec.frz", "wide.keras", "-o",
+                                 "out/tuned.keras", "--force"], cwd=tmp_path,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        target = full * i // 12
+        while proc.poll() is None:
+            hidden = [n for n in os.listdir(out_dir) if n.endswith(".tmp.keras")
+                      and str(proc.pid) in n]
+            try:
+                if hidden and os.stat(out_dir / hidden[0]).st_size >= target:
+                    proc.kill()
+                    kills += 1
+                    break
+            except FileNotFoundError:
+                pass
+            time.sleep(0.001)
+        proc.wait()
+        left = [n for n in listing(out_dir) if n.startswith(".")]
+        most_left = max(most_left, len(left))
+        assert len(left) <= 1, left  # the one just killed, never an older run's
+    assert kills >= 5, f"only {kills} of 10 runs were killed mid-write"
+    assert subprocess.run([SURGERY, "apply", "spec.frz", "wide.keras", "-o", "out/tuned.keras",
+                           "--force"], cwd=tmp_path, capture_output=True).returncode == 0
+    assert [n for n in listing(out_dir) if n.startswith(".")] == []
