@@ -88,8 +88,9 @@ def apply(model, spec: SpecLike, *, allow_empty: bool = False, epoch: int = 0) -
 def apply_plan(model, spec: Spec, *, allow_empty: bool = False, model_source: str = "<live model>",
                model_sha256: Optional[str] = None, epoch: int = 0) -> tuple[Plan, Manifest]:
     """Resolve, plan, write the flags and build the manifest: the one path `apply` and the
-    Keras engine of `surgery.apply_file` (modelfile.py) take. Nothing is written to the model unless the whole plan resolved. ``epoch``
-    picks the phase whose state is written (the manifest keeps the whole schedule)."""
+    Keras engine of `surgery.apply_file` (modelfile.py) take. Nothing is written to the model
+    unless the whole plan resolved. ``epoch`` picks the phase whose state is written (the
+    manifest keeps the whole schedule)."""
     from dataclasses import replace
 
     from .engines import live

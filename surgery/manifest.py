@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, replace
 from typing import Any, Optional
 
@@ -25,6 +26,8 @@ from .digest import sha256_file  # noqa: F401  (tests/test_archive.py imports it
 from .errors import SpecError
 from .ir import BN_AFFINE, Spec
 from .parse import parse
+from .parts import PartError
+from .parts import select as select_part
 from .plan import Plan, compact_ranges, plan_spec
 from .tree import LayerTree
 from .versions import __version__, environment_versions
@@ -275,7 +278,11 @@ def _recorded_spec(spec_data: dict) -> Spec:
 
 
 class _Unrecorded(Exception):
-    """The model has a layer or weight the manifest's layers do not account for."""
+    """The model has a layer the manifest's layers do not account for."""
+
+
+class _Inconsistent(Exception):
+    """What the manifest records of a layer cannot be true of it; ``str(exc)`` says what."""
 
 
 def _replanned(manifest: Manifest, spec: Spec, tree: LayerTree) -> Optional[list[str]]:
@@ -286,6 +293,8 @@ def _replanned(manifest: Manifest, spec: Spec, tree: LayerTree) -> Optional[list
         given = _as_given(tree, {e["path"]: e for e in data["layers"]})
     except _Unrecorded:
         return None
+    except _Inconsistent as exc:
+        return [f"manifest: {exc} (altered?)"]
     try:
         plan = plan_spec(spec, given, allow_empty=True)
     except SpecError as exc:
@@ -323,9 +332,14 @@ def _as_given(tree: LayerTree, entries: dict) -> LayerTree:
             return replace(node, trainable=True if entry is None else entry["before"],
                            children=kids)
         parts = {p["weight"]: p for p in entry.get("frozen_parts", ())}
-        if set(parts) - {w.name for w in node.weights}:
-            raise _Unrecorded(node.path)
-        weights = tuple(replace(w, frozen=_positions(parts[w.name], w.size),
+        where = f"layers[{node.path!r}].frozen_parts"
+        unknown = sorted(set(parts) - {w.name for w in node.weights})
+        if unknown:
+            raise _Inconsistent(f"{where} names {unknown[0]!r}, a weight the layer does not have")
+        if parts and not entry["trainable"]:
+            raise _Inconsistent(f"{where}: the layer is recorded frozen, with entries frozen "
+                                f"inside it")
+        weights = tuple(replace(w, frozen=_positions(parts[w.name], _size(node, w.name), where),
                                 frozen_entries=parts[w.name]["entries"])
                         if w.name in parts else replace(w, frozen=(), frozen_entries=0)
                         for w in node.weights)
@@ -335,19 +349,30 @@ def _as_given(tree: LayerTree, entries: dict) -> LayerTree:
     return LayerTree(rebuild(tree.root))
 
 
-def _positions(part: dict, size: int) -> tuple[int, ...]:
+def _size(node, weight: str) -> int:
+    """The positions a weight's entries can be frozen at (its output channels, surgery/parts.py)."""
+    try:
+        (sel,) = select_part(node.path, node.cls, node.shapes, weight, None, dict(node.details))
+    except PartError as exc:
+        raise _Inconsistent(f"layers[{node.path!r}].frozen_parts: {exc}") from None
+    return sel.size
+
+
+_RUN = re.compile(r"([0-9]{1,12})(?:-([0-9]{1,12}))?")
+
+
+def _positions(part: dict, size: int, where: str) -> tuple[int, ...]:
     """A recorded ``frozen`` range text (``0-31,40``) as positions, each checked against the
-    weight's size before any range is expanded (a crafted ``0-9999999999`` stays a line)."""
-    out: list[int] = []
+    weight's positions before any range is expanded (a crafted ``0-9999999999`` stays a line)."""
+    out: set[int] = set()
     for run in part["frozen"].split(","):
-        first, _, last = run.partition("-")
-        if not (first.isdigit() and (last.isdigit() or not last)):
-            raise _Unrecorded(part["frozen"])
-        a, b = int(first), int(last or first)
-        if not a <= b < min(part["of"], size):
-            raise _Unrecorded(part["frozen"])
-        out.extend(range(a, b + 1))
-    return tuple(sorted(set(out)))
+        found = _RUN.fullmatch(run)
+        a, b = (int(found[1]), int(found[2] or found[1])) if found else (0, -1)
+        if not a <= b < size:
+            raise _Inconsistent(f"{where}: {part['weight']}[{part['frozen'][:40]}] is not a "
+                                f"range of the weight's {size} positions")
+        out.update(range(a, b + 1))
+    return tuple(sorted(out))
 
 
 def _unfollowed(recorded: dict, rebuilt: dict, exact_before: bool) -> list[str]:

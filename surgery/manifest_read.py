@@ -20,7 +20,11 @@ from typing import Any
 from .errors import SurgeryError
 from .manifest import FORMAT, Manifest
 
-__all__ = ["ManifestError", "load_manifest", "decode_manifest", "SCHEMA"]
+__all__ = ["ManifestError", "load_manifest", "decode_manifest", "SCHEMA", "MAX_DEPTH"]
+
+# A manifest nests 6 levels (compiled selectors); keys it does not know are ignored, not walked,
+# but comparing or printing a value recurses, so no value may nest deeper than this.
+MAX_DEPTH = 32
 
 
 class ManifestError(SurgeryError):
@@ -54,9 +58,13 @@ def decode_manifest(data: bytes, where: str = "<manifest>") -> Manifest:
         raise ManifestError(f"{where}: not a manifest: invalid JSON at line {exc.lineno}, "
                             f"column {exc.colno}: {exc.msg}") from None
     except RecursionError:  # the json module recurses once per level of nesting
-        raise ManifestError(f"{where}: not a manifest: JSON nested too deeply") from None
+        raise ManifestError(f"{where}: not a manifest: JSON nested deeper than {MAX_DEPTH} "
+                            f"levels") from None
     except ValueError as exc:  # a number with more digits than Python converts
         raise ManifestError(f"{where}: not a manifest: {exc}") from None
+    if not _nested_at_most(value, MAX_DEPTH):
+        raise ManifestError(f"{where}: not a manifest: JSON nested deeper than {MAX_DEPTH} "
+                            f"levels")
     if not isinstance(value, dict) or value.get("format") != FORMAT:
         raise ManifestError(f"{where}: not a surgery manifest (format {FORMAT})")
     try:
@@ -65,6 +73,20 @@ def decode_manifest(data: bytes, where: str = "<manifest>") -> Manifest:
     except StructureError as exc:
         raise ManifestError(f"{where}: not a valid manifest: {exc}") from None
     return Manifest(value)
+
+
+def _nested_at_most(value: Any, limit: int) -> bool:
+    """Whether no list or object in ``value`` lies deeper than ``limit`` (walked without
+    recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (list, dict)):
+            if depth > limit:
+                return False
+            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict)
+                                                   else item))
+    return True
 
 
 def _check_order(data: dict) -> None:

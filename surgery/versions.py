@@ -1,4 +1,4 @@
-"""The versions a manifest records beside surgery's own: Keras, TensorFlow and the Keras backend.
+"""Versions: surgery's own, and those a manifest records beside it (Keras, TensorFlow, backend).
 
 Read from package metadata and Keras's settings without importing either: both engines (one
 never imports TensorFlow) record the same.

@@ -359,7 +359,10 @@ def _phase(epoch):
 MALFORMED = {
     # name: (what to write, the message after "not a ..." for verify and diff alike)
     "100k-deep JSON": (lambda m: '{"format": 1, "layers": ' + "[" * 100_000 + "]" * 100_000 + "}",
-                       "not a manifest: JSON nested too deeply"),
+                       "not a manifest: JSON nested deeper than 32 levels"),
+    "a 900-deep value under a key no one reads": (
+        lambda m: {**m, "extra": json.loads("[" * 900 + "]" * 900)},
+        "not a manifest: JSON nested deeper than 32 levels"),
     "layers as strings": (lambda m: {**m, "layers": ["x", "stem"]},
                           "not a valid manifest: layers[0]: an object expected, found a string"),
     "layers as a dict": (lambda m: {**m, "layers": {e["path"]: e for e in m["layers"]}},
@@ -480,7 +483,8 @@ def test_apply_file_takes_spec_text_an_engine_and_refuses_an_existing_output(wor
     assert not (tmp / "other.json").exists()
     assert surgery.apply_file(spec, model, out, manifest=tmp / "k.json", force=True,
                               engine=Engine.ARCHIVE).engine is Engine.ARCHIVE
-    with pytest.raises(surgery.SurgeryError, match="engine 'fast': expected auto, archive or keras"):
+    with pytest.raises(surgery.SurgeryError,
+                       match="engine 'fast': expected auto, archive or keras"):
         surgery.apply_file(spec, model, tmp / "x.keras", engine="fast")
 
 
@@ -505,3 +509,23 @@ def test_apply_file_returns_the_fallback_and_its_reason(work):
     # An .h5 output cannot come from the archive engine: Keras writes it, and no note is due.
     h5 = surgery.apply_file(spec, model, tmp / "t.h5")
     assert (h5.engine, h5.fallback) == (Engine.KERAS, None)
+
+
+def test_a_bug_is_one_line_and_surgery_debug_shows_its_traceback(work, capsys, monkeypatch):
+    import importlib
+
+    plan_module = importlib.import_module("surgery.plan")  # surgery.plan is also the function
+    tmp, spec, model = work
+
+    def buggy(*args, **kwargs):
+        return {}["a typo in surgery's own code"]
+
+    monkeypatch.setattr(plan_module, "plan_spec", buggy)
+    monkeypatch.delenv("SURGERY_DEBUG", raising=False)
+    assert run("plan", spec, model) == 2
+    assert capsys.readouterr().err == (
+        "surgery: internal error: KeyError: \"a typo in surgery's own code\" (run with "
+        "SURGERY_DEBUG=1 for a traceback)\n")
+    monkeypatch.setenv("SURGERY_DEBUG", "1")
+    with pytest.raises(KeyError):
+        run("plan", spec, model)

@@ -300,3 +300,24 @@ def test_diff_reports_every_field_it_compares(what, alter, line):
     alter(data)
     assert diff(a, a) == []
     assert diff(a, surgery.Manifest(data)) == [line]
+
+
+@pytest.mark.parametrize("frozen,problem", [
+    ("0-9999999999", "is not a range of the weight's 8 positions"),
+    ("9" * 5000, "is not a range of the weight's 8 positions"),
+    ("3-1", "is not a range of the weight's 8 positions"),
+    ("x", "is not a range of the weight's 8 positions"),
+])
+def test_a_crafted_frozen_range_is_a_line_not_an_expansion(frozen, problem):
+    import copy
+
+    _, manifest = _manifest("freeze all\nunfreeze head, stem.filters[0:4]\n")
+    applied = _tree_in_state({"head", "stem"}, parts={("stem", "kernel"): range(4, 8),
+                                                      ("stem", "bias"): range(4, 8)})
+    assert verify(manifest, applied) == []
+    data = copy.deepcopy(manifest.data)
+    (stem,) = [e for e in data["layers"] if e["path"] == "stem"]
+    stem["frozen_parts"][0]["frozen"] = frozen
+    lines = verify(surgery.Manifest(data), applied)
+    assert lines[0].startswith("manifest: layers['stem'].frozen_parts: kernel[") and \
+        problem in lines[0], lines
