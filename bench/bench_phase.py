@@ -136,7 +136,7 @@ def child(args) -> None:
         "trainable_params": history.history["trainable_params"],
         "changes": [{"epoch": c.epoch, "phase": c.phase, "unfrozen": len(c.unfrozen),
                      "changed": len(c.changed), "before": c.trainable_params_before,
-                     "after": c.trainable_params_after} for c in schedule.changes],
+                     "after": c.trainable_params_after} for c in schedule.phase_changes],
         "optimizer_variables": optimizer_variables,
         "recompiled_wall_s": [recompiled.wall[e] for e in range(args.epochs_per_phase)],
         "recompiled_cpu_s": [recompiled.cpu[e] for e in range(args.epochs_per_phase)],

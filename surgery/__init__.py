@@ -1,7 +1,8 @@
 """surgery: freeze and unfreeze parts of Keras models from a spec file, with a manifest.
 
     import surgery
-    manifest = surgery.apply(model, "freeze all; unfreeze conv5_*")
+    manifest = surgery.apply(model, "freeze all; unfreeze conv5_*")       # a live model
+    result = surgery.apply_file("finetune.frz", "base.keras", "tuned.keras")  # file to file
     model.fit(data, epochs=10, callbacks=[surgery.Schedule("finetune.frz")])  # phases
 
 Importing this package loads no TensorFlow: Keras is imported by the calls that need a model.
@@ -13,10 +14,11 @@ from .errors import (
 )
 from .ir import Spec
 from .manifest import Manifest
+from .modelfile import apply_file
 from .parse import parse
 from .specfile import load_spec
+from .versions import __version__
 from ._register import install as _install_keras_hooks
-from ._version import __version__
 
 # Registers surgery's Keras classes (the sub-layer freezing constraint) the moment Keras is
 # imported, so keras.models.load_model reads models surgery wrote; Keras itself is not imported.
@@ -26,6 +28,7 @@ __all__ = [
     "parse",
     "load_spec",
     "apply",
+    "apply_file",
     "plan",
     "Schedule",
     "Spec",

@@ -1,4 +1,5 @@
-"""The Python API behind `surgery.apply` and `surgery.plan`, shared with the CLI.
+"""The Python API on a live model: `surgery.apply` and `surgery.plan` (file to file, the command
+line and `surgery.apply_file` go through modelfile.py, which builds on `apply_plan` here).
 
 The pure pipeline (parse -> resolve -> plan -> manifest) runs on plain data; only the calls into
 `engines.live` touch Keras, and that module is imported on first use so that `import surgery`
@@ -15,9 +16,9 @@ from .ir import Spec
 from .manifest import Manifest, build_manifest
 from .plan import Plan, plan_spec
 from .specfile import SpecLike
-from .specfile import as_spec as _as_spec
+from .specfile import as_spec
 
-__all__ = ["apply", "plan", "apply_plan", "SurgeryWarning"]
+__all__ = ["apply", "plan", "apply_plan", "as_spec", "SpecLike", "SurgeryWarning"]
 
 
 def plan(model, spec: SpecLike, *, allow_empty: bool = False) -> Plan:
@@ -25,7 +26,7 @@ def plan(model, spec: SpecLike, *, allow_empty: bool = False) -> Plan:
     from .engines import live
 
     tree, _ = live.describe(model)
-    return plan_spec(_as_spec(spec), tree, allow_empty=allow_empty)
+    return plan_spec(as_spec(spec), tree, allow_empty=allow_empty)
 
 
 def apply(model, spec: SpecLike, *, allow_empty: bool = False, epoch: int = 0) -> Manifest:
@@ -41,7 +42,7 @@ def apply(model, spec: SpecLike, *, allow_empty: bool = False, epoch: int = 0) -
     """
     if epoch < 0:
         raise ValueError(f"epoch must be 0 or more, not {epoch}")
-    the_spec = _as_spec(spec)
+    the_spec = as_spec(spec)
     the_plan, manifest = apply_plan(model, the_spec, allow_empty=allow_empty, epoch=epoch)
     for d in the_plan.diagnostics:
         warnings.warn(SurgeryWarning(d.headline()), stacklevel=2)
@@ -60,12 +61,12 @@ def apply(model, spec: SpecLike, *, allow_empty: bool = False, epoch: int = 0) -
 
 def apply_plan(model, spec: Spec, *, allow_empty: bool = False, model_source: str = "<live model>",
                model_sha256: Optional[str] = None, epoch: int = 0) -> tuple[Plan, Manifest]:
-    """Resolve, plan, write the flags and build the manifest: the one path both the API and
-    the CLI take. Nothing is written to the model unless the whole plan resolved. ``epoch``
-    picks the phase whose state is written (the manifest keeps the whole schedule)."""
+    """Resolve, plan, write the flags and build the manifest: the one path `apply` and the
+    Keras engine of `surgery.apply_file` (modelfile.py) take. Nothing is written to the model
+    unless the whole plan resolved. ``epoch`` picks the phase whose state is written (the
+    manifest keeps the whole schedule)."""
     from dataclasses import replace
 
-    from ._version import __version__
     from .engines import live
 
     tree, objects = live.describe(model)
@@ -75,6 +76,5 @@ def apply_plan(model, spec: Spec, *, allow_empty: bool = False, model_source: st
         the_plan = replace(in_force, phases=the_plan.phases, diagnostics=the_plan.diagnostics)
     live.write(model, the_plan, objects)
     manifest = build_manifest(the_plan, spec, model_source=model_source,
-                              model_sha256=model_sha256, model_name=model.name,
-                              surgery_version=__version__)
+                              model_sha256=model_sha256, model_name=model.name)
     return the_plan, manifest

@@ -1,10 +1,9 @@
 """Atomic output: files appear at their destination complete, or not at all.
 
 Each output is first written to a hidden temporary file in the destination's own folder (so the
-final rename never crosses file systems), and renamed only when every output of the run is ready.
-Whatever happens before that (an error, Ctrl-C, SIGTERM, even SIGKILL, which leaves only a hidden
-temporary behind), the destinations are left as they were, and the temporaries are removed when
-the process can still do it.
+final rename never crosses file systems), and put in place only when every output of the run is
+ready. Whatever happens before that (an error, Ctrl-C, SIGTERM, even SIGKILL), the destinations
+are left as they were, and the temporaries are removed when the process can still do it.
 
 That needs no fsync: a killed process cannot undo a rename, and the kernel keeps the data it was
 given. Only a power loss or a kernel crash can lose data the kernel has not written to the disk
@@ -12,92 +11,162 @@ yet, so flushing to the disk is opt-in (``AtomicOutputs(fsync=True)``, ``--fsync
 command line): the temporaries are then flushed before the renames and their folders after. It
 costs about as much as the write itself on a large model, and ``model.save`` does not do it.
 
-The commit itself is all-or-nothing too: every existing destination is first kept under a hidden
-backup name (a hard link where the file system has them, so the destination never disappears),
-then the temporaries are renamed in, then the backups are removed. A failing rename puts the
-backups back. SIGINT and SIGTERM that arrive meanwhile (Python handles them in the main thread)
-are held for the few system calls this takes and delivered, as usual, once the commit is complete.
+**New outputs are claimed at the commit, not only checked at the start.** An output reserved
+without ``replace`` is put in place with ``link(temporary, destination)``, which fails if the
+destination exists, then the temporary's name is dropped: of two runs writing the same new file,
+exactly one gets it and the other fails with `OutputExists` (a check at start-up alone lets both
+pass it, and the second rename silently replaces the first). Where the file system has no hard
+links, the name is claimed with ``open(O_CREAT | O_EXCL)`` and the temporary renamed onto it.
 
-Temporary and backup names are short (``.surgery-<pid>-<random>.tmp<suffix>``), whatever the
-destination's name, so an output whose name is close to the file system's limit can be written.
+**Replacing** (``replace=True``, ``--force``): every existing destination is first kept under a
+hidden backup name (a hard link where the file system has them, so the destination never
+disappears), then the temporaries are renamed in, then the backups are removed. A failing step
+puts the backups back, and removes the new outputs it had placed. SIGINT and SIGTERM that arrive
+meanwhile (Python handles them in the main thread) are held for the few system calls this takes
+and delivered, as usual, once the commit is complete: `InterruptedAfterCommit` then says that
+every output is in place.
+
+**SIGKILL** runs no cleanup, so it leaves its temporary behind. Temporary and backup names are
+``.surgery-<host>-<pid>-<random>.tmp<suffix>`` (short, whatever the destination's name, so an
+output whose name is close to the file system's limit can be written), and the next run that
+writes into the folder removes those of processes that no longer exist (same host tag, which is
+the host name and the PID namespace, so a folder shared between machines or containers is safe;
+a backup only while its content is still reachable by another name). ``O_TMPFILE`` + ``linkat``
+would leave nothing at all, but Keras and h5py write only to a path whose suffix names the
+format, so the temporary needs a name.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import os
+import re
 import secrets
 import signal
 import threading
 from pathlib import Path
 
-from .errors import SurgeryError
+from .errors import SurgeryError, UsageError
 
-__all__ = ["AtomicOutputs"]
+__all__ = ["AtomicOutputs", "OutputExists", "InterruptedAfterCommit"]
+
+
+class OutputExists(UsageError):
+    """A new output's destination exists at the commit: another run (or anything else) created
+    it after this run checked. Nothing of this run is left."""
+
+    def __init__(self, typed: str):
+        self.path = typed
+        super().__init__(f"{typed}: already exists; pass --force to replace it")
+
+
+class InterruptedAfterCommit(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM, where the program turns it into an exception) arrived during the
+    commit: it was held until every output was in place. ``written`` names them as given."""
+
+    def __init__(self, written: tuple[str, ...]):
+        self.written = written
+        super().__init__(f"interrupted after writing {' and '.join(written)}")
+
+
+def _host_tag() -> str:
+    node = os.uname().nodename if hasattr(os, "uname") else os.environ.get("COMPUTERNAME", "")
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")  # containers on one host differ here
+    except OSError:
+        namespace = ""
+    return hashlib.sha256(f"{node}\0{namespace}".encode()).hexdigest()[:6]
+
+
+_HOST = _host_tag()
+# What _hidden_name makes, whatever suffix follows: ".surgery-<host>-<pid>-<random>.tmp.keras".
+_OURS = re.compile(r"\.surgery-([0-9a-f]{6})-([0-9]+)-[0-9a-f]{8}\.(tmp|bak)")
+# link() errors that mean "this file system has no hard links", not "the name is taken".
+_NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EMLINK}
 
 
 class _Output:
     """One reserved output and how far its commit got (for undoing a partial commit)."""
 
-    __slots__ = ("tmp", "dest", "typed", "backup", "moved", "started")
+    __slots__ = ("tmp", "dest", "typed", "replace", "backup", "moved", "started", "claimed")
 
-    def __init__(self, tmp: Path, dest: Path, typed: str):
+    def __init__(self, tmp: Path, dest: Path, typed: str, replace: bool):
         self.tmp = tmp
         self.dest = dest
         self.typed = typed  # the destination as the caller named it, for messages
+        self.replace = replace  # an existing destination is replaced; else it is an error
         self.backup: Path | None = None  # the destination's previous content, kept during commit
         self.moved = False  # the backup was made by a rename: the destination is gone meanwhile
-        self.started = False  # the temporary's rename onto the destination was attempted
+        self.started = False  # putting the temporary in place was attempted
+        self.claimed = False  # a new output's destination name was created by this commit
 
 
 class AtomicOutputs:
-    """Use as a context manager: `reserve` temporaries, write them, `commit` renames them all."""
+    """Use as a context manager: `reserve` temporaries, write them, `commit` puts them all in
+    place."""
 
     def __init__(self, *, fsync: bool = False) -> None:
         self._pending: list[_Output] = []
+        self._swept: set[Path] = set()
         self.committed = False
         self.fsync = fsync  # flush the outputs to the disk (power-loss durability), see above
 
-    def reserve(self, destination: str | os.PathLike, suffix: str) -> Path:
+    def reserve(self, destination: str | os.PathLike, suffix: str, *,
+                replace: bool = False) -> Path:
         """A temporary path to write ``destination``'s content to. It is not created: the caller's
         writer creates it (with the usual permissions). Keras picks the format from the suffix,
-        so the temporary keeps the one given."""
+        so the temporary keeps the one given. ``replace``: an existing destination is replaced
+        (else the commit fails with `OutputExists` if it exists by then)."""
         dest = Path(destination)
+        if dest.parent not in self._swept:
+            self._swept.add(dest.parent)
+            remove_stale(dest.parent)
         tmp = _hidden_name(dest.parent, ".tmp" + suffix)
-        self._pending.append(_Output(tmp, dest, os.fspath(destination)))
+        self._pending.append(_Output(tmp, dest, os.fspath(destination), replace))
         return tmp
 
     def commit(self) -> None:
-        """Rename every temporary onto its destination: all of them, or (on an error) none."""
+        """Put every temporary in place: all of them, or (on an error) none."""
         if self.fsync:
             for out in self._pending:
                 try:
                     _fsync(out.tmp)
                 except OSError as exc:
                     raise _cannot_write(out.typed, exc) from None
-        with _signals_held():
-            current = None
-            try:
-                for out in self._pending:
+        written = tuple(out.typed for out in self._pending)
+        try:
+            with _signals_held():
+                self._commit()
+        except BaseException as exc:
+            if self.committed:  # the signal held during the commit, delivered now
+                raise InterruptedAfterCommit(written) from exc
+            raise
+
+    def _commit(self) -> None:
+        current = None
+        try:
+            for out in self._pending:
+                if out.replace:
                     current = out
                     _set_aside(out)
-                for out in self._pending:
-                    current = out
-                    out.started = True
-                    os.replace(out.tmp, out.dest)
-            except BaseException as exc:
-                _undo(self._pending)
-                if isinstance(exc, OSError) and current is not None:
-                    raise _cannot_write(current.typed, exc) from None
-                raise
             for out in self._pending:
-                if out.backup is not None:
-                    _remove(out.backup)
-            dirs = {out.dest.parent for out in self._pending}
-            self._pending.clear()
-            self.committed = True
-            if self.fsync:
-                _fsync_dirs(dirs)
+                current = out
+                _place(out)
+        except BaseException as exc:
+            _undo(self._pending)
+            if isinstance(exc, OSError) and current is not None:
+                raise _cannot_write(current.typed, exc) from None
+            raise
+        for out in self._pending:
+            if out.backup is not None:
+                _remove(out.backup)
+        dirs = {out.dest.parent for out in self._pending}
+        self._pending.clear()
+        self.committed = True
+        if self.fsync:
+            _fsync_dirs(dirs)
 
     def discard(self) -> None:
         """Remove every temporary not committed; best effort, so that it never hides the error
@@ -113,9 +182,48 @@ class AtomicOutputs:
         self.discard()  # after a commit nothing is pending; otherwise nothing must be left
 
 
+def remove_stale(folder: Path) -> list[str]:
+    """Remove the temporaries that killed runs on this host left in ``folder``, and their
+    backups where the content is still reachable by another name; the names removed."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    removed = []
+    for name in names:
+        found = _OURS.match(name)
+        if found is None or found[1] != _HOST or _alive(int(found[2])):
+            continue
+        path = folder / name
+        if found[3] == "bak":
+            try:
+                if os.lstat(path).st_nlink < 2:
+                    continue  # maybe the only copy of a destination moved aside: keep it
+            except OSError:
+                continue
+        try:
+            os.unlink(path)
+        except OSError:
+            continue
+        removed.append(name)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # another user's process (or a number no process can have: leave it)
+    return True
+
+
 def _hidden_name(folder: Path, suffix: str) -> Path:
     while True:
-        path = folder / f".surgery-{os.getpid()}-{secrets.token_hex(4)}{suffix}"
+        path = folder / f".surgery-{_HOST}-{os.getpid()}-{secrets.token_hex(4)}{suffix}"
         if not os.path.lexists(path):
             return path
 
@@ -134,11 +242,38 @@ def _set_aside(out: _Output) -> None:
     os.replace(out.dest, out.backup)
 
 
+def _place(out: _Output) -> None:
+    """Put the temporary at its destination: replacing it, or only if the name is free."""
+    out.started = True
+    if out.replace:
+        os.replace(out.tmp, out.dest)
+        return
+    try:
+        os.link(out.tmp, out.dest)
+    except FileExistsError:
+        raise OutputExists(out.typed) from None
+    except OSError as exc:
+        if exc.errno not in _NO_HARD_LINKS:
+            raise
+        try:  # no hard links: claim the name exclusively, then rename the content onto it
+            os.close(os.open(out.dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            raise OutputExists(out.typed) from None
+        out.claimed = True
+        os.replace(out.tmp, out.dest)
+        return
+    out.claimed = True
+    _remove(out.tmp)
+
+
 def _undo(outputs: list[_Output]) -> None:
     """Put back what a partial commit changed (best effort: this runs while an error is raised)."""
     for out in reversed(outputs):
         try:
-            if out.backup is not None:
+            if not out.replace:
+                if out.claimed:
+                    os.unlink(out.dest)  # the name this commit created: free it again
+            elif out.backup is not None:
                 if out.moved or (out.started and not os.path.lexists(out.tmp)):
                     os.replace(out.backup, out.dest)  # the previous content, back in place
                 else:

@@ -1,8 +1,11 @@
-"""The ``surgery`` command: argument handling, exit codes, and every error rendered once.
+"""The ``surgery`` command: arguments, exit codes, and every diagnostic rendered once.
 
-Exit codes: 0 done; 1 a check found something; 2 an error in the spec, the model or the arguments
-(also for anything unexpected: no traceback reaches the user unless SURGERY_DEBUG=1); 130 when
-interrupted. Results go to stdout, diagnostics to stderr.
+A thin shell: each command parses its arguments, calls the library (modelfile.py for model
+files, manifest.py for manifests, lint, fmt), prints what comes back (results on stdout; notes,
+warnings and errors on stderr) and returns the exit code: 0 done; 1 a check found something;
+2 an error in the spec, the model or the arguments (every one a `SurgeryError`); 130 when
+interrupted. Anything else is a bug of surgery's: one line, "internal error", and its traceback
+with SURGERY_DEBUG=1.
 
 The spec is parsed before Keras is imported, so a typo costs milliseconds, not a TensorFlow start.
 """
@@ -10,24 +13,20 @@ The spec is parsed before Keras is imported, so a typo costs milliseconds, not a
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import signal
 import sys
-from pathlib import Path
 
-from ._version import __version__
-from .digest import InputChanged
-from .engines import APPLICATIONS_PREFIX
+from .atomic import AtomicOutputs, InterruptedAfterCommit
 from .errors import SpecError, SurgeryError, UsageError
 from .ir import Spec
 from .render import render_diagnostics
 from .specfile import load_spec
+from .versions import __version__
 
 __all__ = ["main"]
 
 EXIT_OK, EXIT_FINDINGS, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
-_OUTPUT_SUFFIXES = (".keras", ".h5")
 
 
 class _Terminated(BaseException):
@@ -144,13 +143,19 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
+        if _loads_model(args) and args.unsafe and args.engine != "archive":
+            print("surgery: warning: --unsafe: Keras safe mode is off; code stored in the model "
+                  "file may run", file=sys.stderr)
         return args.func(args)
     except SpecError as exc:
-        print(exc.render(), file=sys.stderr)
+        _diagnostics(exc.diagnostics, exc.source)
         return EXIT_ERROR
     except SurgeryError as exc:
         print(f"surgery: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    except InterruptedAfterCommit as exc:  # held until the outputs were all in place
+        print(f"surgery: {exc}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (KeyboardInterrupt, _Terminated):
         print("surgery: interrupted; nothing was written", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -164,188 +169,40 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _loads_model(args) -> bool:
+    if args.command == "lint":
+        return bool(args.model)
+    if args.command == "diff":
+        return bool(args.spec)
+    return args.command in ("apply", "plan", "show", "verify")
+
+
 # --- commands ------------------------------------------------------------------------------------
 
 
 def _cmd_apply(args) -> int:
-    out = args.output
-    manifest_path = args.manifest or out + ".manifest.json"
-    _check_output(out, args.model, args.force, what="output")
-    _check_output(manifest_path, args.model, args.force, what="manifest")
-    if os.path.abspath(out) == os.path.abspath(manifest_path):
-        raise UsageError("the output and the manifest must be different files")
-    spec = _read_spec(args.spec)
-
+    from .modelfile import apply_file
     from .report import plan_summary
 
-    result = None
-    opened = _open_archive(args) if out.endswith(".keras") else _no_archive(args, "an .h5 output")
-    if opened is not None:
-        with opened:
-            result = _apply_with_archive(args, spec, opened, out, manifest_path)
-    if result is None:
-        result = _apply_with_keras(args, spec, out, manifest_path)
-    the_plan, status = result
-    if status is not None:
-        return status
-    print(plan_summary(the_plan))
-    print(f"wrote {out}")
-    print(f"manifest {manifest_path}")
+    spec = _read_spec(args.spec)
+    result = apply_file(spec, args.model, args.output, manifest=args.manifest, force=args.force,
+                        engine=args.engine, allow_empty=args.allow_empty, fsync=args.fsync,
+                        safe_mode=not args.unsafe)
+    _note(result.fallback)
+    _diagnostics(result.diagnostics, spec.source)
+    print(plan_summary(result.plan))
+    print(f"wrote {result.output}")
+    print(f"manifest {result.manifest_path}")
     return EXIT_OK
 
 
-def _apply_with_archive(args, spec: Spec, opened, out: str, manifest_path: str):
-    """(plan, exit status or None) by rewriting the archive; None when Keras must do it."""
-    from .atomic import AtomicOutputs
-    from .engines import archive
-    from .manifest import build_manifest
-    from .plan import plan_spec
-
-    the_plan = plan_spec(spec, opened.tree, allow_empty=args.allow_empty)
-    try:
-        reason = opened.unsupported(the_plan)  # reads the values of entries it newly freezes
-    except archive.DamagedArchive as exc:
-        raise SurgeryError(f"{args.model}: {exc}") from None
-    if reason is not None:
-        _fallback(args, reason)
-        return None
-    _print_diagnostics(the_plan.diagnostics, spec)
-    with AtomicOutputs(fsync=args.fsync) as outputs:
-        model_tmp = outputs.reserve(out, ".keras")
-        try:
-            written = opened.write(the_plan, str(model_tmp))
-        except (InputChanged, archive.DamagedArchive) as exc:  # the input's fault
-            raise SurgeryError(f"{args.model}: {exc}") from None
-        except OSError as exc:
-            raise SurgeryError(f"{out}: cannot save the model: {exc}") from None
-        manifest = build_manifest(the_plan, spec, model_source=args.model,
-                                  model_sha256=written.source_sha256, model_name=opened.name,
-                                  output_sha256=written.sha256)
-        return the_plan, _write_manifest_and_commit(outputs, manifest, manifest_path, out)
-
-
-def _apply_with_keras(args, spec: Spec, out: str, manifest_path: str):
-    """(plan, exit status or None) by loading, changing and saving the model through Keras."""
-    from .api import apply_plan
-    from .atomic import AtomicOutputs
-
-    # Hashed in a thread while TensorFlow imports and the model loads: begun before the import.
-    with _input_digest(args.model) as source:
-        from .engines import live
-
-        model = _load_model(live, args)
-        digest = None
-        if source is not None:
-            try:
-                digest = source.result()
-            except InputChanged as exc:
-                raise SurgeryError(f"{args.model}: {exc}") from None
-            except OSError as exc:
-                raise SurgeryError(f"{args.model}: cannot read it: "
-                                   f"{exc.strerror or exc}") from None
-    the_plan, manifest = apply_plan(model, spec, allow_empty=args.allow_empty,
-                                    model_source=args.model, model_sha256=digest)
-    _print_diagnostics(the_plan.diagnostics, spec)
-    with AtomicOutputs(fsync=args.fsync) as outputs:
-        model_tmp = outputs.reserve(out, Path(out).suffix)
-        try:
-            live.save(model, str(model_tmp))
-        except Exception as exc:
-            raise SurgeryError(f"{out}: cannot save the model: {exc}") from None
-        return the_plan, _write_manifest_and_commit(outputs, manifest, manifest_path, out)
-
-
-def _input_digest(model: str):
-    """The model file's sha256 begun in the background (surgery/digest.py says why); a no-op
-    context, giving None, for a `keras.applications.NAME` model, which is built, not read, and
-    for a path that does not open, which loading the model then reports."""
-    from .digest import FileDigest
-
-    # As engines.live.load decides: a keras.applications name is built, whatever the folder has.
-    if not model.startswith(APPLICATIONS_PREFIX) and os.path.isfile(model):
-        try:
-            return FileDigest(model)
-        except OSError:
-            pass
-    return contextlib.nullcontext()
-
-
-def _write_manifest_and_commit(outputs, manifest, manifest_path: str, out: str):
-    """Write the manifest beside the model's temporary and commit both; an exit code when
-    interrupted after the commit, else None."""
-    manifest_tmp = outputs.reserve(manifest_path, ".json")
-    try:
-        manifest_tmp.write_text(manifest.to_json(), encoding="utf-8")
-    except OSError as exc:
-        raise SurgeryError(f"{manifest_path}: cannot write the manifest: "
-                           f"{exc.strerror or exc}") from None
-    try:
-        outputs.commit()
-    except (KeyboardInterrupt, _Terminated):
-        # The commit defers a signal until both files are in place: say what exists.
-        if outputs.committed:
-            print(f"surgery: interrupted after writing {out} and {manifest_path}",
-                  file=sys.stderr)
-            return EXIT_INTERRUPTED
-        raise
-    return None
-
-
-def _no_archive(args, why: str):
-    if getattr(args, "engine", "keras") == "archive":
-        raise UsageError(f"--engine archive cannot handle {why}")
-    return None
-
-
-def _fallback(args, reason: str) -> None:
-    if args.engine == "archive":
-        raise SurgeryError(f"{args.model}: the archive engine cannot handle it: {reason}")
-    # Said once Keras has loaded the model: a file Keras cannot read either gets one line, the
-    # error, not a note about engines first.
-    args.fallback_note = f"surgery: note: {reason}; loaded through Keras"
-
-
-def _open_archive(args, *, read_only: bool = False):
-    """The model's .keras archive opened and described without TensorFlow
-    (`engines.archive.Opened`), or None when the Keras engine must load it (chosen, or --engine
-    auto and the archive cannot be read alone). A command that only reads (``read_only``) also
-    takes an archive saved compiled."""
-    engine = getattr(args, "engine", "keras")
-    if engine == "keras":
-        return None
-    if not args.model.endswith(".keras") or not os.path.isfile(args.model):
-        return _no_archive(args, f"{args.model} (a .keras file is needed)")
-    from .engines import archive
-
-    try:
-        return archive.Opened(args.model, compiled=read_only)
-    except archive.ArchiveUnsupported as exc:  # the only reason to try Keras instead
-        _fallback(args, str(exc))
-    except archive.DamagedArchive as exc:
-        raise SurgeryError(f"{args.model}: {exc}") from None
-    except OSError as exc:
-        raise SurgeryError(f"{args.model}: cannot read it: {exc.strerror or exc}") from None
-    return None
-
-
-def _model_tree(args):
-    opened = _open_archive(args, read_only=True)
-    if opened is not None:
-        with opened:
-            return opened.tree
-    from .engines import live
-
-    return live.describe(_load_model(live, args))[0]
-
-
 def _cmd_plan(args) -> int:
-    spec = _read_spec(args.spec)
     from .plan import plan_spec
     from .report import plan_table
 
-    tree = _model_tree(args)
-    the_plan = plan_spec(spec, tree, allow_empty=args.allow_empty)
-    _print_diagnostics(the_plan.diagnostics, spec)
+    spec = _read_spec(args.spec)
+    the_plan = plan_spec(spec, _model_tree(args, args.model), allow_empty=args.allow_empty)
+    _diagnostics(the_plan.diagnostics, spec.source)
     print(plan_table(the_plan))
     return EXIT_OK
 
@@ -354,22 +211,21 @@ def _cmd_show(args) -> int:
     from .plan import plan_spec
     from .report import plan_table
 
-    tree = _model_tree(args)
     empty = Spec(rules=(), source="")
-    print(plan_table(plan_spec(empty, tree), with_rules=False))
+    print(plan_table(plan_spec(empty, _model_tree(args, args.model)), with_rules=False))
     return EXIT_OK
 
 
 def _cmd_lint(args) -> int:
     from .lint import lint, lint_with_model
 
-    tree = _model_tree(args) if args.model else None
+    tree = _model_tree(args, args.model) if args.model else None
     status = EXIT_OK
     for path in args.specs:
         try:
             spec = _read_spec(path)
         except SpecError as exc:  # not a spec at all: the parser's findings
-            print(exc.render(), file=sys.stderr)
+            _diagnostics(exc.diagnostics, exc.source)
             status = max(status, EXIT_FINDINGS)
             continue
         except UsageError as exc:
@@ -377,14 +233,13 @@ def _cmd_lint(args) -> int:
             status = EXIT_ERROR
             continue
         found = lint(spec) if tree is None else lint_with_model(spec, tree)
-        _print_diagnostics(found, spec)
+        _diagnostics(found, spec.source)
         if found:
             status = max(status, EXIT_FINDINGS)
     return status
 
 
 def _cmd_fmt(args) -> int:
-    from .atomic import AtomicOutputs
     from .fmt import format_spec
     from .specfile import is_yaml_path
     from .yaml_read import is_embedded
@@ -392,6 +247,9 @@ def _cmd_fmt(args) -> int:
 
     if len(args.specs) > 1 and not (args.check or args.write):
         raise UsageError("several files: pass --check or --write (printing is for one file)")
+    if args.to and (args.check or args.write):
+        raise UsageError("--to prints the converted spec; it does not combine with --check or "
+                         "--write")
     status = EXIT_OK
     for path in args.specs:
         spec = _read_spec(path)
@@ -400,9 +258,6 @@ def _cmd_fmt(args) -> int:
             raise UsageError(f"{path}: the rules sit inside a larger config; fmt rewrites "
                              f"standalone spec files only (use --to frz or --to yaml to print)")
         text = to_yaml(spec) if target == "yaml" else format_spec(spec)
-        if args.to and (args.check or args.write):
-            raise UsageError("--to prints the converted spec; it does not combine with "
-                             "--check or --write")
         if args.check:
             if text != spec.source:
                 print(f"{path}: not in canonical form (surgery fmt --write {path})",
@@ -411,15 +266,8 @@ def _cmd_fmt(args) -> int:
         elif args.write:
             if text != spec.source:
                 with AtomicOutputs(fsync=args.fsync) as outputs:
-                    tmp = outputs.reserve(path, ".tmp")
-                    tmp.write_text(text, encoding="utf-8")
-                    try:
-                        outputs.commit()
-                    except (KeyboardInterrupt, _Terminated):
-                        if outputs.committed:
-                            print(f"surgery: interrupted after writing {path}", file=sys.stderr)
-                            return EXIT_INTERRUPTED
-                        raise
+                    outputs.reserve(path, ".tmp", replace=True).write_text(text, encoding="utf-8")
+                    outputs.commit()
                 print(f"reformatted {path}")
         else:
             sys.stdout.write(text)
@@ -434,40 +282,32 @@ def _cmd_compile(args) -> int:
     return EXIT_OK
 
 
-def _read_manifest(path: str):
-    from .manifest import load_manifest
-
-    try:
-        return load_manifest(path)
-    except FileNotFoundError:
-        raise UsageError(f"{path}: no such manifest") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"{path}: cannot read the manifest: {exc}") from None
-    except ValueError as exc:
-        raise UsageError(f"{path}: {exc}") from None
-
-
 def _cmd_verify(args) -> int:
-    from .manifest import verify
+    from .manifest import check_manifest, matching_phase, model_differences
+    from .manifest_read import load_manifest
 
-    manifest = _read_manifest(args.manifest)
+    manifest = load_manifest(args.manifest)
     if args.epoch is not None and args.epoch < 0:
         raise UsageError(f"--epoch {args.epoch}: an epoch is 0 or more")
-    tree = _model_tree(args)
-    differences = verify(manifest, tree, epoch=args.epoch)
-    for line in differences:
+    tree = _model_tree(args, args.model)
+    altered = check_manifest(manifest, tree)
+    differences = model_differences(manifest, tree, epoch=args.epoch)
+    for line in altered + differences:
         print(line)
+    if altered:
+        print(f"{args.manifest} does not follow from its own spec and the model: "
+              f"{_count(altered, 'problem')}; was it edited after surgery apply wrote it?",
+              file=sys.stderr)
     if differences:
-        print(f"{args.model} does not match {args.manifest}: {len(differences)} "
-              f"difference{'s' if len(differences) != 1 else ''}", file=sys.stderr)
-        schedule = manifest.data.get("schedule") or []
-        for phase in schedule[1:]:
-            if phase["epoch"] != args.epoch and not verify(manifest, tree, epoch=phase["epoch"]):
-                print(f"note: it matches the state from 'at epoch {phase['epoch']}:' (line "
-                      f"{phase['line']}) on: for a checkpoint saved during training, pass --epoch "
-                      f"N, the 0-based epoch it was saved in (ModelCheckpoint's "
-                      f"{{epoch}} counts from 1)", file=sys.stderr)
-                break
+        print(f"{args.model} does not match {args.manifest}: "
+              f"{_count(differences, 'difference')}", file=sys.stderr)
+        phase = matching_phase(manifest, tree, besides=args.epoch)
+        if phase is not None:
+            print(f"note: it matches the state from 'at epoch {phase['epoch']}:' (line "
+                  f"{phase['line']}) on: for a checkpoint saved during training, pass --epoch "
+                  f"N, the 0-based epoch it was saved in (ModelCheckpoint's {{epoch}} counts "
+                  f"from 1)", file=sys.stderr)
+    if altered or differences:
         return EXIT_FINDINGS
     print(f"{args.model} matches {args.manifest} ({len(manifest.layers)} layers)")
     return EXIT_OK
@@ -475,33 +315,19 @@ def _cmd_verify(args) -> int:
 
 def _cmd_diff(args) -> int:
     from .manifest import diff
+    from .manifest_read import load_manifest
 
     if args.spec:
-        a, b = (_planned_manifest(args, args.spec, m) for m in (args.a, args.b))
+        spec = _read_spec(args.spec)
+        a, b = (_planned(args, spec, model) for model in (args.a, args.b))
     else:
-        a, b = _read_manifest(args.a), _read_manifest(args.b)
+        a, b = load_manifest(args.a), load_manifest(args.b)
     lines = diff(a, b)
     for line in lines:
         print(line)
     if not lines:
         print("no differences")
     return EXIT_FINDINGS if lines else EXIT_OK
-
-
-def _planned_manifest(args, spec_path: str, model_path: str):
-    """The manifest `apply` would write for this spec and model, computed without writing."""
-    from ._version import __version__
-    from .manifest import build_manifest, sha256_file
-    from .plan import plan_spec
-
-    spec = _read_spec(spec_path)
-    # Read as plan reads it: from the archive when it can, else through Keras, with a note.
-    tree = _model_tree(argparse.Namespace(model=model_path, unsafe=args.unsafe,
-                                          engine=args.engine))
-    digest = None if model_path.startswith(APPLICATIONS_PREFIX) else sha256_file(model_path)
-    return build_manifest(plan_spec(spec, tree), spec, model_source=model_path,
-                          model_sha256=digest, model_name=tree.root.name,
-                          surgery_version=__version__)
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -518,32 +344,32 @@ def _read_spec(path: str) -> Spec:
         raise UsageError(f"{path}: cannot read the spec: {exc.strerror}") from None
 
 
-def _load_model(live, args):
-    if args.unsafe:
-        print("surgery: warning: --unsafe: Keras safe mode is off; code stored in the model file "
-              "may run", file=sys.stderr)
-    model = live.load(args.model, safe_mode=not args.unsafe)
-    note = getattr(args, "fallback_note", None)
-    if note:
-        print(note, file=sys.stderr)
-    return model
+def _model_tree(args, model: str):
+    from .modelfile import read_model
+
+    read = read_model(model, engine=args.engine, safe_mode=not args.unsafe)
+    _note(read.fallback)
+    return read.tree
 
 
-def _check_output(path: str, model: str, force: bool, *, what: str) -> None:
-    if what == "output" and not path.endswith(_OUTPUT_SUFFIXES):
-        raise UsageError(f"{path}: the output must end with .keras (or .h5)")
-    if os.path.exists(model) and os.path.exists(path) and os.path.samefile(model, path):
-        raise UsageError(f"{path}: the {what} would overwrite the input model; surgery never "
-                         f"modifies its input")
-    if os.path.isdir(path):
-        raise UsageError(f"{path}: is a directory")
-    if os.path.exists(path) and not force:
-        raise UsageError(f"{path}: already exists; pass --force to replace it")
-    parent = os.path.dirname(path) or "."
-    if not os.path.isdir(parent):
-        raise UsageError(f"{path}: the folder {parent} does not exist")
+def _planned(args, spec: Spec, model: str):
+    from .modelfile import planned_manifest
+
+    manifest, read = planned_manifest(spec, model, engine=args.engine, safe_mode=not args.unsafe)
+    _note(read.fallback)
+    return manifest
 
 
-def _print_diagnostics(diagnostics, spec: Spec) -> None:
+def _note(fallback) -> None:
+    if fallback is not None:
+        print(f"surgery: note: {fallback}; loaded through Keras", file=sys.stderr)
+
+
+def _count(lines: list, word: str) -> str:
+    return f"{len(lines)} {word}{'s' if len(lines) != 1 else ''}"
+
+
+def _diagnostics(diagnostics, source) -> None:
+    """The one place diagnostics become text: file:line:col, the source line and a caret."""
     if diagnostics:
-        print(render_diagnostics(diagnostics, spec.source), file=sys.stderr)
+        print(render_diagnostics(diagnostics, source), file=sys.stderr)

@@ -1,8 +1,15 @@
-"""The manifest: a canonical JSON record of what a spec did to a model.
+"""The manifest: a canonical JSON record of what a spec did to a model; verify and diff.
 
 Canonical means sorted keys, a fixed indent, a trailing newline and no timestamps, so the same
 spec applied to the same model gives the same bytes (a manifest can be committed and diffed).
 Built from a `Plan` and plain facts (hashes, versions) handed in by the caller: no Keras here.
+
+A manifest read back comes from a file anyone can edit. Its one decoder (manifest_read.py)
+checks the structure once, so `verify` and `diff` never meet a missing key or a value of the
+wrong type. `verify` then checks the manifest against itself before comparing
+it with the model: everything a manifest records but the input's sha256 follows from its spec
+text and the model's structure, so verify plans the spec again and reports any field that does
+not follow (an altered manifest), and only then every difference in the model's state.
 """
 
 from __future__ import annotations
@@ -11,18 +18,23 @@ import hashlib
 import json
 import os
 import re
-import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 from .spec_json import compile_spec
-from .digest import sha256_file
+from .digest import sha256_file  # noqa: F401  (tests/test_archive.py imports it from here)
+from .errors import SpecError
 from .ir import BN_AFFINE, Spec
-from .plan import Plan, compact_ranges
+from .parse import parse
+from .parts import PartError
+from .parts import select as select_part
+from .plan import Plan, compact_ranges, plan_spec
 from .tree import LayerTree
+from .versions import __version__, environment_versions
 
-__all__ = ["Manifest", "build_manifest", "architecture_fingerprint", "sha256_file", "verify",
-           "phase_layers", "diff", "load_manifest", "FORMAT"]
+__all__ = ["Manifest", "build_manifest", "architecture_fingerprint", "canonical_json",
+           "phase_layers", "verify", "check_manifest", "model_differences", "state_differences",
+           "matching_phase", "diff", "FORMAT"]
 
 FORMAT = 1
 
@@ -54,72 +66,6 @@ def canonical_json(data: Any) -> str:
     return json.dumps(data, sort_keys=True, indent=2, ensure_ascii=False) + "\n"
 
 
-def environment_versions() -> dict[str, Optional[str]]:
-    """Keras, TensorFlow and backend versions, read from package metadata and Keras's settings
-    without importing either: both engines (one never imports TensorFlow) record the same."""
-    found = _dist_info_versions()
-
-    def version(*dists: str) -> Optional[str]:
-        for dist in dists:
-            key = _normalized(dist)
-            if key in found:
-                return found[key]
-            from importlib import metadata  # eggs, unusual installs: the slow, general way
-
-            try:
-                return metadata.version(dist)
-            except metadata.PackageNotFoundError:
-                continue
-        return None
-
-    return {"keras": version("keras", "keras-nightly"),
-            "tensorflow": version("tensorflow", "tensorflow-cpu", "tensorflow-gpu",
-                                  "tensorflow-macos", "tf-nightly", "tf-nightly-cpu"),
-            "backend": _keras_backend()}
-
-
-def _normalized(name: str) -> str:
-    return re.sub(r"[-_.]+", "_", name).lower()
-
-
-def _dist_info_versions() -> dict[str, str]:
-    """Installed versions from the ``NAME-VERSION.dist-info`` folders on sys.path, first one
-    wins, as importlib.metadata finds them: importing importlib.metadata alone costs more (15 ms)
-    than the rest of an archive-engine `apply` on a small model spends outside its real work."""
-    found: dict[str, str] = {}
-    for entry in sys.path:
-        try:
-            names = os.listdir(entry or ".")
-        except OSError:
-            continue
-        for name in names:
-            if not name.endswith(".dist-info"):
-                continue
-            dist, _, rest = name[:-len(".dist-info")].partition("-")
-            if rest:
-                found.setdefault(_normalized(dist), rest)
-    return found
-
-
-def _keras_backend() -> str:
-    # As keras/src/backend/config.py decides: KERAS_BACKEND, else keras.json in KERAS_HOME or
-    # ~/.keras (/tmp/.keras when home is not writable), else tensorflow.
-    env = os.environ.get("KERAS_BACKEND")
-    if env:
-        return env
-    if "KERAS_HOME" in os.environ:
-        home = os.environ["KERAS_HOME"]
-    else:
-        base = os.path.expanduser("~")
-        home = os.path.join(base if os.access(base, os.W_OK) else "/tmp", ".keras")
-    try:
-        with open(os.path.join(home, "keras.json"), encoding="utf-8") as f:
-            backend = json.load(f).get("backend")
-    except (OSError, ValueError, AttributeError):
-        backend = None
-    return backend or "tensorflow"
-
-
 def architecture_fingerprint(tree: LayerTree) -> str:
     """sha256 of the structure the spec resolves against: paths, classes, weight shapes.
 
@@ -138,7 +84,7 @@ def build_manifest(plan: Plan, spec: Spec, *, model_source: str, model_sha256: O
     if versions is None:
         versions = environment_versions()
     if surgery_version is None:
-        from ._version import __version__ as surgery_version
+        surgery_version = __version__
     totals = plan.totals
     data = {
         "format": FORMAT,
@@ -235,17 +181,7 @@ def _shown_source(source: str) -> str:
     return os.path.basename(source)
 
 
-def load_manifest(path: str) -> Manifest:
-    """Read a manifest written by `surgery apply`; ValueError says what is wrong with it."""
-    with open(path, encoding="utf-8") as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"not a manifest: invalid JSON at line {exc.lineno}, column "
-                             f"{exc.colno}: {exc.msg}") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT or "layers" not in data:
-        raise ValueError(f"not a surgery manifest (format {FORMAT})")
-    return Manifest(data)
+# --- verify --------------------------------------------------------------------------------------
 
 
 def _state(trainable: bool) -> str:
@@ -255,12 +191,14 @@ def _state(trainable: bool) -> str:
 def phase_layers(manifest: Manifest, epoch: int) -> list[dict]:
     """The manifest's layer entries as they stand at ``epoch`` of its schedule: the state a
     checkpoint saved during that epoch must have: without a schedule, the one state."""
+    if epoch < 0:
+        raise ValueError(f"epoch must be 0 or more, not {epoch}")
     schedule = manifest.data.get("schedule")
     if not schedule:
         return manifest.layers
-    phase = [p for p in schedule if p["epoch"] <= epoch][-1]
+    phase = [p for p in schedule if p["epoch"] <= epoch][-1]  # the decoder checked phase 0
     trainable = set(phase["trainable"])
-    parts = phase.get("frozen_parts", {})
+    parts = phase["frozen_parts"]
     entries = [dict(e) for e in manifest.layers]
     leaf = {e["path"]: e for e in entries if not e["container"]}
     for e in leaf.values():
@@ -271,9 +209,9 @@ def phase_layers(manifest: Manifest, epoch: int) -> list[dict]:
             e["frozen_parts"] = parts[e["path"]]
         e.pop("batchnorm", None)
         e.pop("affine", None)
-        if e["path"] in phase.get("batchnorm", {}):
+        if e["path"] in phase["batchnorm"]:
             e["batchnorm"] = phase["batchnorm"][e["path"]]
-            e["affine"] = e["path"] in phase.get("affine", ())
+            e["affine"] = e["path"] in phase["affine"]
     for e in entries:
         if e["container"]:
             prefix = e["path"] + "/"
@@ -282,6 +220,229 @@ def phase_layers(manifest: Manifest, epoch: int) -> list[dict]:
 
 
 def verify(manifest: Manifest, tree: LayerTree, *, epoch: Optional[int] = None) -> list[str]:
+    """Every problem, one line each: the manifest's own (`check_manifest`), then the model's
+    differences from it (`model_differences`)."""
+    return check_manifest(manifest, tree) + model_differences(manifest, tree, epoch=epoch)
+
+
+def model_differences(manifest: Manifest, tree: LayerTree, *,
+                      epoch: Optional[int] = None) -> list[str]:
+    """The model's architecture if its fingerprint is not the recorded one, then every
+    difference between the trainable state the manifest records (at ``epoch`` of its schedule,
+    if given) and the model's (`state_differences`)."""
+    lines = []
+    recorded, actual = manifest.data["model"]["architecture"], architecture_fingerprint(tree)
+    if recorded != actual:
+        lines.append(f"architecture: the model's fingerprint {actual[:12]} is not the "
+                     f"manifest's {recorded[:12]} (layers, classes or weight shapes differ)")
+    return lines + state_differences(manifest, tree, epoch=epoch)
+
+
+def check_manifest(manifest: Manifest, tree: LayerTree) -> list[str]:
+    """What in the manifest does not follow from its own spec text and the model's structure,
+    one line each, starting ``manifest:``: a manifest altered after `apply` wrote it.
+
+    The spec text must have its sha256 and compile to the recorded operations. When the model
+    has the recorded architecture, the spec is planned again on it, set to the state the
+    manifest records before the surgery (each layer's flag before; the entries frozen inside
+    it and its BatchNormalization class as recorded after, which a spec that starts from them
+    decides the same way), and every recorded field must be what that plan gives: rules,
+    layers, totals, ``model_trainable``, notes, warnings, the schedule. Otherwise only what the
+    manifest says of itself is checked (its totals against its layers, ``model_trainable``)."""
+    data = manifest.data
+    lines = []
+    spec_data = data["spec"]
+    if hashlib.sha256(spec_data["text"].encode("utf-8")).hexdigest() != spec_data["sha256"]:
+        lines.append("manifest: spec.sha256 is not the sha256 of spec.text (altered?)")
+    try:
+        spec = _recorded_spec(spec_data)
+    except SpecError as exc:
+        return lines + [f"manifest: spec.text is not a spec (altered?): {exc}"]
+    if compile_spec(spec) != data["compiled"]:
+        lines.append("manifest: compiled is not what spec.text compiles to (altered?)")
+    replanned = None
+    if data["model"]["architecture"] == architecture_fingerprint(tree):
+        replanned = _replanned(manifest, spec, tree)
+    if replanned is None:
+        return lines + _self_inconsistencies(data)
+    return lines + replanned
+
+
+def _recorded_spec(spec_data: dict) -> Spec:
+    # The reader by suffix, as load_spec chooses it for a file.
+    if spec_data["file"].endswith((".yaml", ".yml")):
+        from .yaml_read import parse_yaml
+
+        return parse_yaml(spec_data["text"], spec_data["file"])
+    return parse(spec_data["text"], spec_data["file"])
+
+
+class _Unrecorded(Exception):
+    """The model has a layer the manifest's layers do not account for."""
+
+
+class _Inconsistent(Exception):
+    """What the manifest records of a layer cannot be true of it; ``str(exc)`` says what."""
+
+
+def _replanned(manifest: Manifest, spec: Spec, tree: LayerTree) -> Optional[list[str]]:
+    """Fields the spec planned again does not give (see `check_manifest`); None when the model's
+    layers are not the recorded ones (`state_differences` says how)."""
+    data = manifest.data
+    try:
+        given = _as_given(tree, {e["path"]: e for e in data["layers"]})
+    except _Unrecorded:
+        return None
+    except _Inconsistent as exc:
+        return [f"manifest: {exc} (altered?)"]
+    try:
+        plan = plan_spec(spec, given, allow_empty=True)
+    except SpecError as exc:
+        return [f"manifest: its spec does not plan on this model (altered?): {exc}"]
+    versions = {k: v for k, v in data["versions"].items() if k != "surgery"}
+    exact_before = not any(w.frozen for n in given.layers() for w in n.weights)
+
+    def rebuilt(p: Plan) -> dict:
+        return build_manifest(p, spec, model_source=data["model"]["source"],
+                              model_sha256=data["model"]["sha256"],
+                              model_name=data["model"]["name"], versions=versions,
+                              surgery_version=data["versions"].get("surgery"),
+                              output_sha256=data.get("output", {}).get("sha256")).data
+
+    # `surgery.apply(model, spec, epoch=k)` records phase k's state as the layer table.
+    candidates = [plan] + [replace(ph.plan, phases=plan.phases, diagnostics=plan.diagnostics)
+                           for ph in plan.phases[1:]]
+    best = None
+    for candidate in candidates:
+        found = _unfollowed(data, rebuilt(candidate), exact_before)
+        if best is None or len(found) < len(best):
+            best = found
+        if not found:
+            break
+    return best
+
+
+def _as_given(tree: LayerTree, entries: dict) -> LayerTree:
+    def rebuild(node):
+        entry = entries.get(node.path) if node.path else None
+        if node.path and entry is None:
+            raise _Unrecorded(node.path)
+        kids = tuple(rebuild(c) for c in node.children)
+        if node.children or entry is None:
+            return replace(node, trainable=True if entry is None else entry["before"],
+                           children=kids)
+        parts = {p["weight"]: p for p in entry.get("frozen_parts", ())}
+        where = f"layers[{node.path!r}].frozen_parts"
+        unknown = sorted(set(parts) - {w.name for w in node.weights})
+        if unknown:
+            raise _Inconsistent(f"{where} names {unknown[0]!r}, a weight the layer does not have")
+        if parts and not entry["trainable"]:
+            raise _Inconsistent(f"{where}: the layer is recorded frozen, with entries frozen "
+                                f"inside it")
+        weights = tuple(replace(w, frozen=_positions(parts[w.name], _size(node, w.name), where),
+                                frozen_entries=parts[w.name]["entries"])
+                        if w.name in parts else replace(w, frozen=(), frozen_entries=0)
+                        for w in node.weights)
+        return replace(node, trainable=entry["before"], weights=weights,
+                       affine=bool(entry.get("affine", False)))
+
+    return LayerTree(rebuild(tree.root))
+
+
+def _size(node, weight: str) -> int:
+    """The positions a weight's entries can be frozen at (its output channels, surgery/parts.py)."""
+    try:
+        (sel,) = select_part(node.path, node.cls, node.shapes, weight, None, dict(node.details))
+    except PartError as exc:
+        raise _Inconsistent(f"layers[{node.path!r}].frozen_parts: {exc}") from None
+    return sel.size
+
+
+_RUN = re.compile(r"([0-9]{1,12})(?:-([0-9]{1,12}))?")
+
+
+def _positions(part: dict, size: int, where: str) -> tuple[int, ...]:
+    """A recorded ``frozen`` range text (``0-31,40``) as positions, each checked against the
+    weight's positions before any range is expanded (a crafted ``0-9999999999`` stays a line)."""
+    out: set[int] = set()
+    for run in part["frozen"].split(","):
+        found = _RUN.fullmatch(run)
+        a, b = (int(found[1]), int(found[2] or found[1])) if found else (0, -1)
+        if not a <= b < size:
+            raise _Inconsistent(f"{where}: {part['weight']}[{part['frozen'][:40]}] is not a "
+                                f"range of the weight's {size} positions")
+        out.update(range(a, b + 1))
+    return tuple(sorted(out))
+
+
+def _unfollowed(recorded: dict, rebuilt: dict, exact_before: bool) -> list[str]:
+    lines = []
+    for key in ("rules", "layers", "model", "model_trainable", "totals", "notes", "warnings",
+                "schedule"):
+        a, b = recorded.get(key), rebuilt.get(key)
+        if key == "totals" and not exact_before:
+            # The entries frozen inside layers before the surgery are not recorded (only
+            # after), so the trainable totals before are taken as recorded.
+            a = {**a, "trainable_params": a["trainable_params"]["after"],
+                 "non_trainable_params": a["non_trainable_params"]["after"]}
+            b = {**b, "trainable_params": b["trainable_params"]["after"],
+                 "non_trainable_params": b["non_trainable_params"]["after"]}
+        where = _first_difference(a, b, key)
+        if where is not None:
+            path, was, should = where
+            lines.append(f"manifest: {path} is {_shown(was)}, but its spec on this model gives "
+                         f"{_shown(should)} (altered?)")
+    return lines
+
+
+def _first_difference(a, b, where: str):
+    """The first place two JSON values differ: (where, a's value there, b's); None if equal.
+    The values are rebuilt manifests' or checked by the decoder: their depth is the schema's."""
+    if a == b:
+        return None
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                return _first_difference(a.get(key), b.get(key), f"{where}.{key}")
+    if isinstance(a, list) and isinstance(b, list):
+        for i, (x, y) in enumerate(zip(a, b)):
+            if x != y:
+                label = f"{where}[{x['path']!r}]" if isinstance(x, dict) and "path" in x and \
+                    isinstance(y, dict) and x.get("path") == y.get("path") else f"{where}[{i}]"
+                return _first_difference(x, y, label)
+        if len(a) != len(b):
+            return f"{where} (length)", len(a), len(b)
+    return where, a, b
+
+
+def _shown(value) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _self_inconsistencies(data: dict) -> list[str]:
+    """Totals and ``model_trainable`` against the layer table (when the spec cannot be planned
+    again on the model)."""
+    leaves = [e for e in data["layers"] if not e["container"]]
+    totals = data["totals"]
+    checks = [
+        ("totals.params", totals["params"], sum(e["params"] for e in leaves)),
+        ("totals.trainable_params.after", totals["trainable_params"]["after"],
+         sum(e["trainable_params"] for e in leaves)),
+        ("totals.non_trainable_params.after", totals["non_trainable_params"]["after"],
+         totals["params"] - totals["trainable_params"]["after"]),
+        ("totals.non_trainable_params.before", totals["non_trainable_params"]["before"],
+         totals["params"] - totals["trainable_params"]["before"]),
+        ("model.layers", data["model"]["layers"], len(data["layers"])),
+        ("model_trainable", data["model_trainable"],
+         any(e["trainable"] for e in data["layers"] if "/" not in e["path"])),
+    ]
+    return [f"manifest: {name} is {_shown(was)}, but its layers give {_shown(should)} "
+            f"(altered?)" for name, was, should in checks if was != should]
+
+
+def state_differences(manifest: Manifest, tree: LayerTree, *,
+                      epoch: Optional[int] = None) -> list[str]:
     """Every difference between the trainable state a manifest records and a model's, by path.
     With ``epoch``, the state its schedule gives at that epoch.
 
@@ -340,8 +501,26 @@ def _trains(tree: LayerTree, node) -> bool:
     return any(_trains(tree, c) for c in node.children if c.params)
 
 
+def matching_phase(manifest: Manifest, tree: LayerTree, *,
+                   besides: Optional[int] = None) -> Optional[dict]:
+    """The first later phase of the schedule whose state the model is in (other than the one
+    at epoch ``besides``): for a checkpoint saved during training and checked without the
+    epoch it was saved in. None if there is none."""
+    for phase in (manifest.data.get("schedule") or [])[1:]:
+        if phase["epoch"] != besides and not state_differences(manifest, tree,
+                                                               epoch=phase["epoch"]):
+            return phase
+    return None
+
+
+# --- diff ----------------------------------------------------------------------------------------
+
+
 def diff(a: Manifest, b: Manifest) -> list[str]:
-    """What changed from manifest ``a`` to manifest ``b``, one line each, layers by path."""
+    """What changed from manifest ``a`` to manifest ``b``, one line each, layers by path: the
+    spec's, the input's and the output's sha256, the architecture, each layer's class and state
+    (flag, entries frozen inside, BatchNormalization policy), whether the model trains, the
+    trainable parameters, and the state at every epoch where either schedule starts a phase."""
     lines = []
     for key, label in (("spec", "spec"), ("model", "model")):
         if a.data[key]["sha256"] != b.data[key]["sha256"]:
@@ -349,6 +528,9 @@ def diff(a: Manifest, b: Manifest) -> list[str]:
                          f"({_short(a.data[key]['sha256'])}) -> "
                          f"{b.data[key].get('file') or b.data[key].get('source')} "
                          f"({_short(b.data[key]['sha256'])})")
+    out_a, out_b = (m.data.get("output", {}).get("sha256") for m in (a, b))
+    if out_a != out_b:
+        lines.append(f"output: {_short(out_a, 'not recorded')} -> {_short(out_b, 'not recorded')}")
     if a.data["model"]["architecture"] != b.data["model"]["architecture"]:
         lines.append("architecture: differs (layers added, removed or reshaped)")
     layers_a = {e["path"]: e for e in a.layers}
@@ -357,11 +539,17 @@ def diff(a: Manifest, b: Manifest) -> list[str]:
         eb = layers_b.get(path)
         if eb is None:
             lines.append(f"- {path}: {_described(ea)} (only in the first)")
-        elif _described(ea) != _described(eb):
-            lines.append(f"~ {path}: {_described(ea)} -> {_described(eb)}")
+        else:
+            if ea["class"] != eb["class"]:
+                lines.append(f"~ {path}: class {ea['class']} -> {eb['class']}")
+            if _described(ea) != _described(eb):
+                lines.append(f"~ {path}: {_described(ea)} -> {_described(eb)}")
     for path, eb in layers_b.items():
         if path not in layers_a:
             lines.append(f"+ {path}: {_described(eb)} (only in the second)")
+    if a.data["model_trainable"] != b.data["model_trainable"]:
+        lines.append(f"model_trainable: {json.dumps(a.data['model_trainable'])} -> "
+                     f"{json.dumps(b.data['model_trainable'])}")
     ta, tb = a.data["totals"], b.data["totals"]
     if ta["trainable_params"]["after"] != tb["trainable_params"]["after"]:
         lines.append(f"trainable params: {ta['trainable_params']['after']:,} -> "
@@ -401,5 +589,5 @@ def _schedule_diff(a: Manifest, b: Manifest) -> list[str]:
     return lines
 
 
-def _short(digest: Optional[str]) -> str:
-    return digest[:12] if digest else "no file"
+def _short(digest: Optional[str], missing: str = "no file") -> str:
+    return digest[:12] if digest else missing

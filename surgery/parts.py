@@ -37,15 +37,15 @@ from .errors import PartError
 __all__ = [
     "PartError",
     "Selection",
-    "Index",
-    "UNIT_PARTS",
+    "Positions",
     "select",
-    "parts_of",
     "indices",
     "format_index",
 ]
 
-Index = Union[None, int, slice, Iterable[int]]
+# Which output channels (positions) of a part: all of them (None), one, a slice, or a list.
+# (Not ir.Index, which is the `layers[3]` selector segment.)
+Positions = Union[None, int, slice, Iterable[int]]
 
 
 @dataclass(frozen=True)
@@ -89,9 +89,6 @@ _TABLE: dict[str, tuple[str, tuple[_Rule, ...]]] = {
     "EinsumDense": ("units", ()),  # computed from the equation
     **{c: ("", _NORM) for c in ("BatchNormalization", "LayerNormalization")},
 }
-
-UNIT_PARTS = ("filters", "units")
-
 
 @dataclass(frozen=True)
 class Selection:
@@ -197,17 +194,8 @@ def _einsum(shapes: Mapping[str, Sequence[int]], config: Mapping) -> dict[str, _
     return out
 
 
-def parts_of(layer: str, classes: Union[str, Sequence[str]], shapes: Mapping[str, Sequence[int]],
-             config: Optional[Mapping] = None) -> tuple[str, ...]:
-    """The part names the layer has: its unit part (``filters``/``units``) first, then weights."""
-    classes = (classes,) if isinstance(classes, str) else tuple(classes)
-    unit, weights = _weights(classes, shapes, config or {})
-    names = [unit] if unit and any(w.rule.unit for w in weights.values()) else []
-    return tuple(names + list(weights))
-
-
 def select(layer: str, classes: Union[str, Sequence[str]], shapes: Mapping[str, Sequence[int]],
-           part: str, index: Index = None, config: Optional[Mapping] = None
+           part: str, index: Positions = None, config: Optional[Mapping] = None
            ) -> tuple[Selection, ...]:
     """The entries ``layer.part[index]`` names, one `Selection` per weight.
 
@@ -278,7 +266,7 @@ def _no_part(layer, cls, part, unit, weights, shapes) -> str:
             f"its parts: {parts}")
 
 
-def indices(index: Index, size: int) -> tuple[int, ...]:
+def indices(index: Positions, size: int) -> tuple[int, ...]:
     """``index`` over ``range(size)`` as sorted unique ints. Unlike Python's slicing, bounds past
     the end are errors, not clamped (``filters[0:100]`` on 64 filters is a mistake), and so is an
     empty selection. Raises IndexError with the reason (the caller adds the layer)."""
@@ -314,7 +302,7 @@ def indices(index: Index, size: int) -> tuple[int, ...]:
     return tuple(sorted(picked))
 
 
-def format_index(index: Index) -> str:
+def format_index(index: Positions) -> str:
     """How ``index`` is written after a part name: ``[0:32]``, ``[3]``, ``[::2]``, ``[1, 4]``."""
     if index is None:
         return ""

@@ -20,7 +20,7 @@ from .resolve import BATCHNORM_CLASSES, PartOp, Resolution, RuleResult, resolve
 from .tree import Layer, LayerTree
 
 __all__ = ["compact_ranges", "FrozenPart", "LayerPlan", "Plan", "Totals", "PhasePlan", "make_plan",
-           "plan_spec", "plan_phases", "changes"]
+           "plan_spec", "plan_phases", "changed_layers"]
 
 
 
@@ -131,11 +131,6 @@ class Plan:
             trainable_before=sum(lp.trainable_params_before for lp in leaves),
             trainable_after=sum(lp.trainable_params_after for lp in leaves),
         )
-
-    def state(self, path: str) -> bool:
-        if path == "":
-            return self.root_after
-        return self.by_path[path].after
 
     @functools.cached_property
     def by_path(self) -> dict[str, LayerPlan]:
@@ -331,7 +326,7 @@ def plan_phases(spec: Spec, tree: LayerTree, *, allow_empty: bool = False) -> tu
             s.span for s in spec.policies if s.epoch == epoch}
         mine = tuple(d for d in plan.diagnostics if within(d.span, own))
         header = headers.get(epoch)
-        if out and not changes(out[-1].plan, plan):
+        if out and not changed_layers(out[-1].plan, plan):
             mine += (Diagnostic("warning", f"the phase 'at epoch {epoch}:' changes no layer: "
                                 "the state it asks for is the one before it", header.span),)
         out.append(PhasePlan(epoch, header, replace(plan, diagnostics=mine)))
@@ -344,7 +339,7 @@ def within(span, statements) -> bool:
                (span.end_line, span.end_column) <= (s.end_line, s.end_column) for s in statements)
 
 
-def changes(before: Plan, after: Plan) -> tuple[LayerPlan, ...]:
+def changed_layers(before: Plan, after: Plan) -> tuple[LayerPlan, ...]:
     """The leaves whose state differs between two phases' plans (flag, frozen parts or class),
     as they are in ``after``."""
     out = []

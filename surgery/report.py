@@ -6,7 +6,7 @@ Plain aligned text, so it reads the same in a terminal, a CI log and a pipe.
 from __future__ import annotations
 
 from .ir import BN_FROZEN
-from .plan import LayerPlan, Plan, changes
+from .plan import LayerPlan, Plan, changed_layers
 
 __all__ = ["plan_table", "plan_summary", "phase_report", "state_word"]
 
@@ -82,7 +82,7 @@ def phase_report(plan: Plan, *, layers: bool = True) -> str:
     lines = [f"schedule: {first}, then {len(plan.phases) - 1} phase"
              f"{'s' if len(plan.phases) > 2 else ''} applied by surgery.Schedule during fit:"]
     for prev, ph in zip(plan.phases, plan.phases[1:]):
-        changed = [lp for lp in changes(prev.plan, ph.plan) if lp.layer.weights]
+        changed = [lp for lp in changed_layers(prev.plan, ph.plan) if lp.layer.weights]
         was = prev.plan.by_path
         count = {"unfrozen": 0, "frozen": 0, "changed": 0}
         rows = []

@@ -116,10 +116,6 @@ class LayerTree:
         trainable: a frozen container hides its children's weights whatever their own flags."""
         return self._effective[layer.path]
 
-    def containers(self) -> list[Layer]:
-        """The root and every nested model, in pre-order."""
-        return [self.root] + [n for n in self._nodes if n.children]
-
     # --- construction for tests and tools ----------------------------------------------------
 
     @classmethod

@@ -304,3 +304,228 @@ def test_auto_engine_falls_back_to_keras_with_a_note(work, capsys):
         "compile_config")  # Keras writes {} for a model loaded with compile=False
     assert run("apply", spec, model, "-o", tmp / "u.keras", "--engine", "archive") == 2
     assert "the archive engine cannot handle it" in capsys.readouterr().err
+
+
+# --- no output may be an input -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["the path", "a hard link", "a symlink"])
+def test_the_manifest_never_overwrites_the_spec_even_with_force(work, capsys, how):
+    tmp, spec, model = work
+    text = spec.read_text()
+    target = spec
+    if how == "a hard link":
+        target = tmp / "alias.json"
+        os.link(spec, target)
+    elif how == "a symlink":
+        target = tmp / "alias.json"
+        target.symlink_to(spec)
+    assert run("apply", spec, model, "-o", tmp / "t.keras", "--manifest", target, "--force") == 2
+    err = capsys.readouterr().err
+    assert err == (f"surgery: error: {target}: the manifest would overwrite the spec; surgery "
+                   f"never modifies its input\n")
+    assert spec.read_text() == text
+    assert not (tmp / "t.keras").exists()
+
+
+def test_the_manifest_never_overwrites_the_model_and_the_output_not_the_spec(work, capsys):
+    tmp, spec, model = work
+    before = sha(model)
+    assert run("apply", spec, model, "-o", tmp / "t.keras", "--manifest", model, "--force") == 2
+    assert "the manifest would overwrite the input model" in capsys.readouterr().err
+    link = tmp / "spec.keras"
+    link.symlink_to(spec)
+    assert run("apply", spec, model, "-o", link, "--force") == 2
+    assert "the output would overwrite the spec" in capsys.readouterr().err
+    assert sha(model) == before and spec.read_text().startswith("freeze all")
+
+
+# --- malformed manifests: one line, exit 2, never an internal error ------------------------------
+
+
+@pytest.fixture
+def good_manifest(work):
+    tmp, spec, model = work
+    out = tmp / "good.keras"
+    assert run("apply", spec, model, "-o", out) == 0
+    return json.loads(Path(f"{out}.manifest.json").read_text())
+
+
+def _phase(epoch):
+    return {"epoch": epoch, "line": 3, "trainable": [], "frozen_parts": {}, "batchnorm": {},
+            "affine": [], "trainable_params": 0}
+
+
+MALFORMED = {
+    # name: (what to write, the message after "not a ..." for verify and diff alike)
+    "100k-deep JSON": (lambda m: '{"format": 1, "layers": ' + "[" * 100_000 + "]" * 100_000 + "}",
+                       "not a manifest: JSON nested deeper than 32 levels"),
+    "a 900-deep value under a key no one reads": (
+        lambda m: {**m, "extra": json.loads("[" * 900 + "]" * 900)},
+        "not a manifest: JSON nested deeper than 32 levels"),
+    "layers as strings": (lambda m: {**m, "layers": ["x", "stem"]},
+                          "not a valid manifest: layers[0]: an object expected, found a string"),
+    "layers as a dict": (lambda m: {**m, "layers": {e["path"]: e for e in m["layers"]}},
+                         "not a valid manifest: layers: a list expected, found an object"),
+    "an entry without path": (
+        lambda m: {**m, "layers": [{k: v for k, v in e.items() if k != "path"}
+                                   for e in m["layers"]]},
+        "not a valid manifest: layers[0].path: missing"),
+    "no spec": (lambda m: {k: v for k, v in m.items() if k != "spec"},
+                "not a valid manifest: spec: missing"),
+    "a schedule without phase 0": (
+        lambda m: {**m, "schedule": [_phase(2), _phase(4)]},
+        "not a valid manifest: schedule: the first phase must start at epoch 0"),
+    "phases out of order": (lambda m: {**m, "schedule": [_phase(0), _phase(4), _phase(2)]},
+                            "not a valid manifest: schedule[2].epoch: phases must start at "
+                            "increasing epochs"),
+    "a count that is a boolean": (
+        lambda m: {**m, "totals": {**m["totals"], "params": True}},
+        "not a valid manifest: totals.params: an integer expected, found a boolean"),
+    "a layer twice": (lambda m: {**m, "layers": m["layers"] + m["layers"][:1]},
+                      "not a valid manifest: layers[7].path: 'x' appears twice"),
+    "a 5000-digit number": (lambda m: '{"format": 1, "n": ' + "9" * 5000 + "}",
+                            "not a manifest: Exceeds the limit"),
+    "not JSON": (lambda m: "{'format': 1}",
+                 "not a manifest: invalid JSON at line 1, column 2: Expecting property name "
+                 "enclosed in double quotes"),
+    "no format": (lambda m: {k: v for k, v in m.items() if k != "format"},
+                  "not a surgery manifest (format 1)"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MALFORMED))
+@pytest.mark.parametrize("command", ["verify", "verify --epoch 0", "diff", "diff (second)"])
+def test_a_malformed_manifest_is_one_line_and_exit_2(work, good_manifest, capsys, name,
+                                                     command):
+    tmp, spec, model = work
+    make, message = MALFORMED[name]
+    content = make(good_manifest)
+    bad = tmp / "bad.json"
+    bad.write_text(content if isinstance(content, str) else json.dumps(content))
+    good = tmp / "good.keras.manifest.json"
+    args = {"verify": ["verify", bad, tmp / "good.keras"],
+            "verify --epoch 0": ["verify", bad, tmp / "good.keras", "--epoch", "0"],
+            "diff": ["diff", bad, good], "diff (second)": ["diff", good, bad]}[command]
+    assert run(*args) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith(f"surgery: error: {bad}: {message}"), captured.err
+    assert captured.err.count("\n") == 1 and "internal error" not in captured.err
+
+
+def test_verify_says_an_edited_manifest_was_altered_and_diff_names_the_fields(work, capsys):
+    tmp, spec, model = work
+    out = tmp / "t.keras"
+    assert run("apply", spec, model, "-o", out) == 0
+    manifest = Path(f"{out}.manifest.json")
+    capsys.readouterr()
+    assert run("verify", manifest, out) == 0
+    capsys.readouterr()
+    data = json.loads(manifest.read_text())
+    data["totals"]["trainable_params"]["after"] += 1
+    edited = tmp / "edited.json"
+    edited.write_text(json.dumps(data))
+    assert run("verify", edited, out) == 1
+    captured = capsys.readouterr()
+    assert captured.out.splitlines()[0].startswith(
+        "manifest: totals.trainable_params.after is ")
+    assert captured.err.startswith(f"{edited} does not follow from its own spec and the model")
+
+    data = json.loads(manifest.read_text())
+    data["output"]["sha256"] = "0" * 64
+    data["model_trainable"] = False
+    edited.write_text(json.dumps(data))
+    assert run("diff", manifest, edited) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert f"output: {sha(out)[:12]} -> {'0' * 12}" in lines
+    assert "model_trainable: true -> false" in lines
+
+
+# --- the Python API for file to file: surgery.apply_file ----------------------------------------
+
+
+def test_apply_file_writes_what_the_command_writes_and_prints_nothing(work, capsys):
+    import surgery
+    from surgery.modelfile import AppliedFile, Engine
+
+    tmp, spec, model = work
+    assert run("apply", spec, model, "-o", tmp / "cli.keras") == 0
+    capsys.readouterr()
+    result = surgery.apply_file(spec, model, tmp / "api.keras")
+    assert capsys.readouterr() == ("", "")  # notes and diagnostics are data, not output
+    assert isinstance(result, AppliedFile)
+    assert (result.engine, result.fallback) == (Engine.ARCHIVE, None) and result.engine == "archive"
+    assert (result.output, result.manifest_path) == (str(tmp / "api.keras"),
+                                                     f"{tmp / 'api.keras'}.manifest.json")
+    assert Path(result.manifest_path).read_text() == result.manifest.to_json()
+    assert Path(result.manifest_path).read_bytes() == \
+        (tmp / "cli.keras.manifest.json").read_bytes()
+    assert sha(tmp / "api.keras") == sha(tmp / "cli.keras")  # the archive engine reproduces
+    assert result.plan.totals.trainable_after == \
+        result.manifest.data["totals"]["trainable_params"]["after"]
+    assert result.diagnostics == ()
+
+
+def test_apply_file_takes_spec_text_an_engine_and_refuses_an_existing_output(work):
+    import surgery
+    from surgery.modelfile import Engine
+
+    tmp, spec, model = work
+    out = tmp / "k.keras"
+    result = surgery.apply_file("freeze all\nunfreeze head\n", model, out, engine="keras",
+                                manifest=tmp / "k.json")
+    assert (result.engine, result.fallback) == (Engine.KERAS, None)
+    assert "output" not in result.manifest.data  # a Keras save is not byte-reproducible
+    assert json.loads((tmp / "k.json").read_text())["rules"][1]["text"] == "unfreeze head"
+    with pytest.raises(surgery.SurgeryError, match="already exists; pass --force"):
+        surgery.apply_file(spec, model, out, manifest=tmp / "other.json")
+    assert not (tmp / "other.json").exists()
+    assert surgery.apply_file(spec, model, out, manifest=tmp / "k.json", force=True,
+                              engine=Engine.ARCHIVE).engine is Engine.ARCHIVE
+    with pytest.raises(surgery.SurgeryError,
+                       match="engine 'fast': expected auto, archive or keras"):
+        surgery.apply_file(spec, model, tmp / "x.keras", engine="fast")
+
+
+def test_apply_file_returns_the_fallback_and_its_reason(work):
+    import keras
+
+    import surgery
+    from surgery.modelfile import Engine
+
+    tmp, spec, model = work
+    compiled = keras.models.load_model(model, compile=False)
+    compiled.compile(optimizer="adam", loss="mse")
+    saved = tmp / "compiled.keras"
+    compiled.save(saved)
+    result = surgery.apply_file(spec, saved, tmp / "t.keras")
+    assert result.engine is Engine.KERAS
+    assert result.fallback.startswith("the model was saved compiled")
+    with pytest.raises(surgery.ModelError, match="the archive engine cannot handle it: the "
+                                                 "model was saved compiled"):
+        surgery.apply_file(spec, saved, tmp / "u.keras", engine="archive")
+    assert not (tmp / "u.keras").exists()
+    # An .h5 output cannot come from the archive engine: Keras writes it, and no note is due.
+    h5 = surgery.apply_file(spec, model, tmp / "t.h5")
+    assert (h5.engine, h5.fallback) == (Engine.KERAS, None)
+
+
+def test_a_bug_is_one_line_and_surgery_debug_shows_its_traceback(work, capsys, monkeypatch):
+    import importlib
+
+    plan_module = importlib.import_module("surgery.plan")  # surgery.plan is also the function
+    tmp, spec, model = work
+
+    def buggy(*args, **kwargs):
+        return {}["a typo in surgery's own code"]
+
+    monkeypatch.setattr(plan_module, "plan_spec", buggy)
+    monkeypatch.delenv("SURGERY_DEBUG", raising=False)
+    assert run("plan", spec, model) == 2
+    assert capsys.readouterr().err == (
+        "surgery: internal error: KeyError: \"a typo in surgery's own code\" (run with "
+        "SURGERY_DEBUG=1 for a traceback)\n")
+    monkeypatch.setenv("SURGERY_DEBUG", "1")
+    with pytest.raises(KeyError):
+        run("plan", spec, model)

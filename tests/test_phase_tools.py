@@ -166,15 +166,15 @@ def test_diff_compares_policies_and_later_phases():
 
 
 def test_a_spec_path_given_as_a_string_is_read_as_a_path(tmp_path, monkeypatch):
-    from surgery.api import _as_spec
+    from surgery.api import as_spec
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "p.txt").write_text(SPEC)
-    assert _as_spec("p.txt").phases == surgery.parse(SPEC, "p.txt").phases
-    assert _as_spec(str(tmp_path / "p.txt")).file.endswith("p.txt")
+    assert as_spec("p.txt").phases == surgery.parse(SPEC, "p.txt").phases
+    assert as_spec(str(tmp_path / "p.txt")).file.endswith("p.txt")
     with pytest.raises(FileNotFoundError, match="no such spec file: 'missing.frz'"):
-        _as_spec("missing.frz")
-    assert [r.text for r in _as_spec("freeze all").rules] == ["freeze all"]  # spec text
+        as_spec("missing.frz")
+    assert [r.text for r in as_spec("freeze all").rules] == ["freeze all"]  # spec text
 
 
 def test_an_unfreeze_that_a_frozen_policy_cancels_is_a_warning():
@@ -186,3 +186,138 @@ def test_an_unfreeze_that_a_frozen_policy_cancels_is_a_warning():
                         "frozen whatever rules unfreeze; a later 'batchnorm affine' or "
                         "'batchnorm train' for them lets them train")
     assert 5 not in found  # base/b1 trains: the rule does something
+
+
+# --- an altered manifest: verify checks the manifest against its own spec first -----------------
+
+
+def _set(path, value=None, *, add=None):
+    """An alteration of the manifest data at ``path`` (keys and indices): set ``value``, or
+    add ``add`` to the number there."""
+    def alter(data):
+        *parents, last = path
+        target = data
+        for key in parents:
+            target = target[key]
+        target[last] = target[last] + add if add is not None else value
+    return alter
+
+
+def _retext(data):
+    # Another valid spec, its sha256 recomputed: only re-planning the text shows it.
+    import hashlib
+
+    text = data["spec"]["text"].replace("unfreeze head", "unfreeze stem")
+    data["spec"]["text"] = text
+    data["spec"]["sha256"] = hashlib.sha256(text.encode()).hexdigest()
+
+
+ALTERATIONS = {
+    "totals.params": _set(("totals", "params"), add=1),
+    "totals.trainable_params.after": _set(("totals", "trainable_params", "after"), add=-1),
+    "totals.non_trainable_params.before": _set(("totals", "non_trainable_params", "before"),
+                                               add=5),
+    "spec.text, sha256 kept": _set(("spec", "text"), SPEC.replace("head", "stem")),
+    "spec.text and its sha256": _retext,
+    "compiled": _set(("compiled", "operations"), []),
+    "model.architecture": _set(("model", "architecture"), "0" * 64),
+    "model.layers": _set(("model", "layers"), add=1),
+    "model_trainable": _set(("model_trainable",), False),
+    "rules[1].matched": _set(("rules", 1, "matched"), ["stem"]),
+    "layers[1].rule": _set(("layers", 1, "rule"), 1),
+    "layers[1].trainable_params": _set(("layers", 1, "trainable_params"), add=3),
+    "schedule[1].trainable": _set(("schedule", 1, "trainable"), ["head"]),
+    "schedule[2].frozen_parts": _set(("schedule", 2, "frozen_parts"), {}),
+    "schedule[1].trainable_params": _set(("schedule", 1, "trainable_params"), add=7),
+    "schedule[1].batchnorm": _set(("schedule", 1, "batchnorm", "base/b2_bn"), "train"),
+    "notes": _set(("notes",), []),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ALTERATIONS))
+def test_verify_reports_an_altered_manifest(name):
+    import copy
+
+    _, manifest = _manifest()
+    applied = _tree_in_state({"head"})  # the model as apply wrote it (phase 0)
+    assert verify(manifest, applied) == []  # unaltered, it matches
+    data = copy.deepcopy(manifest.data)
+    ALTERATIONS[name](data)
+    lines = verify(surgery.Manifest(data), applied)
+    assert lines, f"verify found nothing wrong after altering {name}"
+    first = lines[0]
+    assert first.startswith("manifest: ") or first.startswith("architecture: "), lines
+
+
+def test_an_altered_manifest_is_named_even_on_another_architecture():
+    # The spec cannot be planned again on a model of another shape: what the manifest says of
+    # itself is still checked (totals against its layers, model_trainable).
+    import copy
+
+    _, manifest = _manifest()
+    other = LayerTree.from_dict({**MODEL, "layers": MODEL["layers"] + ["extra:Dense"]})
+    data = copy.deepcopy(manifest.data)
+    data["totals"]["trainable_params"]["after"] += 1
+    data["model_trainable"] = False
+    lines = verify(surgery.Manifest(data), other)
+    after = manifest.data["totals"]["trainable_params"]["after"]
+    assert (f"manifest: totals.trainable_params.after is {after + 1}, but its layers give "
+            f"{after} (altered?)") in lines
+    assert "manifest: model_trainable is false, but its layers give true (altered?)" in lines
+    assert any(line.startswith("architecture: ") for line in lines)
+    assert "extra: in the model, missing from the manifest" in lines
+
+
+def test_a_manifest_applied_at_a_later_epoch_is_consistent():
+    # surgery.apply(model, spec, epoch=k) records phase k's state as the layer table (as
+    # api.apply_plan replaces the plan; built here without Keras).
+    tree = LayerTree.from_dict(MODEL)
+    spec = surgery.parse(SPEC, "spec.frz")
+    plan = plan_spec(spec, tree)
+    at2 = replace(plan.phases[1].plan, phases=plan.phases, diagnostics=plan.diagnostics)
+    manifest = build_manifest(at2, spec, model_source="net.keras", model_sha256=None,
+                              model_name="net", versions={}, surgery_version="test")
+    applied = _tree_in_state({"head", "base/b2", "base/b2_bn"}, affine={"base/b2_bn"})
+    assert verify(manifest, applied) == []
+
+
+@pytest.mark.parametrize("what,alter,line", [
+    ("output.sha256", lambda d: d.__setitem__("output", {"sha256": "b" * 64}),
+     f"output: {'a' * 12} -> {'b' * 12}"),
+    ("model_trainable", lambda d: d.__setitem__("model_trainable", False),
+     "model_trainable: true -> false"),
+    ("a layer's class", lambda d: d["layers"][1].__setitem__("class", "Conv3D"),
+     "~ stem: class Conv2D -> Conv3D"),
+])
+def test_diff_reports_every_field_it_compares(what, alter, line):
+    import copy
+
+    from surgery.manifest import diff
+
+    _, a = _manifest()
+    a.data["output"] = {"sha256": "a" * 64}
+    data = copy.deepcopy(a.data)
+    alter(data)
+    assert diff(a, a) == []
+    assert diff(a, surgery.Manifest(data)) == [line]
+
+
+@pytest.mark.parametrize("frozen,problem", [
+    ("0-9999999999", "is not a range of the weight's 8 positions"),
+    ("9" * 5000, "is not a range of the weight's 8 positions"),
+    ("3-1", "is not a range of the weight's 8 positions"),
+    ("x", "is not a range of the weight's 8 positions"),
+])
+def test_a_crafted_frozen_range_is_a_line_not_an_expansion(frozen, problem):
+    import copy
+
+    _, manifest = _manifest("freeze all\nunfreeze head, stem.filters[0:4]\n")
+    applied = _tree_in_state({"head", "stem"}, parts={("stem", "kernel"): range(4, 8),
+                                                      ("stem", "bias"): range(4, 8)})
+    assert verify(manifest, applied) == []
+    data = copy.deepcopy(manifest.data)
+    (stem,) = [e for e in data["layers"] if e["path"] == "stem"]
+    stem["frozen_parts"][0]["frozen"] = frozen
+    lines = verify(surgery.Manifest(data), applied)
+    assert lines[0].startswith("manifest: layers['stem'].frozen_parts: kernel[") and \
+        problem in lines[0], lines

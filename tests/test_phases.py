@@ -7,7 +7,7 @@ import pytest
 
 import surgery
 from surgery.ir import BN_AFFINE, BN_FROZEN, BN_TRAIN
-from surgery.plan import changes, plan_phases, plan_spec
+from surgery.plan import changed_layers, plan_phases, plan_spec
 from surgery.tree import Layer, LayerTree, Weight
 
 MODEL = {"name": "model", "layers": [
@@ -97,9 +97,9 @@ at epoch 3:
     assert trainable(ph[1].plan) == ["conv2", "head"]
     assert trainable(ph[2].plan) == ["conv1"]
     # The leaves whose state differs from one phase to the next, as the schedule logs them.
-    assert [lp.path for lp in changes(ph[0].plan, ph[1].plan)] == ["conv2", "fc"]
-    assert [lp.path for lp in changes(ph[1].plan, ph[2].plan)] == ["conv1", "conv2", "head"]
-    assert changes(ph[2].plan, ph[2].plan) == ()
+    assert [lp.path for lp in changed_layers(ph[0].plan, ph[1].plan)] == ["conv2", "fc"]
+    assert [lp.path for lp in changed_layers(ph[1].plan, ph[2].plan)] == ["conv1", "conv2", "head"]
+    assert changed_layers(ph[2].plan, ph[2].plan) == ()
 
 
 def test_a_layer_no_phase_covers_keeps_the_state_the_model_gave_it():
@@ -152,7 +152,7 @@ def test_a_phase_unfreezing_units_leaves_the_other_units_frozen():
     assert {p.weight: (p.axes, p.indices, p.entries) for p in fc.frozen_parts} == {
         "kernel": ((1,), (2, 3), 16), "bias": ((0,), (2, 3), 2)}
     assert fc.trainable_params_after == 36 - 16 - 2
-    assert [lp.path for lp in changes(ph[0].plan, ph[1].plan)] == ["fc"]
+    assert [lp.path for lp in changed_layers(ph[0].plan, ph[1].plan)] == ["fc"]
 
 
 def test_nested_base_unfrozen_from_the_top_in_phases():
@@ -226,7 +226,7 @@ at epoch 4:
         {"bn1": BN_FROZEN, "bn2": BN_AFFINE},
     ]
     assert [frozen(p.plan) for p in ph] == [[], ["bn1", "bn2"], ["bn1"]]
-    assert [lp.path for lp in changes(ph[1].plan, ph[2].plan)] == ["bn2"]
+    assert [lp.path for lp in changed_layers(ph[1].plan, ph[2].plan)] == ["bn2"]
 
 
 def test_policy_except():

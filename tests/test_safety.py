@@ -34,7 +34,7 @@ from pathlib import Path
 import pytest
 
 import surgery
-from surgery.atomic import AtomicOutputs
+from surgery.atomic import AtomicOutputs, OutputExists
 from surgery.cli import main
 
 SURGERY = str(Path(sys.executable).parent / "surgery")
@@ -339,9 +339,9 @@ def test_an_interrupt_between_the_two_renames_changes_nothing(here, capsys, monk
 # --- AtomicOutputs on its own ------------------------------------------------------------------
 
 
-def _reserve_and_write(outputs, folder: Path, contents: dict) -> None:
+def _reserve_and_write(outputs, folder: Path, contents: dict, replace: bool = True) -> None:
     for name, data in contents.items():
-        outputs.reserve(folder / name, Path(name).suffix).write_bytes(data)
+        outputs.reserve(folder / name, Path(name).suffix, replace=replace).write_bytes(data)
 
 
 def test_temporaries_are_short_hidden_and_keep_the_suffix(tmp_path):
@@ -423,6 +423,116 @@ def test_a_signal_during_the_commit_waits_until_it_is_complete(tmp_path, monkeyp
     assert (tmp_path / "a.keras").read_bytes() == b"new a"
     assert (tmp_path / "b.json").read_bytes() == b"new b"
     assert signal.getsignal(signal.SIGINT) is handler  # put back
+
+
+# --- new outputs are claimed at the commit: two runs never both write one file ----------------
+
+
+def _no_hard_links(monkeypatch):
+    def no_link(*args, **kwargs):
+        raise OSError(errno.EPERM, os.strerror(errno.EPERM))
+    monkeypatch.setattr(os, "link", no_link)
+
+
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_a_new_output_that_appears_before_the_commit_is_not_replaced(tmp_path, monkeypatch,
+                                                                     hard_links):
+    # Another run's commit lands between this run's checks and its own commit.
+    if not hard_links:
+        _no_hard_links(monkeypatch)
+    outputs = AtomicOutputs()
+    with pytest.raises(OutputExists, match="b.json: already exists; pass --force"):
+        with outputs:
+            _reserve_and_write(outputs, tmp_path, {"a.keras": b"mine", "b.json": b"mine"},
+                               replace=False)
+            (tmp_path / "b.json").write_bytes(b"the other run's")
+            outputs.commit()
+    assert not outputs.committed
+    # a.keras was placed first and taken back: nothing of this run is left
+    assert listing(tmp_path) == ["b.json"]
+    assert (tmp_path / "b.json").read_bytes() == b"the other run's"
+
+
+def test_of_two_commits_to_one_new_file_exactly_one_wins(tmp_path):
+    first, second = AtomicOutputs(), AtomicOutputs()
+    with first, second:
+        _reserve_and_write(first, tmp_path, {"m.keras": b"first"}, replace=False)
+        _reserve_and_write(second, tmp_path, {"m.keras": b"second"}, replace=False)
+        first.commit()
+        with pytest.raises(OutputExists):
+            second.commit()
+    assert listing(tmp_path) == ["m.keras"]
+    assert (tmp_path / "m.keras").read_bytes() == b"first"
+
+
+def test_apply_exits_2_when_its_new_output_appears_meanwhile(here, capsys, monkeypatch):
+    real_commit = AtomicOutputs.commit
+
+    def another_run_commits_first(self):
+        Path("out/tuned.keras").write_bytes(b"the other run's model\n")
+        return real_commit(self)
+
+    monkeypatch.setattr(AtomicOutputs, "commit", another_run_commits_first)
+    rc, out, err = cli(capsys, "apply", "spec.frz", "tiny.keras", "-o", "out/tuned.keras")
+    assert rc == 2 and out == ""
+    assert err == "surgery: error: out/tuned.keras: already exists; pass --force to replace it\n"
+    assert listing("out") == ["tuned.keras"]  # no manifest, no temporary
+    assert Path("out/tuned.keras").read_bytes() == b"the other run's model\n"
+
+
+@pytest.mark.slow
+def test_two_real_runs_writing_one_new_output_never_both_succeed(here):
+    # Both start together and pass the check at start-up; the commit decides. Without the
+    # exclusive commit both exited 0 in 9 of 10 tries, one output silently replacing the other.
+    for attempt in range(12):
+        out = f"out/race{attempt}.keras"
+        procs = [subprocess.Popen([SURGERY, "apply", "spec.frz", "tiny.keras", "-o", out],
+                                  cwd=here, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True) for _ in range(2)]
+        results = [(p.wait(timeout=300), p.stdout.read(), p.stderr.read()) for p in procs]
+        for p in procs:
+            p.stdout.close()
+            p.stderr.close()
+        codes = sorted(rc for rc, _, _ in results)
+        assert codes == [0, 2], results
+        loser = next(err for rc, _, err in results if rc == 2)
+        assert "already exists; pass --force to replace it" in loser
+    hidden = [n for n in listing("out") if n.startswith(".")]
+    assert hidden == []
+
+
+# --- temporaries a killed run left behind --------------------------------------------------------
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_the_next_run_removes_temporaries_of_dead_processes_only(here, capsys):
+    from surgery import atomic
+
+    dead, alive = _dead_pid(), os.getppid()
+    host = atomic._HOST
+    other_host = "0" * 6 if host != "0" * 6 else "1" * 6
+    names = {
+        "stale": f".surgery-{host}-{dead}-0123abcd.tmp.keras",
+        "stale manifest": f".surgery-{host}-{dead}-89abcdef.tmp.json",
+        "a running process's": f".surgery-{host}-{alive}-0123abcd.tmp.keras",
+        "another host's": f".surgery-{other_host}-{dead}-0123abcd.tmp.keras",
+        "a linked backup": f".surgery-{host}-{dead}-11111111.bak",
+        "an only copy": f".surgery-{host}-{dead}-22222222.bak",
+        "the user's": ".surgery-notes.txt",
+    }
+    for name in names.values():
+        Path("out", name).write_bytes(b"x")
+    os.link(Path("out", names["a linked backup"]), "out/previous.keras")
+    rc, _, err = cli(capsys, "apply", "spec.frz", "tiny.keras", "-o", "out/tuned.keras")
+    assert rc == 0, err
+    kept = {k for k, n in names.items() if Path("out", n).exists()}
+    assert kept == {"a running process's", "another host's", "an only copy", "the user's"}
+    assert Path("out/previous.keras").read_bytes() == b"x"
 
 
 # --- fsync: opt-in (the temporary + rename is what makes outputs all-or-nothing) ---------------
@@ -711,7 +821,8 @@ def test_sigkill_while_the_weights_are_written_leaves_the_destination_as_it_was(
                                                                                 tmp_path):
     # What makes the fsync optional: a process killed outright runs no cleanup at all, and
     # still the destination keeps its bytes, because only a rename, which never happened,
-    # could have changed it. The hidden temporary is all that is left.
+    # could have changed it. The hidden temporary is all that is left, until the next run
+    # that writes into the folder removes it (its process is gone).
     run = _kill_mid_save(models, tmp_path, signal.SIGKILL, min_size=2 ** 20)
     assert run["rc"] == -signal.SIGKILL
     assert (run["out_dir"] / "tuned.keras").read_bytes() == run["old_model"]
@@ -719,3 +830,46 @@ def test_sigkill_while_the_weights_are_written_leaves_the_destination_as_it_was(
     left = sorted(set(listing(run["out_dir"])) - set(run["before"]))
     assert len(left) == 1 and left[0].startswith(".surgery-") and \
         left[0].endswith(".tmp.keras")
+    work = run["out_dir"].parent
+    proc = subprocess.run([SURGERY, "apply", "spec.frz", "wide.keras", "-o", "out/other.keras"],
+                          cwd=work, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert listing(run["out_dir"]) == sorted(run["before"] + ["other.keras",
+                                                              "other.keras.manifest.json"])
+
+
+@pytest.mark.slow
+def test_a_kill_loop_leaves_no_temporary_behind_the_next_run(models, tmp_path):
+    # SIGKILL at spread-out moments of the write (from the first byte of the temporary to most
+    # of it), each run over the output of the one before; after every next run, nothing hidden
+    # is left but what a run killed just now left (at most its one temporary).
+    os.link(models / "wide.keras", tmp_path / "wide.keras")
+    (tmp_path / "spec.frz").write_text("freeze all\nunfreeze head\n")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    full = (models / "wide.keras").stat().st_size
+    kills, most_left = 0, 0
+    for i in range(10):
+        proc = subprocess.Popen([SURGERY, "apply", "spec.frz", "wide.keras", "-o",
+                                 "out/tuned.keras", "--force"], cwd=tmp_path,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        target = full * i // 12
+        while proc.poll() is None:
+            hidden = [n for n in os.listdir(out_dir) if n.endswith(".tmp.keras")
+                      and str(proc.pid) in n]
+            try:
+                if hidden and os.stat(out_dir / hidden[0]).st_size >= target:
+                    proc.kill()
+                    kills += 1
+                    break
+            except FileNotFoundError:
+                pass
+            time.sleep(0.001)
+        proc.wait()
+        left = [n for n in listing(out_dir) if n.startswith(".")]
+        most_left = max(most_left, len(left))
+        assert len(left) <= 1, left  # the one just killed, never an older run's
+    assert kills >= 5, f"only {kills} of 10 runs were killed mid-write"
+    assert subprocess.run([SURGERY, "apply", "spec.frz", "wide.keras", "-o", "out/tuned.keras",
+                           "--force"], cwd=tmp_path, capture_output=True).returncode == 0
+    assert [n for n in listing(out_dir) if n.startswith(".")] == []

@@ -227,7 +227,7 @@ def test_logs_and_history_record_the_phase_and_the_trainable_parameters(uninterr
 
 
 def test_phase_changes_are_recorded_with_the_layers_and_counts(uninterrupted):
-    changes = uninterrupted["schedule"].changes
+    changes = uninterrupted["schedule"].phase_changes
     history = uninterrupted["history"]
     assert [(c.epoch, c.phase, c.line) for c in changes] == [(0, 0, None), (1, 1, 4), (2, 2, 6)]
     assert [(c.unfrozen, c.frozen, c.changed) for c in changes] == [
@@ -349,7 +349,7 @@ def test_resumed_from_a_checkpoint_ends_where_the_uninterrupted_run_ends(keras, 
     assert history.history["trainable_params"] == uninterrupted["history"]["trainable_params"][k:]
     # The resumed run enters the phase of epoch k: a checkpoint saved in that phase already has
     # its state, so nothing is reported as changed.
-    (entered,) = schedule.changes
+    (entered,) = schedule.phase_changes
     assert (entered.epoch, entered.phase) == (k, 2)
     if k == 3:
         assert (entered.unfrozen, entered.frozen, entered.changed) == ((), (), ())
@@ -369,7 +369,7 @@ def test_resumed_from_the_initial_model_replays_every_phase_up_to_k(keras, unint
     for key in ("flags", "trainable", "slots", "classes"):
         assert got[key] == want[key], key
     # One write, of the phase in force at k, then the phases still to come.
-    assert [c.epoch for c in schedule.changes] == [k] + [e for e in (2,) if e > k]
+    assert [c.epoch for c in schedule.phase_changes] == [k] + [e for e in (2,) if e > k]
 
 
 # --- d. the BatchNormalization policies -----------------------------------------------------------

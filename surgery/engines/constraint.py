@@ -34,7 +34,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ..parts import Index, PartError, Selection, select  # noqa: E402
+from ..parts import PartError, Positions, Selection, select  # noqa: E402
 from .frozen_format import (AXIS_CONFIG_KEYS, FROZEN_CLASS, FROZEN_PACKAGE,  # noqa: E402
                             decode, encode_values, frozen_config)
 
@@ -211,7 +211,7 @@ class FrozenWeight:
     in_sync: bool
 
 
-def selections(layer, part: str, index: Index = None) -> tuple[Selection, ...]:
+def selections(layer, part: str, index: Positions = None) -> tuple[Selection, ...]:
     """What ``layer.part[index]`` names on a live, built layer (changes nothing). Raises
     `PartError` (see surgery/parts.py) for a part the layer lacks or indices out of range."""
     variables = _variables(layer)
@@ -219,7 +219,7 @@ def selections(layer, part: str, index: Index = None) -> tuple[Selection, ...]:
                   part, index, _config(layer))
 
 
-def freeze(layer, part: str, index: Index = None) -> tuple[Selection, ...]:
+def freeze(layer, part: str, index: Positions = None) -> tuple[Selection, ...]:
     """Freeze the entries ``layer.part[index]`` names, adding to those already frozen: their
     current values are kept bit for bit by every later training step, save and load included.
     Compile (or ``make_train_function(force=True)``) after: a traced step keeps the constraints
@@ -230,7 +230,7 @@ def freeze(layer, part: str, index: Index = None) -> tuple[Selection, ...]:
     return chosen
 
 
-def unfreeze(layer, part: str, index: Index = None) -> tuple[Selection, ...]:
+def unfreeze(layer, part: str, index: Positions = None) -> tuple[Selection, ...]:
     """Let the entries ``layer.part[index]`` names train again (those not frozen are ignored)."""
     chosen = selections(layer, part, index)
     for sel in chosen:

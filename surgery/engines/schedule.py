@@ -37,7 +37,7 @@ import keras  # noqa: E402
 from ..errors import SurgeryWarning  # noqa: E402
 from ..errors import SurgeryError  # noqa: E402
 from ..ir import Spec  # noqa: E402
-from ..plan import PhasePlan, changes, plan_phases  # noqa: E402
+from ..plan import PhasePlan, changed_layers, plan_phases  # noqa: E402
 from . import live  # noqa: E402
 
 __all__ = ["Schedule", "PhaseChange"]
@@ -75,7 +75,7 @@ class PhaseChange:
 
 class Schedule(keras.callbacks.Callback):
     """Apply each phase of ``spec`` (a path, spec text or a parsed `Spec`) at the start of its
-    epoch. ``verbose``: print one line per phase change. ``changes``: the `PhaseChange`s made,
+    epoch. ``verbose``: print one line per phase change. ``phase_changes``: the `PhaseChange`s made,
     in order. Each epoch's ``logs`` get ``surgery_phase`` (the epoch of the phase in force) and
     ``trainable_params``, so History, CSVLogger and TensorBoard record the schedule. The spec's
     findings (what ``surgery.apply`` warns about, every phase's) are `SurgeryWarning`s when
@@ -84,12 +84,12 @@ class Schedule(keras.callbacks.Callback):
     def __init__(self, spec: Union[Spec, str, Path], *, allow_empty: bool = False,
                  verbose: int = 1):
         super().__init__()
-        from ..specfile import as_spec as _as_spec
+        from ..specfile import as_spec
 
-        self.spec = _as_spec(spec)
+        self.spec = as_spec(spec)
         self.allow_empty = allow_empty
         self.verbose = verbose
-        self.changes: list[PhaseChange] = []
+        self.phase_changes: list[PhaseChange] = []
         self._phases: tuple[PhasePlan, ...] = ()
         self._objects: dict = {}
         self._for_model: Optional[int] = None
@@ -164,7 +164,7 @@ class Schedule(keras.callbacks.Callback):
             was = {lp.path: lp.before for lp in changed}
             params_before = phase.plan.totals.trainable_before
         else:
-            changed = changes(previous, phase.plan)
+            changed = changed_layers(previous, phase.plan)
             was = {lp.path: previous.by_path[lp.path].after for lp in changed}
             params_before = previous.totals.trainable_after
         changed = tuple(lp for lp in changed if lp.layer.weights)  # a flag on no weight is noise
@@ -179,7 +179,7 @@ class Schedule(keras.callbacks.Callback):
             trainable_params_before=params_before,
             trainable_params_after=phase.plan.totals.trainable_after,
         )
-        self.changes.append(record)
+        self.phase_changes.append(record)
         if self.verbose and (record.unfrozen or record.frozen or record.changed or
                              before_vars != [id(v) for v in model.trainable_variables]):
             print(record.describe(), flush=True)
