@@ -7,7 +7,7 @@
 Importing this package loads no TensorFlow: Keras is imported by the calls that need a model.
 """
 
-from .api import SurgeryWarning, apply, plan
+from .api import SurgeryWarning, apply, load_model, plan
 from .errors import ModelError, SelectorError, SpecError, SpecSyntaxError, SurgeryError
 from .ir import Spec
 from .manifest import Manifest
@@ -25,6 +25,7 @@ __all__ = [
     "load_spec",
     "apply",
     "plan",
+    "load_model",
     "Schedule",
     "Spec",
     "Manifest",

@@ -17,7 +17,7 @@ from .manifest import Manifest, build_manifest
 from .parse import load_spec, parse
 from .plan import Plan, plan_spec
 
-__all__ = ["apply", "plan", "apply_plan", "SurgeryWarning"]
+__all__ = ["apply", "plan", "apply_plan", "load_model", "SurgeryWarning"]
 
 SpecLike = Union[Spec, str, Path]
 
@@ -103,3 +103,13 @@ def apply_plan(model, spec: Spec, *, allow_empty: bool = False, model_source: st
                               model_sha256=model_sha256, model_name=model.name,
                               surgery_version=__version__)
     return the_plan, manifest
+
+
+def load_model(path, **kwargs):
+    """Load a model with ``keras.models.load_model(path, **kwargs)`` and restore the trainable
+    state `surgery apply` recorded in the file where its saved form cannot hold it (keras_hub
+    backbones and tasks, MultiHeadAttention's sublayers, variable flags), checking that the
+    model is the one recorded. A file without such a record loads as Keras loads it."""
+    from .engines import live
+
+    return live.load_model(path, **kwargs)

@@ -248,6 +248,13 @@ def _apply_with_keras(args, spec: Spec, out: str, manifest_path: str):
             live.save(model, str(model_tmp))
         except Exception as exc:
             raise SurgeryError(f"{out}: cannot save the model: {exc}") from None
+        # Where the saved form cannot hold the plan (keras_hub models, MultiHeadAttention's
+        # sublayers, variable flags): the state goes into the file, and the user is told.
+        from .saved_state import record
+
+        note = record(str(model_tmp), the_plan, shown=out)
+        if note:
+            print(f"surgery: note: {note}", file=sys.stderr)
         return the_plan, _write_manifest_and_commit(outputs, manifest, manifest_path, out)
 
 

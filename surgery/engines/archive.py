@@ -653,8 +653,11 @@ def _layer_vars(node: _Node, reader: "_H5") -> list[tuple[int, ...]]:
         raise ArchiveUnsupported(f"layer {where!r} has no entry in {WEIGHTS}; layers shared "
                                  "between models?")
     if set(group) != {"vars"}:
-        raise ArchiveUnsupported(f"layer {where!r} ({node.cls}) holds nested layers or state "
-                                 f"({', '.join(sorted(set(group) - {'vars'})[:3])})")
+        # issue 13: a composite layer's sublayers (MultiHeadAttention's query, ...) are described
+        # through Keras until this engine describes them too.
+        raise ArchiveUnsupported(f"layer {where!r} holds sublayers ({node.cls}: "
+                                 f"{', '.join(sorted(set(group) - {'vars'})[:3])}): described "
+                                 "through Keras")
     vars_path = _join(node.h5, "vars")
     _check_name(node, reader)
     entries = reader.children(vars_path) or {}
