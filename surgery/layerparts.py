@@ -19,20 +19,25 @@ from .parts import PartError, Selection, parts_of
 from .parts import select as select_part
 from .tree import Layer
 
-__all__ = ["part_selections", "whole_weight"]
+__all__ = ["part_selections", "whole_weight", "whole_selection"]
 
 
 def whole_weight(node: Layer, weight: str) -> Selection:
     """Every entry of one of ``node``'s weights. parts.py gives it where it knows the class (the
     attribute its constraint is saved under); for other classes the selection has every axis
     and no attribute: the weight can be frozen whole (by its variable's flag), not in part."""
+    return whole_selection(node.path, node.cls, node.shapes, dict(node.details), weight)
+
+
+def whole_selection(path: str, cls: str, shapes: dict, details: dict, weight: str) -> Selection:
+    """`whole_weight` from a layer's parts, for an engine describing a layer."""
     try:
-        return select_part(node.path, node.cls, node.shapes, weight, None, dict(node.details))[0]
+        return select_part(path, cls, shapes, weight, None, details)[0]
     except PartError:
-        if weight not in node.shapes:
+        if weight not in shapes:
             raise
-    shape = node.shapes[weight]
-    return Selection(node.path, node.cls, weight, "", shape, tuple(range(len(shape))),
+    shape = tuple(shapes[weight])
+    return Selection(path, cls, weight, "", shape, tuple(range(len(shape))),
                      tuple(range(math.prod(shape))))
 
 

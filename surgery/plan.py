@@ -14,6 +14,7 @@ leaves off what the model holds off, and a layer no rule covers keeps every vari
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -145,6 +146,15 @@ class Plan:
             trainable_before=sum(lp.trainable_params_before for lp in top),
             trainable_after=sum(lp.trainable_params_after for lp in top),
         )
+
+    def trains(self, lp: LayerPlan) -> dict[str, bool]:
+        """Whether each of ``lp``'s own variables trains once the plan is written: the model's
+        flag and its layer's on, not held off (`LayerPlan.off`), not frozen whole (a weight
+        frozen whole is its variable's flag; entries frozen in part leave it training)."""
+        on = self.root_after and lp.after
+        whole = {p.weight for p in lp.frozen_parts if p.entries == math.prod(p.shape)}
+        return {w.name: on and w.trainable and w.name not in lp.off and w.name not in whole
+                for w in lp.layer.weights}
 
     def state(self, path: str) -> bool:
         if path == "":

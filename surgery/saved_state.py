@@ -44,13 +44,15 @@ FORMAT = "surgery-state/1"
 @dataclass(frozen=True)
 class LayerState:
     """One layer as the plan leaves it: ``weights`` are (name, shape, trains) of its own
-    variables; ``frozen`` (weight, positions) the entries frozen inside a trainable layer."""
+    variables; ``frozen`` (weight, positions) the entries frozen inside a trainable layer;
+    ``whole`` the weights frozen whole inside it (by their variables' flags)."""
 
     path: str
     cls: str
     trainable: bool
     weights: tuple[tuple[str, tuple[int, ...], bool], ...] = ()
     frozen: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    whole: tuple[str, ...] = ()
     affine: bool = False
 
 
@@ -69,25 +71,17 @@ def _whole(p) -> bool:
     return p.entries == math.prod(p.shape)
 
 
-def planned_trains(plan: Plan, lp: LayerPlan) -> dict[str, bool]:
-    """Whether each of the layer's own variables trains once ``plan`` is written: its flag on,
-    the model's on, not held off, not frozen whole (a whole weight is its variable's flag)."""
-    whole = {p.weight for p in lp.frozen_parts if _whole(p)}
-    on = plan.root_after and lp.after
-    return {w.name: on and w.trainable and w.name not in lp.off and w.name not in whole
-            for w in lp.layer.weights}
-
-
 def from_plan(plan: Plan) -> SavedState:
     layers = []
     for lp in plan.layers:
         if not (lp.layer.weights or lp.layer.children):
             continue
-        trains = planned_trains(plan, lp)
+        trains = plan.trains(lp)
         layers.append(LayerState(
             path=lp.path, cls=lp.layer.cls, trainable=lp.after,
             weights=tuple((w.name, w.shape, trains[w.name]) for w in lp.layer.weights),
             frozen=tuple((p.weight, p.indices) for p in lp.frozen_parts if not _whole(p)),
+            whole=tuple(p.weight for p in lp.frozen_parts if _whole(p)),
             affine=lp.affine))
     return SavedState(plan.root_after, tuple(layers))
 
@@ -100,6 +94,7 @@ def encode(state: SavedState) -> bytes:
             {"path": s.path, "class": s.cls, "trainable": s.trainable,
              "weights": [[name, list(shape), trains] for name, shape, trains in s.weights],
              **({"frozen": {w: index_runs(i) for w, i in s.frozen}} if s.frozen else {}),
+             **({"whole": list(s.whole)} if s.whole else {}),
              **({"affine": True} if s.affine else {})}
             for s in state.layers
         ],
@@ -122,7 +117,8 @@ def decode(raw: bytes) -> SavedState:
                 path=str(e["path"]), cls=str(e["class"]), trainable=_bool(e["trainable"]),
                 weights=tuple((str(n), tuple(int(d) for d in shape), _bool(t))
                               for n, shape, t in e["weights"]),
-                frozen=frozen, affine=_bool(e.get("affine", False))))
+                frozen=frozen, whole=tuple(str(w) for w in e.get("whole", ())),
+                affine=_bool(e.get("affine", False))))
         return SavedState(_bool(data["model_trainable"]), tuple(layers))
     except ValueError:
         raise
@@ -152,7 +148,7 @@ def unrestored(plan: Plan) -> tuple[str, ...]:
         lora = dict(lp.layer.details).get("lora_rank") is not None
         saved = not lp.layer.rebuilt
         flag = lp.after if saved else True
-        planned = planned_trains(plan, lp)
+        planned = plan.trains(lp)
         kept = {p.weight for p in lp.frozen_parts if saved and _installable(lp, p)}
         for w in lp.layer.weights:
             loaded = plan.root_after and flag and w.trainable and not (

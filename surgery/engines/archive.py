@@ -655,9 +655,8 @@ def _layer_vars(node: _Node, reader: "_H5") -> list[tuple[int, ...]]:
     if set(group) != {"vars"}:
         # issue 13: a composite layer's sublayers (MultiHeadAttention's query, ...) are described
         # through Keras until this engine describes them too.
-        raise ArchiveUnsupported(f"layer {where!r} holds sublayers ({node.cls}: "
-                                 f"{', '.join(sorted(set(group) - {'vars'})[:3])}): described "
-                                 "through Keras")
+        raise ArchiveUnsupported(f"layer {where!r} holds sublayers or other state ({node.cls}: "
+                                 f"{', '.join(sorted(set(group) - {'vars'})[:3])})")
     vars_path = _join(node.h5, "vars")
     _check_name(node, reader)
     entries = reader.children(vars_path) or {}

@@ -8,6 +8,7 @@ manifest. Writing follows a `Plan` computed beforehand, so no decision is made h
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 import sys
@@ -47,9 +48,10 @@ with _native_stderr_captured():
 from ..errors import ModelError, SurgeryError  # noqa: E402
 from .batchnorm import is_affine, switch  # noqa: E402
 from .constraint import FrozenEntries, set_frozen  # noqa: E402
+from ..layerparts import whole_selection  # noqa: E402
 from ..plan import Plan  # noqa: E402
 from ..resolve import BATCHNORM_CLASSES  # noqa: E402
-from ..saved_state import ENTRY, SavedState, installs_constraint, planned_trains  # noqa: E402
+from ..saved_state import ENTRY, SavedState, installs_constraint  # noqa: E402
 from ..saved_state import read as read_state  # noqa: E402
 from ..tree import Layer, LayerTree, Weight  # noqa: E402
 
@@ -150,22 +152,25 @@ def _weights(layer, chain: bool, seen: set) -> tuple[list, tuple[Weight, ...]]:
     # alone cannot tell a frozen kernel from BatchNormalization's moving mean). A variable that
     # two layers track is described once, where it is met first, as Keras counts it.
     capable = {id(v) for v in layer._trainable_variables}
-    variables, out = [], []
-    for v in _own_variables(layer):
-        if id(v) in seen:
-            continue
-        seen.add(id(v))
+    variables = [v for v in _own_variables(layer) if id(v) not in seen]
+    seen.update(id(v) for v in variables)
+    shapes = {v.name: tuple(int(d) for d in v.shape) for v in variables}
+    out = []
+    for v in variables:
         c = getattr(v, "constraint", None)
-        frozen = c if isinstance(c, FrozenEntries) else None
-        can = id(v) in capable
+        indices, entries = (c.indices, int(c.values.size)) if isinstance(c, FrozenEntries) \
+            else ((), 0)
         now = bool(v.trainable)
-        variables.append(v)
+        whole = getattr(v, _FROZEN_WHOLE, False) and not now  # (a flag set on since: no more)
+        if whole and not indices:  # frozen whole by its flag alone: every position of it
+            indices = whole_selection(layer.name, type(layer).__name__, shapes,
+                                      dict(_details(layer)), v.name).indices
+            entries = math.prod(shapes[v.name])
+        can = id(v) in capable
         out.append(Weight(
-            v.name, tuple(int(d) for d in v.shape), can,
-            frozen.indices if frozen else (), int(frozen.values.size) if frozen else 0,
+            v.name, shapes[v.name], can, indices, entries,
             flag=now if now != (can and chain) else None,
-            held=can and bool(layer.trainable) and not now and not getattr(v, _FROZEN_WHOLE,
-                                                                            False),
+            held=can and bool(layer.trainable) and not now and not whole,
             path=str(getattr(v, "path", "") or "")))
     return variables, tuple(out)
 
@@ -212,7 +217,7 @@ def write(model, plan: Plan, objects: dict[str, object]) -> None:
                 set_frozen(layer, weight, wanted.get(weight, ()))
     expected = set()
     for lp in plan.layers:
-        trains = planned_trains(plan, lp)
+        trains = plan.trains(lp)
         for w, v in zip(lp.layer.weights, objects.variables[lp.path]):
             if trains[w.name]:
                 expected.add(id(v))
@@ -275,8 +280,9 @@ def restore(model, state: SavedState, where: str) -> None:
         for weight in sorted(set(frozen) | set(carried)):
             if frozen.get(weight, ()) != carried.get(weight, ()):
                 set_frozen(layer, weight, frozen.get(weight, ()))
-        for v, (_, _, trains) in zip(objects.variables[node.path], rec.weights):
+        for v, (name, _, trains) in zip(objects.variables[node.path], rec.weights):
             v.trainable = trains
+            setattr(v, _FROZEN_WHOLE, name in rec.whole)
             if trains:
                 expected.add(id(v))
     if {id(v) for v in model.trainable_weights} != expected:
