@@ -191,14 +191,27 @@ def installs_constraint(lp: LayerPlan, p) -> bool:
     return not lp.layer.rebuilt and _installable(lp, p)
 
 
-def note(paths: tuple[str, ...], out: str) -> str:
+def note(paths: tuple[str, ...], out: str, plan: Optional[Plan] = None) -> str:
     """The one line `apply` prints when the output needs surgery.load_model."""
     shown = ", ".join(paths[:3]) + (f", ... ({len(paths)} in all)" if len(paths) > 3 else "")
     return (f"keras.models.load_model({out!r}) will not restore the state of {len(paths)} "
-            f"layer{'s' if len(paths) != 1 else ''} ({shown}): their saved form is rebuilt from "
-            f"constructor arguments or holds no variable flags; load it with "
-            f"surgery.load_model({out!r}), which restores and checks the state recorded in the "
-            f"file")
+            f"layer{'s' if len(paths) != 1 else ''} ({shown}): {_why(paths, plan)}; load it "
+            f"with surgery.load_model({out!r}), which restores and checks the state recorded "
+            f"in the file")
+
+
+def _why(paths: tuple[str, ...], plan: Optional[Plan]) -> str:
+    if plan is None:
+        return "the saved form does not hold it"
+    rebuilt = sum(1 for p in paths if plan.by_path[p].layer.rebuilt)
+    reasons = []
+    if rebuilt:
+        reasons.append("Keras builds them again from their parent's constructor arguments"
+                       if rebuilt == len(paths) else
+                       f"Keras builds {rebuilt} of them again from constructor arguments")
+    if rebuilt < len(paths):
+        reasons.append("no saved form keeps a variable's own trainable flag")
+    return " and ".join(reasons)
 
 
 def record(path: str, plan: Plan, shown: Optional[str] = None) -> Optional[str]:
@@ -210,12 +223,13 @@ def record(path: str, plan: Plan, shown: Optional[str] = None) -> Optional[str]:
         return None
     out = shown or path
     if not path.endswith(".keras") and not zipfile.is_zipfile(path):
-        raise SurgeryError(f"{out}: an .h5 file cannot hold the state of {len(paths)} layers "
-                           f"({', '.join(paths[:3])}{', ...' if len(paths) > 3 else ''}), which "
-                           "keras.models.load_model rebuilds with other flags: write a .keras file")
+        raise SurgeryError(f"{out}: an .h5 file cannot hold the state of {len(paths)} layer"
+                           f"{'s' if len(paths) != 1 else ''} ({', '.join(paths[:3])}"
+                           f"{', ...' if len(paths) > 3 else ''}), which keras.models.load_model "
+                           "would give back in another state: write a .keras file")
     with zipfile.ZipFile(path, "a") as archive:
         archive.writestr(ENTRY, encode(from_plan(plan)))
-    return note(paths, out)
+    return note(paths, out, plan)
 
 
 def read(path: str) -> Optional[SavedState]:
