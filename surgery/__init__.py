@@ -8,7 +8,7 @@
 Importing this package loads no TensorFlow: Keras is imported by the calls that need a model.
 """
 
-from .api import apply, plan
+from .api import apply, load_model, plan
 from .errors import (
     ModelError, SelectorError, SpecError, SpecSyntaxError, SurgeryError, SurgeryWarning,
 )
@@ -30,6 +30,7 @@ __all__ = [
     "apply",
     "apply_file",
     "plan",
+    "load_model",
     "Schedule",
     "Spec",
     "Manifest",

@@ -18,7 +18,7 @@ from .plan import Plan, plan_spec
 from .specfile import SpecLike
 from .specfile import as_spec
 
-__all__ = ["apply", "plan", "apply_plan", "as_spec", "SpecLike", "SurgeryWarning"]
+__all__ = ["apply", "plan", "apply_plan", "load_model", "as_spec", "SpecLike", "SurgeryWarning"]
 
 
 def plan(model, spec: SpecLike, *, allow_empty: bool = False) -> Plan:
@@ -78,3 +78,13 @@ def apply_plan(model, spec: Spec, *, allow_empty: bool = False, model_source: st
     manifest = build_manifest(the_plan, spec, model_source=model_source,
                               model_sha256=model_sha256, model_name=model.name)
     return the_plan, manifest
+
+
+def load_model(path, **kwargs):
+    """Load a model with ``keras.models.load_model(path, **kwargs)`` and restore the trainable
+    state `surgery apply` recorded in the file where its saved form cannot hold it (keras_hub
+    backbones and tasks, MultiHeadAttention's sublayers, variable flags), checking that the
+    model is the one recorded. A file without such a record loads as Keras loads it."""
+    from .engines import live
+
+    return live.load_model(path, **kwargs)

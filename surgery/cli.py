@@ -190,6 +190,8 @@ def _cmd_apply(args) -> int:
                         safe_mode=not args.unsafe)
     _note(result.fallback)
     _diagnostics(result.diagnostics, spec.source)
+    if result.unrestored:
+        print(f"surgery: note: {result.unrestored}", file=sys.stderr)
     print(plan_summary(result.plan))
     print(f"wrote {result.output}")
     print(f"manifest {result.manifest_path}")

@@ -29,6 +29,7 @@ from .engines import APPLICATIONS_PREFIX
 from .errors import ModelError, SurgeryError, UsageError
 from .ir import Spec
 from .manifest import Manifest, build_manifest
+from . import saved_state
 from .plan import Plan, plan_spec
 from .tree import LayerTree
 
@@ -77,6 +78,10 @@ class AppliedFile:
     manifest_path: str
     engine: Engine
     fallback: Optional[str] = None
+    # Where a plain keras.models.load_model would not give the plan back (keras_hub models,
+    # MultiHeadAttention's sublayers, variable flags): the layers, and what to call instead.
+    # The state is then recorded in the output (surgery/saved_state.py).
+    unrestored: Optional[str] = None
 
     @property
     def diagnostics(self):
@@ -149,10 +154,11 @@ def apply_file(spec: SpecLike, model: PathLike, output: PathLike, *,
                                          manifest_path, force=force, fsync=fsync)
                 return AppliedFile(the_plan, written, output, manifest_path, Engine.ARCHIVE)
             fallback = _fallback(model, engine, reason)
-    the_plan, written = _apply_keras(the_spec, model, output, manifest_path,
-                                     allow_empty=allow_empty, force=force, fsync=fsync,
-                                     safe_mode=safe_mode)
-    return AppliedFile(the_plan, written, output, manifest_path, Engine.KERAS, fallback)
+    the_plan, written, unrestored = _apply_keras(the_spec, model, output, manifest_path,
+                                                 allow_empty=allow_empty, force=force,
+                                                 fsync=fsync, safe_mode=safe_mode)
+    return AppliedFile(the_plan, written, output, manifest_path, Engine.KERAS, fallback,
+                       unrestored)
 
 
 # --- the engine, chosen once ----------------------------------------------------------------------
@@ -237,8 +243,10 @@ def _apply_keras(spec: Spec, model: str, output: str, manifest_path: str, *, all
         except OSError as exc:  # a full disk, a file size limit: what Keras's writers raise
             raise SurgeryError(f"{output}: cannot save the model: {exc.strerror or exc}") \
                 from None
+        # Before the commit: an output that cannot hold the plan is an error, not a file.
+        unrestored = saved_state.record(str(tmp), plan, shown=output)
         _commit(outputs, manifest, manifest_path, force=force)
-    return plan, manifest
+    return plan, manifest, unrestored
 
 
 def _input_digest(model: str):

@@ -194,6 +194,16 @@ def _einsum(shapes: Mapping[str, Sequence[int]], config: Mapping) -> dict[str, _
     return out
 
 
+def parts_of(layer: str, classes: Union[str, Sequence[str]], shapes: Mapping[str, Sequence[int]],
+             config: Optional[Mapping] = None) -> tuple[str, ...]:
+    """The part names the layer has: its unit part (``filters``/``units``) first, then weights
+    (layerparts.py asks it which layers a part after a glob applies to)."""
+    classes = (classes,) if isinstance(classes, str) else tuple(classes)
+    unit, weights = _weights(classes, shapes, config or {})
+    names = [unit] if unit and any(w.rule.unit for w in weights.values()) else []
+    return tuple(names + list(weights))
+
+
 def select(layer: str, classes: Union[str, Sequence[str]], shapes: Mapping[str, Sequence[int]],
            part: str, index: Positions = None, config: Optional[Mapping] = None
            ) -> tuple[Selection, ...]:

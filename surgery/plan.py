@@ -1,19 +1,26 @@
-"""The final state of every layer, computed before anything is written to a model.
+"""The final state of every layer and variable, computed before anything is written to a model.
 
-Leaf layers take the state of the rule that decides them, or keep their effective state when no
-rule covers them. A container (nested model) is trainable exactly when something inside it is:
-Keras's ``trainable`` setter recurses into sublayers and a frozen container hides its children's
-weights, so containers are derived from their leaves, never decided on their own.
+Units (tree.py: a layer with weights of its own, or holding no layers) take the state of the rule
+that decides them, or keep their state when no rule covers them. A layer that holds layers (a
+nested model, a composite layer) is trainable exactly when something inside it is: Keras's
+``trainable`` setter recurses into sublayers, so their flags are derived from the units inside,
+never decided on their own; where such a layer has weights of its own that stay frozen under a
+flag turned on for its sublayers, their variable flags say it (`LayerPlan.off`).
+
+A variable's own flag is state too (LoRA turns its kernel's off): a rule that unfreezes a layer
+leaves off what the model holds off, and a layer no rule covers keeps every variable as it was.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, replace
 from typing import Optional
 
 from .errors import Diagnostic, SelectorError, SurgeryError
 from .ir import BN_AFFINE, BN_FROZEN, BN_TRAIN, BatchNormRule, Phase, Rule, Spec
+from .layerparts import whole_weight
 from .parts import PartError
 from .parts import select as select_part
 from .resolve import BATCHNORM_CLASSES, PartOp, Resolution, RuleResult, resolve
@@ -65,6 +72,12 @@ class LayerPlan:
     trainable_params_before: int
     trainable_params_after: int
     frozen_parts: tuple[FrozenPart, ...] = ()
+    # Own weights that the layer's flag would train but whose variable flag stays off: what the
+    # model holds off (LoRA's merged kernel, a flag set by hand), which a rule never turns on;
+    # in a layer no rule covers, every weight found off; the own weights of a layer that holds
+    # layers, frozen while a sublayer trains. ``was_off``: the same before the plan.
+    off: tuple[str, ...] = ()
+    was_off: tuple[str, ...] = ()
     # BatchNormalization leaves only: the 'batchnorm' statement that decides the layer's policy
     # (None: no policy covers it, and it keeps its class), and whether it ends up normalizing
     # with its moving statistics while it trains (surgery's AffineBatchNormalization).
@@ -94,7 +107,8 @@ class LayerPlan:
         (compared with those the model already carries) or its BatchNormalization class."""
         carried = {w.name: w.frozen for w in self.layer.weights if w.frozen}
         wanted = {p.weight: p.indices for p in self.frozen_parts}
-        return self.before != self.after or carried != wanted or self.affine != self.layer.affine
+        return (self.before != self.after or carried != wanted or self.affine != self.layer.affine
+                or (self.after and self.off != self.was_off))
 
 
 @dataclass(frozen=True)
@@ -125,12 +139,22 @@ class Plan:
 
     @property
     def totals(self) -> Totals:
-        leaves = [lp for lp in self.layers if not lp.layer.children]
+        # The top-level layers' counts hold everything inside them, each weight once.
+        top = [lp for lp in self.layers if "/" not in lp.path]
         return Totals(
-            params=sum(lp.layer.params for lp in leaves),
-            trainable_before=sum(lp.trainable_params_before for lp in leaves),
-            trainable_after=sum(lp.trainable_params_after for lp in leaves),
+            params=sum(lp.layer.params for lp in top),
+            trainable_before=sum(lp.trainable_params_before for lp in top),
+            trainable_after=sum(lp.trainable_params_after for lp in top),
         )
+
+    def trains(self, lp: LayerPlan) -> dict[str, bool]:
+        """Whether each of ``lp``'s own variables trains once the plan is written: the model's
+        flag and its layer's on, not held off (`LayerPlan.off`), not frozen whole (a weight
+        frozen whole is its variable's flag; entries frozen in part leave it training)."""
+        on = self.root_after and lp.after
+        whole = {p.weight for p in lp.frozen_parts if p.entries == math.prod(p.shape)}
+        return {w.name: on and w.trainable and w.name not in lp.off and w.name not in whole
+                for w in lp.layer.weights}
 
     @functools.cached_property
     def by_path(self) -> dict[str, LayerPlan]:
@@ -165,6 +189,13 @@ class Plan:
                 f"{affine} BatchNormalization layer{'s train' if affine > 1 else ' trains'} gamma "
                 "and beta under 'batchnorm affine': in training too they normalize with their "
                 "fixed moving statistics and never update them.")
+        held = sum(1 for lp in self.layers if lp.after
+                   for w in lp.layer.weights if w.held and w.name in lp.off)
+        if held:
+            notes.append(
+                f"{held} variable{'s keep their' if held > 1 else ' keeps its'} own trainable "
+                "flag off (LoRA's merged kernels, flags set by hand): rules that unfreeze their "
+                "layers leave them off.")
         return tuple(notes)
 
 
@@ -187,7 +218,7 @@ def _settle_parts(node: Layer, state: bool, rule: Optional[Rule], ops: tuple[Par
     else:
         # Unfreezing part of a frozen layer: every weight that trains with it starts frozen.
         for w in node.weights:
-            if w.trainable:
+            if w.follows_layer:
                 frozen[w.name] = set(range(_positions(node, w.name, ops[0], source)))
     for op in ops:
         for sel in op.selections:
@@ -198,8 +229,8 @@ def _settle_parts(node: Layer, state: bool, rule: Optional[Rule], ops: tuple[Par
                 current.update(sel.indices)
     last_rule = ops[-1].rule
     sizes = {w.name: _positions(node, w.name, ops[-1], source) for w in node.weights
-             if w.trainable and w.name in frozen}
-    capable = [w.name for w in node.weights if w.trainable]
+             if w.follows_layer and w.name in frozen}
+    capable = [w.name for w in node.weights if w.follows_layer]
     if not state and all(len(frozen.get(n, ())) == sizes.get(n, -1) for n in capable):
         # Frozen whole in the end: the flag says it for free. The rule to name is the one that
         # froze it back, if parts of it were unfrozen on the way; else the whole-layer rule.
@@ -212,7 +243,7 @@ def _settle_parts(node: Layer, state: bool, rule: Optional[Rule], ops: tuple[Par
 
 def _positions(node: Layer, weight: str, op: PartOp, source: str) -> int:
     try:
-        (sel,) = select_part(node.path, node.cls, node.shapes, weight, None, dict(node.details))
+        sel = whole_weight(node, weight)
     except PartError as exc:
         raise SelectorError(f"{exc}; so its other weights cannot stay frozen around a part",
                             op.rule.span, source=source) from None
@@ -227,8 +258,12 @@ def _frozen_parts(node: Layer, frozen: dict[str, set[int]], source: str,
         if not idx:
             continue
         try:
-            (sel,) = select_part(node.path, node.cls, node.shapes, w.name, sorted(idx),
-                                 dict(node.details))
+            whole = whole_weight(node, w.name)
+            if len(idx) == whole.size:  # a whole weight needs no output axis (EinsumDense's)
+                sel = whole
+            else:
+                (sel,) = select_part(node.path, node.cls, node.shapes, w.name, sorted(idx),
+                                     dict(node.details))
         except PartError as exc:
             if op is None:  # the model's own record disagrees with its shapes
                 raise SurgeryError(str(exc)) from None
@@ -239,41 +274,45 @@ def _frozen_parts(node: Layer, frozen: dict[str, set[int]], source: str,
 
 def make_plan(tree: LayerTree, resolution: Resolution, source: str = "") -> Plan:
     after: dict[str, bool] = {}
+    own: dict[str, bool] = {}  # a unit's own weights: whether they train with its flag
     rule_of: dict[str, Optional[Rule]] = {}
     parts_of: dict[str, tuple[FrozenPart, ...]] = {}
+    off_of: dict[str, tuple[str, ...]] = {}
 
     def settle(node: Layer) -> bool:
-        if not node.children:
+        rule_of[node.path] = None
+        if node.unit:
             rule = resolution.deciding.get(node.path)
+            ops = resolution.part_ops.get(node.path, ())
             state = rule.trainable if rule is not None else tree.effectively_trainable(node)
-            state, rule, parts = _settle_parts(node, state, rule,
-                                               resolution.part_ops.get(node.path, ()), source)
+            state, rule, parts = _settle_parts(node, state, rule, ops, source)
             policy = resolution.policies.get(node.path)
             if policy is not None and policy.mode == BN_FROZEN:
                 state, parts = False, ()  # the policy stands whatever the rules unfreeze
             rule_of[node.path] = rule
             parts_of[node.path] = parts
-        else:
-            # Evaluate every child (no short-circuit: each needs its own state).
-            state = any([settle(c) for c in node.children])
-            rule_of[node.path] = None
+            own[node.path] = state
+            off_of[node.path] = _off(tree, node, state, rule is not None or bool(ops))
+        # Evaluate every child (no short-circuit: each needs its own state).
+        inside = any([settle(c) for c in node.children])
+        state = own.get(node.path, False) or inside
+        if state and not own.get(node.path, True):  # own weights frozen, sublayers training
+            off_of[node.path] = tuple(w.name for w in node.weights if w.trainable)
         after[node.path] = state
         return state
 
     root_after = settle(tree.root)
 
-    def trainable_params(node: Layer, trains, parts) -> int:
-        if node.children:
-            return sum(trainable_params(c, trains, parts) for c in node.children)
-        if not trains(node):
-            return 0
-        return node.trainable_capable_params - sum(p.entries for p in parts(node))
+    def params_after(node: Layer) -> int:
+        off = off_of.get(node.path, ())
+        entries = {p.weight: p.entries for p in parts_of.get(node.path, ())}
+        mine = sum(w.size - entries.get(w.name, 0) for w in node.weights
+                   if w.trainable and w.name not in off) if after[node.path] else 0
+        return mine + sum(params_after(c) for c in node.children)
 
-    trains_after = lambda n: after[n.path]  # noqa: E731
-    parts_after = lambda n: parts_of.get(n.path, ())  # noqa: E731
-    parts_before = lambda n: tuple(  # noqa: E731
-        FrozenPart(w.name, w.shape, (), w.frozen, 0, w.frozen_entries)
-        for w in n.weights if w.frozen)
+    def params_before(node: Layer) -> int:
+        return sum(w.size - w.frozen_entries for w in node.weights if tree.trains(node, w)) + \
+            sum(params_before(c) for c in node.children)
 
     layers = tuple(
         LayerPlan(
@@ -281,9 +320,11 @@ def make_plan(tree: LayerTree, resolution: Resolution, source: str = "") -> Plan
             before=tree.effectively_trainable(n),
             after=after[n.path],
             rule=rule_of[n.path],
-            trainable_params_before=trainable_params(n, tree.effectively_trainable, parts_before),
-            trainable_params_after=trainable_params(n, trains_after, parts_after),
+            trainable_params_before=params_before(n),
+            trainable_params_after=params_after(n),
             frozen_parts=parts_of.get(n.path, ()),
+            off=off_of.get(n.path, ()),
+            was_off=_found_off(tree, n),
             policy=resolution.policies.get(n.path),
             affine=_affine(n, resolution.policies.get(n.path), after[n.path]),
         )
@@ -291,6 +332,21 @@ def make_plan(tree: LayerTree, resolution: Resolution, source: str = "") -> Plan
     )
     return Plan(tree, layers, tree.root.trainable, root_after, resolution.rules,
                 resolution.diagnostics)
+
+
+def _off(tree: LayerTree, node: Layer, state: bool, decided: bool) -> tuple[str, ...]:
+    """A unit's own weights whose variable flags stay off while its flag is on."""
+    if not state:
+        return ()
+    if decided:
+        return tuple(w.name for w in node.weights if w.trainable and w.held)
+    return _found_off(tree, node)
+
+
+def _found_off(tree: LayerTree, node: Layer) -> tuple[str, ...]:
+    if not tree.effectively_trainable(node):
+        return ()
+    return tuple(w.name for w in node.weights if w.trainable and not tree.trains(node, w))
 
 
 def _affine(node: Layer, policy: Optional[BatchNormRule], trainable: bool) -> bool:
@@ -344,10 +400,11 @@ def changed_layers(before: Plan, after: Plan) -> tuple[LayerPlan, ...]:
     as they are in ``after``."""
     out = []
     for lp in after.layers:
-        if lp.layer.children:
+        if not lp.layer.unit:
             continue
         was = before.by_path[lp.path]
-        if (was.after, was.frozen_parts, was.affine) != (lp.after, lp.frozen_parts, lp.affine):
+        if (was.after, was.frozen_parts, was.affine, was.off) != (
+                lp.after, lp.frozen_parts, lp.affine, lp.off):
             out.append(lp)
     return tuple(out)
 

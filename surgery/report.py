@@ -65,6 +65,7 @@ def plan_table(plan: Plan, *, with_rules: bool = True) -> str:
                 lines.append(f"  {lp.path}.{p.weight} {p.shape}: {p.ranges} of {p.size} on "
                              f"{axis} ({p.entries:,} entries)")
         lines.append("")
+    lines.extend(_variable_lines(plan, with_paths=not with_rules))
     lines.extend(_totals(plan, with_change=with_rules))
     if with_rules and any(lp.changed for lp in plan.layers):
         lines.append("* state changed by the spec")
@@ -73,6 +74,39 @@ def plan_table(plan: Plan, *, with_rules: bool = True) -> str:
         lines.append("")
         lines.append(phase_report(plan))
     return "\n".join(lines)
+
+
+def _variable_lines(plan: Plan, *, with_paths: bool) -> list[str]:
+    """Variables whose own trainable flag the model holds off inside trainable layers (LoRA's
+    kernels), and, for `show`, where Keras's variable.path is not surgery's path."""
+    lines = []
+    held = [(lp.path, w) for lp in plan.layers if lp.after
+            for w in lp.layer.weights if w.held and w.name in lp.off]
+    if held:
+        lines.append("variables whose own trainable flag is off (LoRA's merged kernels, flags set "
+                     "by hand; rules that unfreeze their layers leave them off):")
+        lines += [f"  {path}/{w.name} {w.shape}" for path, w in held]
+        lines.append("")
+    if not with_paths:
+        return lines
+    dropped: dict[str, list[tuple[str, str]]] = {}
+    for lp in plan.layers:
+        for w in lp.layer.weights:
+            ours = f"{lp.path}/{w.name}"
+            if w.path and w.path != ours:
+                prefix = ours[:-len(w.path)] if ours.endswith("/" + w.path) else None
+                dropped.setdefault(prefix or "", []).append((ours, w.path))
+    for prefix, pairs in sorted(dropped.items()):
+        ours, theirs = pairs[0]
+        if prefix:
+            lines.append(f"Keras names the {len(pairs)} variable{'s' if len(pairs) != 1 else ''} "
+                         f"inside '{prefix.rstrip('/')}' without it: surgery's '{ours}' is "
+                         f"Keras's variable.path '{theirs}'")
+        else:
+            lines.append(f"{len(pairs)} variable{'s' if len(pairs) != 1 else ''} with a "
+                         f"variable.path other than surgery's path, such as '{theirs}' for "
+                         f"'{ours}'")
+    return lines + ([""] if dropped else [])
 
 
 def phase_report(plan: Plan, *, layers: bool = True) -> str:

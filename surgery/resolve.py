@@ -16,11 +16,11 @@ from typing import Mapping, Optional
 
 from .errors import Diagnostic, SelectorError
 from .ir import (
-    BN_FROZEN, WEIGHT, All, AnyDepth, BatchNormRule, Glob, Index, Name, Range, Regex, Rule, Selector, Slice,
-    Spec, TypeGlob,
+    BN_FROZEN, All, AnyDepth, BatchNormRule, Glob, Index, Name, Range, Regex, Rule, Selector,
+    Slice, Spec, TypeGlob,
 )
-from .parts import PartError, Selection
-from .parts import select as select_part
+from .layerparts import part_selections
+from .parts import Selection
 from .suggest import suggest
 from .tree import Layer, LayerTree
 
@@ -83,12 +83,11 @@ def resolve(spec: Spec, tree: LayerTree, *, allow_empty: bool = False) -> Resolu
                 for node in nodes:
                     picked.update(dict.fromkeys(r.units(node)))
                 continue
-            for node in nodes:
-                selections, problem = _part_selections(sel, node)
-                if problem:
-                    errors.append(problem)
-                    break
-                parts[node.path] = parts.get(node.path, ()) + selections
+            found, problem = part_selections(sel, nodes, held=rule.trainable)
+            if problem:
+                errors.append(problem)
+            for path, selections in found.items():
+                parts[path] = parts.get(path, ()) + selections
         for sel in rule.excepts:
             if sel.part is not None:
                 errors.append(Diagnostic(
@@ -235,25 +234,6 @@ def _opposite(action: str) -> str:
     return "unfreeze" if action == "freeze" else "freeze"
 
 
-def _part_selections(sel: Selector, node: Layer) -> tuple[tuple[Selection, ...], Optional[Diagnostic]]:
-    """The entries ``sel.part`` names on one layer, or why it names none."""
-    part = sel.part
-    if node.children:
-        return (), Diagnostic("error", f"'{node.path}' is a nested model: a part names weights of "
-                              f"one layer, as in '{node.path}/conv1.kernel'", part.span)
-    if part.kind == WEIGHT:
-        name, index = part.name, None
-    else:
-        name = part.kind
-        ch = part.channels
-        index = ch.index if isinstance(ch, Index) else slice(ch.start, ch.stop, ch.step)
-    try:
-        return select_part(node.path, node.cls, node.shapes, name, index,
-                           dict(node.details)), None
-    except PartError as exc:
-        return (), Diagnostic("error", str(exc), part.span)
-
-
 class _Resolver:
     def __init__(self, tree: LayerTree):
         self.tree = tree
@@ -263,13 +243,12 @@ class _Resolver:
         self._sorted: dict[str, tuple[list[str], list[int]]] = {}
 
     def units(self, node: Layer) -> tuple[str, ...]:
-        """The leaf layers a match on ``node`` covers: itself, or everything inside a container."""
+        """The units a match on ``node`` covers (tree.py): its own weights, if it has any or
+        holds no layers, and every unit inside it."""
         cached = self._units.get(node.path)
         if cached is None:
-            if not node.children:
-                cached = (node.path,)
-            else:
-                cached = tuple(u for c in node.children for u in self.units(c))
+            own = (node.path,) if node.unit else ()
+            cached = own + tuple(u for c in node.children for u in self.units(c))
             self._units[node.path] = cached
         return cached
 
@@ -329,9 +308,7 @@ class _Resolver:
                 return matched, None
             scopes = [m for m in matched if m.children]
             if not scopes:
-                return [], Diagnostic(
-                    "error", f"'{_seg_text(sel, seg)}' matches no nested model: only a nested "
-                    f"model can be walked into with '/'", seg.span)
+                return [], _nothing_inside(sel, seg, matched, segments[i + 1])
         raise AssertionError("selector without segments")  # pragma: no cover
 
     def _with_descendants(self, scopes: list[Layer]) -> list[Layer]:
@@ -425,9 +402,22 @@ class _Resolver:
             for node in self._with_descendants([scope])[1:]:
                 if any(match(c.name) for c in node.children):
                     rel = _quote_path(node.path[len(scope.path):].lstrip("/"))
-                    return (f"; it is inside the nested model '{node.name}': write "
-                            f"'**/{written}' or '{rel}/{written}'")
+                    what = f"the nested model '{node.name}'" if node.container else \
+                        f"the layer '{node.name}' ({node.cls})"
+                    return f"; it is inside {what}: write '**/{written}' or '{rel}/{written}'"
         return ""
+
+
+def _nothing_inside(sel: Selector, seg, matched: list[Layer], following) -> Diagnostic:
+    """'/' after a selector that matches only layers that hold none."""
+    text = _seg_text(sel, seg)
+    weights = {w.name for m in matched for w in m.weights}
+    if isinstance(following, Name) and following.value in weights:
+        return Diagnostic("error", f"'{text}' holds no layers to walk into with '/': a weight is "
+                          f"named with '.', as in '{text}.{following.value}'", seg.span)
+    return Diagnostic("error", f"'{text}' holds no layers: '/' walks into nested models and "
+                      "layers that hold layers (MultiHeadAttention, a transformer block, ...)",
+                      seg.span)
 
 
 def _literal_prefix(pattern: str) -> str:

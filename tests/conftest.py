@@ -85,3 +85,142 @@ def keras_module():
 
     keras.backend.clear_session()
     return keras
+
+
+# --- keras_hub models and composite layers (tests/test_hub.py, tests/test_composite.py) ---------
+# Real keras_hub backbones built from constructor arguments with tiny dimensions (no preset, no
+# download), each built once per session (per xdist worker); tests that change flags call
+# `reset_state` first, so that each starts from the state Keras builds.
+
+HUB_ARGS = {
+    "bert": ("BertBackbone", dict(vocabulary_size=500, num_layers=2, num_heads=2, hidden_dim=32,
+                                  intermediate_dim=64, max_sequence_length=32)),
+    "gpt2": ("GPT2Backbone", dict(vocabulary_size=500, num_layers=2, num_heads=2, hidden_dim=32,
+                                  intermediate_dim=64, max_sequence_length=32)),
+    "gemma": ("GemmaBackbone", dict(vocabulary_size=500, num_layers=2, num_query_heads=2,
+                                    num_key_value_heads=1, hidden_dim=32, intermediate_dim=64,
+                                    head_dim=16)),
+    "vit": ("ViTBackbone", dict(image_shape=(32, 32, 3), patch_size=8, num_layers=2,
+                                num_heads=2, hidden_dim=32, mlp_dim=64)),
+}
+
+
+def build_backbone(kind, **extra):
+    """A fresh keras_hub backbone of ``kind`` (HUB_ARGS), named as its class is, so that paths do
+    not depend on how many were built before in this process."""
+    import keras_hub
+
+    cls, args = HUB_ARGS[kind]
+    name = {"bert": "bert_backbone", "gpt2": "gpt2_backbone", "gemma": "gemma_backbone",
+            "vit": "vit_backbone"}[kind]
+    return getattr(keras_hub.models, cls)(**args, name=name, **extra)
+
+
+def build_bert_classifier():
+    """keras_hub's BertTextClassifier around a tiny BertBackbone, without a preprocessor."""
+    import keras_hub
+
+    return keras_hub.models.BertTextClassifier(backbone=build_backbone("bert"), num_classes=2,
+                                               preprocessor=None, name="bert_text_classifier")
+
+
+def build_mha_model(keras):
+    """A plain Keras Functional model around a MultiHeadAttention layer named 'mha'."""
+    inputs = keras.Input((5, 8), name="x")
+    attended = keras.layers.MultiHeadAttention(num_heads=2, key_dim=4, name="mha")(inputs, inputs)
+    normed = keras.layers.LayerNormalization(name="norm")(attended + inputs)
+    return keras.Model(inputs, keras.layers.Dense(2, name="head")(normed), name="mha_model")
+
+
+@pytest.fixture(scope="session")
+def hub_models():
+    """kind -> that backbone (and "bert_classifier"), built once per session on first use."""
+    built = {}
+
+    def get(kind):
+        if kind not in built:
+            built[kind] = build_bert_classifier() if kind == "bert_classifier" else \
+                build_backbone(kind)
+        return built[kind]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def mha_model():
+    import keras
+
+    return build_mha_model(keras)
+
+
+def reset_state(model):
+    """Every layer and variable of ``model`` trainable, no entries frozen inside: the state Keras
+    builds (keras's recursive setter turns on each layer's own variables)."""
+    from surgery.engines.constraint import FrozenEntries, set_frozen
+
+    model.trainable = True
+    for layer in model._flatten_layers(include_self=False):
+        for v in list(layer._trainable_variables):
+            if isinstance(getattr(v, "constraint", None), FrozenEntries):
+                set_frozen(layer, v.name, ())
+    return model
+
+
+def trainable_count(model):
+    return sum(int(np.prod(v.shape)) for v in model.trainable_weights)
+
+
+PROBE = r'''
+import json, os, sys
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import numpy as np
+import keras
+import surgery
+from surgery.engines import live
+
+def training(tree):
+    # What trains: the variable's flag on, and not every entry held by a FrozenEntries constraint.
+    return sorted(f"{n.path}/{w.name}" for n in tree.layers() for w in n.weights
+                  if tree.trains(n, w) and w.frozen_entries < w.size)
+
+out = {}
+for job in json.loads(sys.argv[1]):
+    result = {}
+    plain = keras.models.load_model(job["path"], compile=False)
+    result["plain"] = training(live.describe(plain)[0])
+    model = surgery.load_model(job["path"], compile=False)
+    tree, objects = live.describe(model)
+    result["surgery"] = training(tree)
+    if job.get("train"):
+        keras.utils.set_random_seed(0)
+        rng = np.random.default_rng(0)
+        shape = lambda t: (4,) + tuple(d or 8 for d in t.shape[1:])  # noqa: E731
+        x = {i.name: np.ones(shape(i), i.dtype) if "int" in str(i.dtype)
+             else rng.standard_normal(shape(i)).astype("float32") for i in model.inputs}
+        y = rng.standard_normal(shape(model.output)).astype("float32")
+        named = [(f"{p}/{w.name}", v) for p, vs in objects.variables.items()
+                 for w, v in zip(tree.get(p).weights, vs)]
+        before = {n: np.array(v.numpy()) for n, v in named}
+        model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+        model.fit(x, y, batch_size=2, epochs=1, verbose=0)
+        result["moved"] = sorted(n for n, v in named if not np.array_equal(before[n], v.numpy()))
+    out[job["path"]] = result
+print("PROBE " + json.dumps(out))
+'''
+
+
+def probe_in_fresh_process(jobs, tmp_path):
+    """Load each saved model in a new Python process, with plain keras.models.load_model and
+    with surgery.load_model: what trains after each (by surgery path), and, for jobs with
+    ``train``, which variables a few SGD steps moved after surgery.load_model."""
+    import json
+    import subprocess
+    import sys
+
+    script = tmp_path / "probe.py"
+    script.write_text(PROBE)
+    done = subprocess.run([sys.executable, str(script), json.dumps(jobs)], capture_output=True,
+                          text=True, timeout=600, env={**os.environ})
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = [ln for ln in done.stdout.splitlines() if ln.startswith("PROBE ")][-1]
+    return json.loads(line[len("PROBE "):])

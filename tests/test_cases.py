@@ -47,5 +47,11 @@ def test_case(tree, case):
         parts = {lp.path: {p.weight: list(p.indices) for p in lp.frozen_parts}
                  for lp in leaves if lp.frozen_parts}
         assert parts == case["parts"]
+    if "training" in case:  # every variable that trains once the plan is written, by path
+        assert [f"{lp.path}/{name}" for lp in plan.layers
+                for name, on in plan.trains(lp).items() if on] == case["training"]
+    if "trainable_params" in case:
+        assert [plan.totals.trainable_before, plan.totals.trainable_after] == \
+            case["trainable_params"]
     warnings = [f"{d.span.line}:{d.span.column}: {d.message}" for d in plan.diagnostics]
     assert warnings == case.get("warnings", [])
