@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 from .spec_json import compile_spec
-from .digest import sha256_file  # noqa: F401  (tests/test_archive.py imports it from here)
+from .digest import sha256_file  # noqa: F401  (tests/test_archive_engine.py imports it from here)
 from .errors import SpecError
 from .ir import BN_AFFINE, Spec
 from .parse import parse

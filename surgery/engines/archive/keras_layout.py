@@ -10,7 +10,7 @@
   (``variable``, ``variable_1``, ...) in the order the layers are deserialized (`AutoNames`).
 - A constraint in a layer config goes to the weight its attribute names (`constrained_weight`).
 
-Checked against the live engine on keras.applications architectures by tests/test_archive.py.
+Checked against the live engine on keras.applications architectures by tests/test_archive_engine.py.
 """
 
 from __future__ import annotations
