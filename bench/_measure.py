@@ -9,14 +9,17 @@ disturbed by something else (a test suite, a writeback of dirty pages) can be to
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 __all__ = ["run_measured", "measure", "Measured", "precompile"]
 
@@ -139,3 +142,25 @@ def interleave(commands: dict[str, list[str]], runs: int, workdir: Path,
                 for f in Measured._fields:
                     samples[name][f].append(getattr(m, f))
     return samples
+
+
+@contextlib.contextmanager
+def work_directory(requested: Optional[Path], keep: bool, prefix: str):
+    """The bench's work folder: ``requested`` (created) or a new temporary one, removed at the
+    end unless ``keep``."""
+    workdir = requested.resolve() if requested else Path(tempfile.mkdtemp(prefix=prefix))
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        yield workdir
+    finally:
+        if keep:
+            print(f"work directory kept: {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def write_results(path: Path, result: dict) -> None:
+    """The figures as JSON beside the bench (bench/results/, not committed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"results written to {path}")

@@ -25,14 +25,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-from _measure import interleave, machine_info, precompile  # bench/ is on sys.path
+from _measure import interleave, machine_info, precompile, work_directory, write_results  # bench/ is on sys.path
 
 TARGET_RATIO = 1.10
 
@@ -65,13 +63,10 @@ def main() -> int:
     args = parser.parse_args()
     if args.runs < 1:
         parser.error("--runs must be at least 1")
-    workdir = (args.workdir.resolve() if args.workdir
-               else Path(tempfile.mkdtemp(prefix="surgery-bench-hub-")))
-    workdir.mkdir(parents=True, exist_ok=True)
     surgery_bin = str(Path(sys.executable).parent / "surgery")
     dims = BERT_SMALL if args.small else BERT_BASE
     print(f"bytecode written for {precompile()}", flush=True)
-    try:
+    with work_directory(args.workdir, args.keep, "surgery-bench-hub-") as workdir:
         model, spec = workdir / "bert.keras", workdir / "spec.frz"
         spec.write_text(SPEC_TEXT)
         print(f"building {model} (untimed) ...", flush=True)
@@ -96,11 +91,6 @@ def main() -> int:
 
         samples = interleave(commands, args.runs, workdir, before_each)
         info = machine_info()
-    finally:
-        if args.keep:
-            print(f"work directory kept: {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
 
     med = {n: {k: statistics.median(v) for k, v in s.items()} for n, s in samples.items()}
     rows = []
@@ -126,10 +116,8 @@ def main() -> int:
               "statistic": "median", "target_ratio": TARGET_RATIO, "machine": info,
               "median": med, "samples": samples,
               "ratio": {cmd: r for cmd, _, r in rows}}
-    RESULTS_PATH.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS_PATH.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"results written to {RESULTS_PATH}")
-    return 0
+    write_results(RESULTS_PATH, result)
+    return 0  # a report, not a test
 
 
 if __name__ == "__main__":
