@@ -408,6 +408,16 @@ def test_deflated_archive_is_read_and_written(saved, tmp_path):
     assert all(np.array_equal(a[2][k], b[2][k]) for k in a[2])
 
 
+def _copy_replacing_weights(src: str, dst: str, change) -> None:
+    """A copy of the archive ``src`` whose model.weights.h5 is ``change(its bytes)``."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for info in zin.infolist():
+            data = zin.read(info.filename)
+            if info.filename == "model.weights.h5":
+                data = change(data)
+            zout.writestr(info, data)
+
+
 def test_other_hdf5_layouts_are_read_through_h5py(saved, tmp_path):
     """The small HDF5 reader knows what h5py writes by default; a weights file written with
     libver='latest' (version-2 object headers, link messages) is read by h5py instead."""
@@ -417,17 +427,15 @@ def test_other_hdf5_layouts_are_read_through_h5py(saved, tmp_path):
 
     src = saved("zoo_functional")
     latest = str(tmp_path / "latest.keras")
-    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(latest, "w") as zout:
-        for info in zin.infolist():
-            data = zin.read(info.filename)
-            if info.filename == "model.weights.h5":
-                buffer = io.BytesIO()
-                with h5py.File(io.BytesIO(data), "r") as fin, \
-                        h5py.File(buffer, "w", libver="latest") as fout:
-                    for key in fin:
-                        fin.copy(fin[key], fout, name=key)
-                data = buffer.getvalue()
-            zout.writestr(info, data)
+    def rewritten(data):
+        buffer = io.BytesIO()
+        with h5py.File(io.BytesIO(data), "r") as fin, \
+                h5py.File(buffer, "w", libver="latest") as fout:
+            for key in fin:
+                fin.copy(fin[key], fout, name=key)
+        return buffer.getvalue()
+
+    _copy_replacing_weights(src, latest, rewritten)
     with archive.Opened(latest) as opened:  # "best" looks at the superblock: h5py's
         assert opened.h5_backend == "h5py"
         _assert_same_tree(opened.tree, archive.describe(src))
@@ -550,12 +558,8 @@ def test_damaged_weights_file_is_an_error(saved, tmp_path, backend):
     (Keras would refuse the file too), not a reason to try another engine."""
     src = saved("zoo_sequential")
     path = str(tmp_path / "damaged.keras")
-    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(path, "w") as zout:
-        for info in zin.infolist():
-            data = zin.read(info.filename)
-            if info.filename == "model.weights.h5":
-                data = data[:600] + bytes(len(data) - 600)  # superblock kept, the rest zeroed
-            zout.writestr(info, data)
+    # The superblock kept, the rest zeroed.
+    _copy_replacing_weights(src, path, lambda data: data[:600] + bytes(len(data) - 600))
     with pytest.raises(archive.H5FormatError) as info:
         archive.describe(path, h5=backend)
     assert str(info.value) and "\n" not in str(info.value)
