@@ -48,18 +48,9 @@ import signal
 import threading
 from pathlib import Path
 
-from .errors import SurgeryError, UsageError
+from .errors import OutputExists, SurgeryError, UsageError  # noqa: F401  (re-exported)
 
 __all__ = ["AtomicOutputs", "OutputExists", "InterruptedAfterCommit"]
-
-
-class OutputExists(UsageError):
-    """A new output's destination exists at the commit: another run (or anything else) created
-    it after this run checked. Nothing of this run is left."""
-
-    def __init__(self, typed: str):
-        self.path = typed
-        super().__init__(f"{typed}: already exists; pass --force to replace it")
 
 
 class InterruptedAfterCommit(KeyboardInterrupt):

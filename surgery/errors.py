@@ -97,6 +97,20 @@ class UsageError(SurgeryError):
     """Arguments that cannot work together (an existing output without --force, ...)."""
 
 
+class OutputExists(UsageError):
+    """A new output's destination exists at the commit: another run (or anything else) created
+    it after this run checked. Nothing of this run is left."""
+
+    def __init__(self, typed: str):
+        self.path = typed
+        super().__init__(f"{typed}: already exists; pass --force to replace it")
+
+
+class ManifestError(SurgeryError):
+    """A manifest file that cannot be read or is not one surgery writes; the message names the
+    file and, for a structure error, the key (``layers[3].path: missing``)."""
+
+
 class PartError(SurgeryError):
     """A part the layer does not have, or indices outside it. The message names the layer, its
     class, the weight's shape and the axis, so it can be shown as is under a spec line."""

@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .errors import SurgeryError
+from .errors import ManifestError, SurgeryError  # noqa: F401  (ManifestError re-exported)
 from .manifest import FORMAT, Manifest
 
 __all__ = ["ManifestError", "load_manifest", "decode_manifest", "SCHEMA", "MAX_DEPTH"]
@@ -25,11 +25,6 @@ __all__ = ["ManifestError", "load_manifest", "decode_manifest", "SCHEMA", "MAX_D
 # A manifest nests 6 levels (compiled selectors); keys it does not know are ignored, not walked,
 # but comparing or printing a value recurses, so no value may nest deeper than this.
 MAX_DEPTH = 32
-
-
-class ManifestError(SurgeryError):
-    """A manifest file that cannot be read or is not one surgery writes; the message names the
-    file and, for a structure error, the key (``layers[3].path: missing``)."""
 
 
 def load_manifest(path: str) -> Manifest:
