@@ -18,7 +18,7 @@ import signal
 import sys
 
 from .atomic import AtomicOutputs, InterruptedAfterCommit
-from .errors import SpecError, SurgeryError, UsageError
+from .errors import SpecError, SurgeryError, UsageError, unreadable
 from .ir import Spec
 from .render import render_diagnostics
 from .specfile import load_spec
@@ -338,12 +338,8 @@ def _cmd_diff(args) -> int:
 def _read_spec(path: str) -> Spec:
     try:
         return load_spec(path)
-    except FileNotFoundError:
-        raise UsageError(f"{path}: no such spec file") from None
-    except IsADirectoryError:
-        raise UsageError(f"{path}: is a directory, not a spec file") from None
     except OSError as exc:
-        raise UsageError(f"{path}: cannot read the spec: {exc.strerror}") from None
+        raise UsageError(unreadable(path, exc, "spec file")) from None
 
 
 def _model_tree(args, model: str):

@@ -93,6 +93,15 @@ class ModelError(SurgeryError):
         super().__init__(f"{path}: {problem}")
 
 
+def unreadable(path: str, exc: OSError, what: str) -> str:
+    """The one wording for a file the user named that cannot be read (a spec, a manifest)."""
+    if isinstance(exc, FileNotFoundError):
+        return f"{path}: no such {what}"
+    if isinstance(exc, IsADirectoryError):
+        return f"{path}: is a directory, not a {what}"
+    return f"{path}: cannot read the {what}: {exc.strerror or exc}"
+
+
 class UsageError(SurgeryError):
     """Arguments that cannot work together (an existing output without --force, ...)."""
 

@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .errors import ManifestError, SurgeryError  # noqa: F401  (ManifestError re-exported)
+from .errors import ManifestError, SurgeryError, unreadable  # noqa: F401  (ManifestError re-exported)
 from .manifest import FORMAT, Manifest
 
 __all__ = ["ManifestError", "load_manifest", "decode_manifest", "SCHEMA", "MAX_DEPTH"]
@@ -31,12 +31,8 @@ def load_manifest(path: str) -> Manifest:
     """Read a manifest written by `surgery apply`; `ManifestError` says what is wrong with it."""
     try:
         data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise ManifestError(f"{path}: no such manifest") from None
-    except IsADirectoryError:
-        raise ManifestError(f"{path}: is a directory, not a manifest") from None
     except OSError as exc:
-        raise ManifestError(f"{path}: cannot read the manifest: {exc.strerror or exc}") from None
+        raise ManifestError(unreadable(path, exc, "manifest")) from None
     return decode_manifest(data, path)
 
 
