@@ -8,7 +8,9 @@ with the same words for both forms, what no spec can mean:
 - an epoch below 0, or a number too large to convert;
 - two headers for one epoch, headers out of epoch order, 'at epoch 0:' after phase 0's
   statements;
-- a phase without statements.
+- a phase without statements;
+- a LoRA statement in a later phase (it creates variables, which a running fit cannot take on),
+  a rank below 1, an alpha that is not a positive number.
 
 Each form points the error at its own text: the header's line and column, or the number in it.
 """
@@ -18,7 +20,7 @@ from __future__ import annotations
 from typing import Optional
 
 from .errors import SpecSyntaxError
-from .ir import BatchNormRule, Comment, Phase, Rule, Selector, Span, Spec
+from .ir import BatchNormRule, Comment, LoraRule, Phase, Rule, Selector, Span, Spec
 
 __all__ = ["Statements", "integer"]
 
@@ -40,6 +42,7 @@ class Statements:
         self.rules: list[Rule] = []
         self.policies: list[BatchNormRule] = []
         self.phases: list[Phase] = []
+        self.loras: list[LoraRule] = []
         self._in_phase = 0  # statements added since the last header (or the start)
         self._checked = True  # whether the current phase's statements were counted
 
@@ -71,7 +74,7 @@ class Statements:
                 raise self.error(f"phases run in epoch order: 'at epoch {epoch}:' comes after "
                                  f"'at epoch {earlier.epoch}:' (line {earlier.span.line}); move it "
                                  f"before that one", span)
-        if epoch == 0 and (self.rules or self.policies):
+        if epoch == 0 and (self.rules or self.policies or self.loras):
             raise self.error("'at epoch 0:' overlaps the statements before it, which already form "
                              "phase 0: remove the header, or move those statements under it", span)
         phase = Phase(epoch, span)
@@ -105,7 +108,29 @@ class Statements:
         self._in_phase += 1
         return policy
 
+    def lora(self, rank: int, alpha: Optional[float], selectors: tuple[Selector, ...],
+             excepts: tuple[Selector, ...], text: str, span: Span, rank_span: Span,
+             alpha_span: Optional[Span]) -> LoraRule:
+        if self.epoch:
+            raise self.error(
+                f"'lora' belongs to phase 0: it creates the adapter variables, which a running fit "
+                f"cannot take on; put it before the first 'at' and write 'freeze' for its layers "
+                f"there, then 'unfreeze' them under 'at epoch {self.epoch}:' (the adapters follow "
+                f"freeze and unfreeze rules)", span)
+        if rank < 1:
+            raise self.error(f"a LoRA rank is 1 or more, not {rank}", rank_span)
+        if alpha is not None and not (alpha > 0 and alpha < float("inf")):
+            raise self.error(f"a LoRA alpha is a positive number, not {alpha:g}",
+                             alpha_span or span)
+        lora = LoraRule(rank=rank, alpha=alpha, selectors=selectors, excepts=excepts, text=text,
+                        span=span, number=len(self.loras), order=len(self.rules),
+                        epoch=self.epoch)
+        self.loras.append(lora)
+        self._in_phase += 1
+        return lora
+
     def spec(self, comments: tuple[Comment, ...] = ()) -> Spec:
         self.end_phase()
         return Spec(rules=tuple(self.rules), source=self.source, file=self.file,
-                    comments=comments, policies=tuple(self.policies), phases=tuple(self.phases))
+                    comments=comments, policies=tuple(self.policies), phases=tuple(self.phases),
+                    loras=tuple(self.loras))

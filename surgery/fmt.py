@@ -23,11 +23,11 @@ from dataclasses import dataclass
 from typing import Optional
 
 from .ir import (
-    BATCHNORM, KEYWORDS, WEIGHT, All, AnyDepth, BatchNormRule, Comment, Glob, Index, Name, Part,
-    Phase, Range, Regex, Rule, Selector, Slice, Spec, Statement, TypeGlob,
+    BATCHNORM, KEYWORDS, LORA, WEIGHT, All, AnyDepth, BatchNormRule, Comment, Glob, Index,
+    LoraRule, Name, Part, Phase, Range, Regex, Rule, Selector, Slice, Spec, Statement, TypeGlob,
 )
 
-__all__ = ["format_spec", "format_rule", "format_policy", "format_phase", "format_statement",
+__all__ = ["format_spec", "format_rule", "format_policy", "format_lora", "format_phase",
            "format_selector", "format_name", "statement_text", "layout", "Line"]
 
 _BARE = re.compile(r"[A-Za-z0-9_\-]+")
@@ -100,6 +100,19 @@ def format_policy(policy: BatchNormRule) -> str:
     return statement_text(f"{BATCHNORM} {policy.mode}", policy.selectors, policy.excepts)
 
 
+def format_lora(lora: LoraRule) -> str:
+    """``lora rank=R``, ``alpha=A`` where it is written, then the selectors and exceptions."""
+    head = f"{LORA} rank={lora.rank}"
+    if lora.alpha is not None:
+        head += f" alpha={format_number(lora.alpha)}"
+    return statement_text(head, lora.selectors, lora.excepts)
+
+
+def format_number(value: float) -> str:
+    """An alpha as it reads best, and parses back to the same float: 16, not 16.0."""
+    return str(int(value)) if value.is_integer() and abs(value) < 1e15 else repr(value)
+
+
 def format_phase(phase: Phase) -> str:
     return f"at epoch {phase.epoch}:"
 
@@ -110,6 +123,8 @@ def format_statement(item: Statement) -> str:
         return format_rule(item)
     if isinstance(item, BatchNormRule):
         return format_policy(item)
+    if isinstance(item, LoraRule):
+        return format_lora(item)
     if isinstance(item, Phase):
         return format_phase(item)
     raise AssertionError(f"not a statement: {item!r}")  # pragma: no cover
@@ -149,7 +164,7 @@ def layout(spec: Spec) -> list[Line]:
     deeper than the header belongs to what follows: with the next header, it is that header's
     introduction and the blank line before the header goes above it.
     """
-    statements = [*spec.rules, *spec.policies, *spec.phases]
+    statements = [*spec.rules, *spec.policies, *spec.loras, *spec.phases]
     items = sorted([(s.span.line, s.span.column, s) for s in statements] +
                    [(c.span.line, c.span.column, c) for c in spec.comments],
                    key=lambda t: (t[0], t[1]))

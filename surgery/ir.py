@@ -14,21 +14,23 @@ from typing import Optional, Union
 
 __all__ = [
     "Span", "Name", "Glob", "Regex", "TypeGlob", "Index", "Slice", "Range", "All", "AnyDepth",
-    "Segment", "Part", "WEIGHT", "FILTERS", "UNITS", "Selector", "Rule", "BatchNormRule", "Phase",
-    "Comment", "Spec", "Statement", "FREEZE", "UNFREEZE", "BATCHNORM", "AT", "KEYWORDS",
+    "Segment", "Part", "WEIGHT", "FILTERS", "UNITS", "Selector", "Rule", "BatchNormRule", "LoraRule",
+    "Phase", "Comment", "Spec", "Statement", "FREEZE", "UNFREEZE", "BATCHNORM", "LORA", "AT",
+    "KEYWORDS",
     "STATEMENT_KEYWORDS", "BN_FROZEN", "BN_TRAIN", "BN_AFFINE", "BN_MODES",
 ]
 
 FREEZE = "freeze"
 UNFREEZE = "unfreeze"
 BATCHNORM = "batchnorm"  # a BatchNormalization policy statement
+LORA = "lora"  # a LoRA statement, 'lora rank=R [alpha=A] selectors'
 AT = "at"  # a phase header, 'at epoch N:'
 
 # The words the language reserves: a layer of that name is written quoted ("all"). Both spec
 # readers and the formatter take them from here, so a new keyword is quoted everywhere at once.
-KEYWORDS = (FREEZE, UNFREEZE, "all", "except", BATCHNORM, AT)
+KEYWORDS = (FREEZE, UNFREEZE, "all", "except", BATCHNORM, LORA, AT)
 # The keywords that start a statement or a phase header.
-STATEMENT_KEYWORDS = (FREEZE, UNFREEZE, BATCHNORM, AT)
+STATEMENT_KEYWORDS = (FREEZE, UNFREEZE, BATCHNORM, LORA, AT)
 
 # BatchNormalization policies: how a BatchNormalization layer behaves once it is trainable.
 BN_FROZEN = "frozen"  # stays frozen whatever the rules say: inference mode, nothing updates
@@ -199,6 +201,31 @@ class BatchNormRule:
 
 
 @dataclass(frozen=True, slots=True)
+class LoraRule:
+    """``lora rank=R [alpha=A] selectors [except selectors]``: LoRA adapters of rank ``rank`` on
+    the selected layers, their updates scaled by ``alpha / rank`` (``alpha`` None: the rank, as
+    Keras defaults it). The layer's kernel is held frozen and its two factors train, unless a
+    later freeze rule covers the layer; the statement decides nothing else (a bias keeps what
+    the other rules decide). ``number`` is its position among the spec's LoRA statements;
+    ``order`` how many freeze/unfreeze rules come before it (rules numbered ``order`` and up
+    come after it), which is how it is ordered against them."""
+
+    rank: int
+    alpha: Optional[float]
+    selectors: tuple[Selector, ...]
+    excepts: tuple[Selector, ...]
+    text: str
+    span: Span
+    number: int
+    order: int
+    epoch: int = 0
+
+    @property
+    def scale_alpha(self) -> float:
+        return float(self.rank if self.alpha is None else self.alpha)
+
+
+@dataclass(frozen=True, slots=True)
 class Phase:
     """An ``at epoch N:`` header. The statements after it, up to the next header, carry
     ``epoch == N``; statements before the first header are phase 0 and have no header."""
@@ -215,14 +242,15 @@ class Comment:
     span: Span
 
 
-Statement = Union[Rule, BatchNormRule, Phase]  # what a line of a spec holds, besides comments
+Statement = Union[Rule, BatchNormRule, LoraRule, Phase]  # what a line of a spec holds, besides comments
 
 
 @dataclass(frozen=True, slots=True)
 class Spec:
     """A parsed spec: its rules in order, and the text they came from (for messages and manifests).
 
-    ``policies`` are the BatchNormalization policy statements and ``phases`` the ``at epoch N:``
+    ``policies`` are the BatchNormalization policy statements, ``loras`` the LoRA statements and
+    ``phases`` the ``at epoch N:``
     headers, each in source order; every statement carries the epoch of its phase.
     ``comments`` are carried for `fmt` and conversions only; they never change what a spec means.
     """
@@ -233,6 +261,7 @@ class Spec:
     comments: tuple[Comment, ...] = ()
     policies: tuple[BatchNormRule, ...] = ()
     phases: tuple[Phase, ...] = ()
+    loras: tuple[LoraRule, ...] = ()
 
     @property
     def epochs(self) -> tuple[int, ...]:
@@ -243,4 +272,5 @@ class Spec:
         """The spec as it stands at ``epoch``: the statements of every phase that has started."""
         return replace(self, rules=tuple(r for r in self.rules if r.epoch <= epoch),
                        policies=tuple(p for p in self.policies if p.epoch <= epoch),
+                       loras=tuple(lo for lo in self.loras if lo.epoch <= epoch),
                        phases=tuple(p for p in self.phases if p.epoch <= epoch))

@@ -281,7 +281,7 @@ def _end(tree) -> int:
 class _Item(NamedTuple):
     """A statement, a policy or a phase header, before `Statements` numbers it."""
 
-    kind: str  # "rule" | "policy" | "phase"
+    kind: str  # "rule" | "policy" | "lora" | "phase"
     span: Span
     start: int
     end: int
@@ -329,6 +329,10 @@ class _ToIR(Transformer):
                         f"above it (line {header.span.line}), but a block runs to the next 'at': "
                         f"indent it to run at epoch {header.epoch}, or move it before the first "
                         f"'at' to be part of phase 0", item.span)
+            if item.kind == "lora":
+                rank, alpha, selectors, excepts, text, rank_span, alpha_span = item.args
+                out.lora(rank, alpha, selectors, excepts, text, item.span, rank_span, alpha_span)
+                continue
             (out.rule if item.kind == "rule" else out.policy)(*item.args, item.span)
         return out.spec(self._comments(items))
 
@@ -360,6 +364,17 @@ class _ToIR(Transformer):
         return _Item("policy", self._span(meta), meta.start_pos, meta.end_pos,
                      (str(mode), selectors or (), excepts or (),
                       self.text[meta.start_pos:meta.end_pos]))
+
+    def lora(self, meta, children) -> _Item:
+        _keyword, _rank_eq, rank, _alpha_eq, alpha, selectors, _except, excepts = children
+        rank_span = self._token_span(rank)
+        alpha_span = self._token_span(alpha) if alpha is not None else None
+        alpha_value = None
+        if alpha is not None:
+            alpha_value = float(str(alpha))
+        return _Item("lora", self._span(meta), meta.start_pos, meta.end_pos,
+                     (self._integer(rank), alpha_value, selectors, excepts or (),
+                      self.text[meta.start_pos:meta.end_pos], rank_span, alpha_span))
 
     def phase(self, meta, children) -> _Item:
         _at, _epoch, number = children
@@ -424,7 +439,7 @@ class _ToIR(Transformer):
         if text in KEYWORDS:
             hint = ("start a new statement on a new line or after ';'" if text in STATEMENT_KEYWORDS
                     else f'quote it to mean a layer named {text}: "{text}"')
-            if text in ("at", "batchnorm"):  # keywords since phases and policies came in
+            if text in ("at", "batchnorm", "lora"):  # keywords since phases, policies, LoRA came in
                 hint += f' (or quote it to mean a layer named {text}: "{text}")'
             raise self._error(f"'{text}' is a keyword here; {hint}", self._token_span(token))
         span = self._token_span(token)

@@ -58,12 +58,18 @@ def unexpected_token(word: str, kind: str, expected: set[str], before: str) -> s
         close = suggest(word, KEYWORDS, n=1)
         if close and close[0] in STATEMENT_KEYWORDS:
             return f"unknown statement '{word}'; did you mean '{close[0]}'?"
-        return (f"unknown statement '{word}'; a statement starts with 'freeze', 'unfreeze' or "
-                f"'batchnorm', and a phase with 'at epoch N:'")
+        return (f"unknown statement '{word}'; a statement starts with 'freeze', 'unfreeze', "
+                f"'lora' or 'batchnorm', and a phase with 'at epoch N:'")
     if "BN_MODE" in expected:
         hint = did_you_mean(word, BN_MODES) if kind not in _ENDS else ""
         return (f"expected a BatchNormalization policy, 'frozen', 'train' or 'affine', found "
                 f"{found}{hint}")
+    if "RANK_EQ" in expected:
+        return f"expected 'rank=' after 'lora', as in 'lora rank=8 query, value', found {found}"
+    if expected == {"NUMBER"}:
+        return f"expected a number after 'alpha=', as in 'lora rank=8 alpha=16 query', found {found}"
+    if expected == {"INT"} and before.endswith("="):
+        return f"expected the rank, an integer, as in 'lora rank=8 query', found {found}"
     if "EPOCH" in expected:
         return f"expected 'epoch' after 'at', as in 'at epoch 3:', found {found}"
     if expected == {"INT"} and kind != "INT":

@@ -9,6 +9,12 @@ flag turned on for its sublayers, their variable flags say it (`LayerPlan.off`).
 
 A variable's own flag is state too (LoRA turns its kernel's off): a rule that unfreezes a layer
 leaves off what the model holds off, and a layer no rule covers keeps every variable as it was.
+
+LoRA statements (lora.py) are resolved first, into the tree the model will be once its adapters
+exist; the rules resolve against that tree. A layer with an adapter a statement asks for trains
+its two factors unless a rule after the statement covers the layer and freezes it (then the rule
+decides them, as it decides the rest); its other weights keep what the rules decide, so its flag
+is on when either trains, and what must not train is held off by its variable's flag (`off`).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from typing import Optional
 from .errors import Diagnostic, SelectorError, SurgeryError
 from .ir import BN_AFFINE, BN_FROZEN, BN_TRAIN, BatchNormRule, Phase, Rule, Spec
 from .layerparts import whole_weight
+from .lora import Adapter, Adapters, LoraResult, resolve_lora
 from .parts import PartError
 from .parts import select as select_part
 from .resolve import BATCHNORM_CLASSES, PartOp, Resolution, RuleResult, resolve
@@ -83,6 +90,8 @@ class LayerPlan:
     # with its moving statistics while it trains (surgery's AffineBatchNormalization).
     policy: Optional[BatchNormRule] = None
     affine: bool = False
+    # The layer's LoRA (lora.py), where it has or gets one (`Plan.trains` says if it trains).
+    adapter: Optional[Adapter] = None
 
     @property
     def partial(self) -> bool:
@@ -108,18 +117,20 @@ class LayerPlan:
         carried = {w.name: w.frozen for w in self.layer.weights if w.frozen}
         wanted = {p.weight: p.indices for p in self.frozen_parts}
         return (self.before != self.after or carried != wanted or self.affine != self.layer.affine
-                or (self.after and self.off != self.was_off))
+                or (self.after and self.off != self.was_off)
+                or (self.adapter is not None and self.adapter.new))
 
 
 @dataclass(frozen=True)
 class Totals:
-    params: int
+    params: int  # after the plan: the LoRA factors it creates included
     trainable_before: int
     trainable_after: int
+    added: int = 0  # parameters the plan creates (new LoRA factors)
 
     @property
     def non_trainable_before(self) -> int:
-        return self.params - self.trainable_before
+        return self.params - self.added - self.trainable_before
 
     @property
     def non_trainable_after(self) -> int:
@@ -136,6 +147,8 @@ class Plan:
     diagnostics: tuple[Diagnostic, ...]
     # A spec with phases: every phase's plan, phase 0 first (this plan is phase 0's state).
     phases: tuple["PhasePlan", ...] = ()
+    # What each LoRA statement did (lora.py), in spec order.
+    lora: tuple[LoraResult, ...] = ()
 
     @property
     def totals(self) -> Totals:
@@ -145,6 +158,8 @@ class Plan:
             params=sum(lp.layer.params for lp in top),
             trainable_before=sum(lp.trainable_params_before for lp in top),
             trainable_after=sum(lp.trainable_params_after for lp in top),
+            added=sum(lp.adapter.params for lp in self.layers
+                      if lp.adapter is not None and lp.adapter.new),
         )
 
     def trains(self, lp: LayerPlan) -> dict[str, bool]:
@@ -272,7 +287,13 @@ def _frozen_parts(node: Layer, frozen: dict[str, set[int]], source: str,
     return tuple(out)
 
 
-def make_plan(tree: LayerTree, resolution: Resolution, source: str = "") -> Plan:
+def make_plan(tree: LayerTree, resolution: Resolution, source: str = "",
+              adapters: Optional[Adapters] = None) -> Plan:
+    """The plan of ``resolution``, resolved against ``tree``: the model as it is, or, with
+    ``adapters``, as it will be once its new LoRA factors exist (``adapters.tree``; then the
+    state before is read from ``adapters.original``)."""
+    before_tree = adapters.original if adapters is not None else tree
+    lora = adapters.by_path if adapters is not None else {}
     after: dict[str, bool] = {}
     own: dict[str, bool] = {}  # a unit's own weights: whether they train with its flag
     rule_of: dict[str, Optional[Rule]] = {}
@@ -285,14 +306,26 @@ def make_plan(tree: LayerTree, resolution: Resolution, source: str = "") -> Plan
             rule = resolution.deciding.get(node.path)
             ops = resolution.part_ops.get(node.path, ())
             state = rule.trainable if rule is not None else tree.effectively_trainable(node)
-            state, rule, parts = _settle_parts(node, state, rule, ops, source)
-            policy = resolution.policies.get(node.path)
-            if policy is not None and policy.mode == BN_FROZEN:
-                state, parts = False, ()  # the policy stands whatever the rules unfreeze
-            rule_of[node.path] = rule
-            parts_of[node.path] = parts
-            own[node.path] = state
-            off_of[node.path] = _off(tree, node, state, rule is not None or bool(ops))
+            adapter = lora.get(node.path)
+            if adapter is not None and adapter.statement is not None:
+                _no_parts_on(adapter, ops, source)
+                # The statement trains the factors; a rule after it that covers the layer
+                # decides them as it decides the rest of the layer.
+                ab = rule.trainable if rule is not None and \
+                    rule.number >= adapter.statement.order else True
+                rule_of[node.path] = rule
+                parts_of[node.path] = ()
+                own[node.path] = state or ab
+                off_of[node.path] = _lora_off(node, adapter, state, ab)
+            else:
+                state, rule, parts = _settle_parts(node, state, rule, ops, source)
+                policy = resolution.policies.get(node.path)
+                if policy is not None and policy.mode == BN_FROZEN:
+                    state, parts = False, ()  # the policy stands whatever the rules unfreeze
+                rule_of[node.path] = rule
+                parts_of[node.path] = parts
+                own[node.path] = state
+                off_of[node.path] = _off(tree, node, state, rule is not None or bool(ops))
         # Evaluate every child (no short-circuit: each needs its own state).
         inside = any([settle(c) for c in node.children])
         state = own.get(node.path, False) or inside
@@ -311,27 +344,61 @@ def make_plan(tree: LayerTree, resolution: Resolution, source: str = "") -> Plan
         return mine + sum(params_after(c) for c in node.children)
 
     def params_before(node: Layer) -> int:
-        return sum(w.size - w.frozen_entries for w in node.weights if tree.trains(node, w)) + \
+        return sum(w.size - w.frozen_entries for w in node.weights
+                   if before_tree.trains(node, w)) + \
             sum(params_before(c) for c in node.children)
+
+    def was(n: Layer) -> Layer:
+        return before_tree.get(n.path) if before_tree is not tree else n
 
     layers = tuple(
         LayerPlan(
             layer=n,
-            before=tree.effectively_trainable(n),
+            before=before_tree.effectively_trainable(was(n)),
             after=after[n.path],
             rule=rule_of[n.path],
-            trainable_params_before=params_before(n),
+            trainable_params_before=params_before(was(n)),
             trainable_params_after=params_after(n),
             frozen_parts=parts_of.get(n.path, ()),
             off=off_of.get(n.path, ()),
-            was_off=_found_off(tree, n),
+            was_off=_found_off(before_tree, was(n)),
             policy=resolution.policies.get(n.path),
             affine=_affine(n, resolution.policies.get(n.path), after[n.path]),
+            adapter=lora.get(n.path),
         )
         for n in tree.layers()
     )
     return Plan(tree, layers, tree.root.trainable, root_after, resolution.rules,
                 resolution.diagnostics)
+
+
+def _no_parts_on(adapter: Adapter, ops: tuple[PartOp, ...], source: str) -> None:
+    if ops:
+        op = ops[0]
+        raise SelectorError(
+            f"'{adapter.path}' gets LoRA (line {adapter.statement.span.line}): its "
+            f"{adapter.weight} is frozen whole and its update trains in the two factors, so its "
+            f"weights are decided whole: write '{op.rule.action} {adapter.path}' (the factors "
+            f"and the bias follow it)", op.rule.span, source=source)
+
+
+def _lora_off(node: Layer, adapter: Adapter, base: bool, factors: bool) -> tuple[str, ...]:
+    """What stays off in a layer with LoRA whose flag is on: the adapted weight always, the
+    other weights where the rules freeze them, the factors where a later rule froze them."""
+    if not (base or factors):
+        return ()
+    out = []
+    for w in node.weights:
+        if not w.trainable:
+            continue
+        if w.name == adapter.weight or w.held:
+            out.append(w.name)
+        elif w.name in adapter.factors:
+            if not factors:
+                out.append(w.name)
+        elif not base:
+            out.append(w.name)
+    return tuple(out)
 
 
 def _off(tree: LayerTree, node: Layer, state: bool, decided: bool) -> tuple[str, ...]:
@@ -375,11 +442,19 @@ def plan_phases(spec: Spec, tree: LayerTree, *, allow_empty: bool = False) -> tu
     still decides the epochs before it: it is not 'without effect')."""
     out = []
     headers = {p.epoch: p for p in spec.phases}
+    # LoRA statements are phase 0's (checks.py): one set of adapters for every phase.
+    adapters = resolve_lora(spec, tree, allow_empty=allow_empty)
     for epoch in spec.epochs:
-        plan = make_plan(tree, resolve(spec.until(epoch), tree, allow_empty=allow_empty),
-                         spec.source)
+        plan = make_plan(adapters.tree, resolve(spec.until(epoch), adapters.tree,
+                                                allow_empty=allow_empty), spec.source, adapters)
+        if epoch == 0 and adapters.unmatched:
+            plan = replace(plan, diagnostics=plan.diagnostics + tuple(
+                Diagnostic("warning", d.message, d.span) for d in adapters.unmatched))
+        if epoch == 0 and adapters.results:
+            plan = replace(plan, lora=adapters.results)
         own = {s.span for s in spec.rules if s.epoch == epoch} | {
-            s.span for s in spec.policies if s.epoch == epoch}
+            s.span for s in spec.policies if s.epoch == epoch} | {
+            s.span for s in spec.loras if s.epoch == epoch}
         mine = tuple(d for d in plan.diagnostics if within(d.span, own))
         header = headers.get(epoch)
         if out and not changed_layers(out[-1].plan, plan):

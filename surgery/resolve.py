@@ -24,7 +24,7 @@ from .parts import Selection
 from .suggest import suggest
 from .tree import Layer, LayerTree
 
-__all__ = ["RuleResult", "PartOp", "Resolution", "resolve", "BATCHNORM_CLASSES"]
+__all__ = ["RuleResult", "PartOp", "Resolution", "resolve", "select_units", "BATCHNORM_CLASSES"]
 
 
 @dataclass(frozen=True)
@@ -228,6 +228,27 @@ def _unfrozen_without_policy(spec: Spec, r: "_Resolver", results, policies) -> l
             "warning", f"this rule unfreezes BatchNormalization layers ({shown}) without a "
             f"policy; say how they train: {_POLICY_CHOICES}", res.rule.span))
     return found
+
+
+def select_units(tree: LayerTree, selectors, excepts) -> tuple[
+        list[tuple[Selector, list[Layer]]], list[str], list[Diagnostic]]:
+    """What a statement's selectors name, for statements that are not rules (lora.py): each
+    selector with the layers it matches, the units they cover less those ``excepts`` cover, in
+    model order, and why a selector matches nothing."""
+    r = _Resolver(tree)
+    problems: list[Diagnostic] = []
+    matched = []
+    picked: dict[str, None] = {}
+    for sel in selectors:
+        nodes, problem = r.select(sel)
+        if problem:
+            problems.append(problem)
+        matched.append((sel, nodes))
+        for node in nodes:
+            picked.update(dict.fromkeys(r.units(node)))
+    removed = r.covered_by(excepts, problems)
+    covered = sorted((p for p in picked if p not in removed), key=r.order.__getitem__)
+    return matched, covered, problems
 
 
 def _opposite(action: str) -> str:

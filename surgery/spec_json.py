@@ -19,14 +19,18 @@ they decide something else (how a BatchNormalization layer behaves, not whether 
 empty ``select`` meaning every BatchNormalization layer; ``phases`` the ``at epoch N:`` headers.
 Every operation and policy carries the ``epoch`` of its phase (0 before the first header): the
 spec in force at epoch E is the entries with ``epoch <= E``. Format 2 added ``epoch``,
-``policies`` and ``phases``; the rules' fields are those of format 1.
+``policies`` and ``phases``; the rules' fields are those of format 1. ``lora`` (present only
+when the spec has LoRA statements, so that every other spec compiles as before) lists them in
+order, each with its ``rank``, the ``alpha`` in force (the rank where none is written) and
+``after_operations``, the number of operations before it: those from that number on come after
+it and decide its layers' adapters too.
 """
 
 from __future__ import annotations
 
-from .fmt import format_policy, format_rule, format_selector
+from .fmt import format_lora, format_policy, format_rule, format_selector
 from .ir import (
-    All, AnyDepth, BatchNormRule, Glob, Index, Name, Phase, Range, Regex, Rule, Selector, Slice,
+    All, AnyDepth, BatchNormRule, Glob, Index, LoraRule, Name, Phase, Range, Regex, Rule, Selector, Slice,
     Spec, TypeGlob,
 )
 
@@ -92,6 +96,19 @@ def _policy(policy: BatchNormRule) -> dict:
     }
 
 
+def _lora(lora: LoraRule) -> dict:
+    return {
+        **_where(lora),
+        "action": "lora",
+        "rank": lora.rank,
+        "alpha": lora.scale_alpha,
+        "after_operations": lora.order,
+        "statement": format_lora(lora),
+        "select": [_selector(s) for s in lora.selectors],
+        "except": [_selector(s) for s in lora.excepts],
+    }
+
+
 def _phase(phase: Phase) -> dict:
     return {"epoch": phase.epoch, "line": phase.span.line, "column": phase.span.column}
 
@@ -101,5 +118,6 @@ def compile_spec(spec: Spec) -> dict:
         "format": FORMAT,
         "operations": [_operation(r) for r in spec.rules],
         "policies": [_policy(p) for p in spec.policies],
+        **({"lora": [_lora(lo) for lo in spec.loras]} if spec.loras else {}),
         "phases": [_phase(p) for p in spec.phases],
     }

@@ -40,8 +40,8 @@ import yaml
 
 from .checks import Statements, integer
 from .errors import SpecSyntaxError
-from .fmt import statement_text
-from .ir import BATCHNORM, BN_MODES, FREEZE, UNFREEZE, Comment, Selector, Span, Spec
+from .fmt import format_number, statement_text
+from .ir import BATCHNORM, BN_MODES, FREEZE, LORA, UNFREEZE, Comment, Selector, Span, Spec
 from .parse import parse_selectors
 from .render import Lines
 from .suggest import did_you_mean
@@ -49,7 +49,8 @@ from .suggest import did_you_mean
 __all__ = ["parse_yaml", "is_embedded"]
 
 _ACTIONS = (FREEZE, UNFREEZE)
-_KEYS = [FREEZE, UNFREEZE, "except", BATCHNORM, "select"]
+_KEYS = [FREEZE, UNFREEZE, "except", BATCHNORM, "select", LORA, "rank", "alpha"]
+_LORA_KEYS = ("rank", "alpha")  # the keys only a 'lora:' item has
 _PHASE_KEY = re.compile(r"at(?:\s|$)")  # a key that means to be a phase header
 _PHASE = re.compile(r"at\s+epoch\s+([+-]?[0-9]+)")
 _SAFE_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "seq",
@@ -301,8 +302,9 @@ class _Reader:
         return out.header(integer(match.group(1), span, self.text), span)
 
     def statement(self, node, out: Statements) -> None:
-        """A rule (``freeze:``/``unfreeze:``, ``except:``) or a BatchNormalization policy
-        (``batchnorm:``, ``select:``, ``except:``)."""
+        """A rule (``freeze:``/``unfreeze:``, ``except:``), a BatchNormalization policy
+        (``batchnorm:``, ``select:``, ``except:``) or a LoRA statement (``lora:`` with its
+        selectors, ``rank:``, ``alpha:``, ``except:``)."""
         if not isinstance(node, yaml.MappingNode):
             raise self.error("a rule is a mapping such as '- freeze: conv1_*'", node.start_mark)
         action: Optional[str] = None
@@ -310,11 +312,12 @@ class _Reader:
         selectors: tuple[Selector, ...] = ()
         excepts: tuple[Selector, ...] = ()
         select_key = None
+        lora: dict[str, tuple[yaml.Node, yaml.Node]] = {}
         for name, key, value in self._keys(node):
-            if name in _ACTIONS or name == BATCHNORM:
+            if name in _ACTIONS or name in (BATCHNORM, LORA):
                 if action is not None:
-                    raise self.error("a statement has one action: 'freeze', 'unfreeze' or "
-                                     "'batchnorm'", key.start_mark, len(name))
+                    raise self.error("a statement has one action: 'freeze', 'unfreeze', "
+                                     "'lora' or 'batchnorm'", key.start_mark, len(name))
                 action = name
                 if name == BATCHNORM:
                     mode = self.mode(value)
@@ -325,12 +328,18 @@ class _Reader:
             elif name == "select":
                 select_key = key
                 selected = self.selectors(value)
+            elif name in _LORA_KEYS:
+                lora[name] = (key, value)
             else:
                 raise self.error(f"unknown key '{name}'{did_you_mean(name, _KEYS)}",
                                  key.start_mark, len(name))
         if action is None:
-            raise self.error("a rule needs 'freeze:', 'unfreeze:' or 'batchnorm:'",
+            raise self.error("a rule needs 'freeze:', 'unfreeze:', 'lora:' or 'batchnorm:'",
                              node.start_mark)
+        if action != LORA and lora:
+            name, (key, _) = next(iter(lora.items()))
+            raise self.error(f"'{name}' goes with 'lora:', as in '- lora: query' with "
+                             f"'rank: 8' below it", key.start_mark, len(name))
         if select_key is not None:
             if action != BATCHNORM:
                 raise self.error(f"'select' goes with 'batchnorm:'; a {action} rule lists its "
@@ -345,8 +354,37 @@ class _Reader:
         if action == BATCHNORM:
             head = f"{BATCHNORM} {mode}"
             out.policy(mode, selectors, excepts, statement_text(head, selectors, excepts), span)
+        elif action == LORA:
+            if "rank" not in lora:
+                raise self.error("a 'lora:' rule needs 'rank: R', the adapters' rank, as in "
+                                 "'rank: 8'", node.start_mark)
+            rank, rank_span = self.number(lora["rank"][1], whole=True)
+            alpha, alpha_span = (self.number(lora["alpha"][1], whole=False) if "alpha" in lora
+                                 else (None, None))
+            head = f"{LORA} rank={rank}" + (
+                f" alpha={format_number(alpha)}" if alpha is not None else "")
+            out.lora(rank, alpha, selectors, excepts, statement_text(head, selectors, excepts),
+                     span, rank_span, alpha_span)
         else:
             out.rule(action, selectors, excepts, statement_text(action, selectors, excepts), span)
+
+    def number(self, node, *, whole: bool):
+        """A rank (``whole``: an integer) or an alpha (any number), and where it is written."""
+        start = node.start_mark.index
+        width = max(1, node.end_mark.index - start)
+        line, col = self.lines.position(start)
+        span = Span(self.file, line, col, line, col + width)
+        tags = ("int",) if whole else ("int", "float")
+        if isinstance(node, yaml.ScalarNode) and node.tag in {
+                f"tag:yaml.org,2002:{t}" for t in tags}:
+            text = node.value.replace("_", "")
+            try:
+                return (integer(text, span, self.text) if whole else float(text)), span
+            except ValueError:
+                pass
+        what = "the rank, an integer, as in 'rank: 8'" if whole else \
+            "alpha, a number, as in 'alpha: 16'"
+        raise SpecSyntaxError(f"expected {what}", span, source=self.text)
 
     def mode(self, node) -> str:
         if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:str" and \

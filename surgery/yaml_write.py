@@ -13,8 +13,8 @@ import re
 
 import yaml
 
-from .fmt import format_selector, layout
-from .ir import BATCHNORM, BatchNormRule, Phase, Selector, Spec
+from .fmt import format_number, format_selector, layout
+from .ir import BATCHNORM, LORA, BatchNormRule, LoraRule, Phase, Selector, Spec
 
 __all__ = ["to_yaml"]
 
@@ -81,6 +81,10 @@ def to_yaml(spec: Spec) -> str:
             item = [f"- {BATCHNORM}: {st.mode}"]
             if st.selectors:
                 item.append(f"  select: {_value(st.selectors)}")
+        elif isinstance(st, LoraRule):
+            item = [f"- {LORA}: {_value(st.selectors)}", f"  rank: {st.rank}"]
+            if st.alpha is not None:
+                item.append(f"  alpha: {format_number(st.alpha)}")
         else:
             item = [f"- {st.action}: {_value(st.selectors)}"]
         if not isinstance(st, Phase) and st.excepts:
