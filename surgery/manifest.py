@@ -25,6 +25,9 @@ from .spec_json import compile_spec
 from .digest import sha256_file  # noqa: F401  (tests/test_archive_engine.py imports it from here)
 from .errors import SpecError
 from .ir import BN_AFFINE, Spec
+from .lora import ALPHA as LORA_ALPHA
+from .lora import LORA_WEIGHTS, lora_base
+from .lora import RANK as LORA_RANK
 from .parse import parse
 from .parts import PartError
 from .parts import select as select_part
@@ -128,6 +131,7 @@ def build_manifest(plan: Plan, spec: Spec, *, model_source: str, model_sha256: O
                 **({"frozen_parts": _parts(lp)} if lp.frozen_parts else {}),
                 **({"batchnorm": lp.batchnorm, "affine": lp.affine}
                    if lp.policy is not None or lp.affine else {}),
+                **({"lora": _lora(plan, lp)} if lp.adapter is not None else {}),
             }
             for lp in plan.layers
         ],
@@ -138,6 +142,7 @@ def build_manifest(plan: Plan, spec: Spec, *, model_source: str, model_sha256: O
                                  "after": totals.trainable_after},
             "non_trainable_params": {"before": totals.non_trainable_before,
                                      "after": totals.non_trainable_after},
+            **({"new_params": totals.added} if totals.added else {}),
         },
         "notes": list(plan.notes),
         "warnings": [
@@ -150,6 +155,16 @@ def build_manifest(plan: Plan, spec: Spec, *, model_source: str, model_sha256: O
     if output_sha256 is not None:
         data["output"] = {"sha256": output_sha256}
     return Manifest(data)
+
+
+def _lora(plan: Plan, lp) -> dict:
+    """A layer's LoRA: rank, alpha, the factors' parameters, whether this run created them and
+    whether they train, and the statement that asks for it (None: the model had it)."""
+    ad = lp.adapter
+    trains = plan.trains(lp)
+    return {"rank": ad.rank, "alpha": ad.alpha, "params": ad.params, "new": ad.new,
+            "trains": all(trains[n] for n in ad.factors),
+            "statement": ad.statement.number if ad.statement is not None else None}
 
 
 def _parts(lp) -> list[dict]:
@@ -343,10 +358,27 @@ def _as_given(tree: LayerTree, entries: dict) -> LayerTree:
                                 frozen_entries=parts[w.name]["entries"])
                         if w.name in parts else replace(w, frozen=(), frozen_entries=0)
                         for w in node.weights)
-        return replace(node, trainable=entry["before"], weights=weights,
+        node = replace(node, trainable=entry["before"], weights=weights,
                        affine=bool(entry.get("affine", False)))
+        return _without_new_lora(node, entry)
 
     return LayerTree(rebuild(tree.root))
+
+
+def _without_new_lora(node, entry: dict):
+    """The layer before the run that gave it LoRA (``lora.new``): without the factors and the
+    rank, its adapted weight following its flag again."""
+    recorded = entry.get("lora")
+    if not recorded or not recorded.get("new"):
+        return node
+    base = lora_base(node)
+    if base is None or dict(node.details).get(LORA_RANK) is None:
+        raise _Inconsistent(f"layers[{node.path!r}].lora: the model's layer has no LoRA")
+    weight, a_name, b_name = LORA_WEIGHTS[base]
+    weights = tuple(replace(w, flag=None, held=False) if w.name == weight else w
+                    for w in node.weights if w.name not in (a_name, b_name))
+    details = tuple(kv for kv in node.details if kv[0] not in (LORA_RANK, LORA_ALPHA))
+    return replace(node, weights=weights, details=details)
 
 
 def _size(node, weight: str) -> int:
@@ -432,7 +464,9 @@ def _self_inconsistencies(data: dict) -> list[str]:
         ("totals.non_trainable_params.after", totals["non_trainable_params"]["after"],
          totals["params"] - totals["trainable_params"]["after"]),
         ("totals.non_trainable_params.before", totals["non_trainable_params"]["before"],
-         totals["params"] - totals["trainable_params"]["before"]),
+         totals["params"] - totals.get("new_params", 0) - totals["trainable_params"]["before"]),
+        ("totals.new_params", totals.get("new_params", 0),
+         sum(e["lora"]["params"] for e in leaves if e.get("lora", {}).get("new"))),
         ("model.layers", data["model"]["layers"], len(data["layers"])),
         ("model_trainable", data["model_trainable"],
          any(e["trainable"] for e in data["layers"] if "/" not in e["path"])),
@@ -474,6 +508,7 @@ def state_differences(manifest: Manifest, tree: LayerTree, *,
             word = lambda affine: "affine" if affine else "not affine"  # noqa: E731
             differences.append(f"{path}: the manifest has this BatchNormalization "
                                f"{word(want_affine)}, the model {word(node.affine)}")
+        differences += _lora_differences(path, entry.get("lora"), node, tree)
         if node.params == 0:
             continue
         actual = _trains(tree, node)
@@ -493,6 +528,25 @@ def state_differences(manifest: Manifest, tree: LayerTree, *,
         if path not in recorded:
             differences.append(f"{path}: in the model, missing from the manifest")
     return differences
+
+
+def _lora_differences(path: str, recorded: Optional[dict], node, tree: LayerTree) -> list[str]:
+    details = dict(node.details)
+    have = details.get(LORA_RANK)
+    if recorded is None:
+        return [f"{path}: the model has LoRA (rank {have}), the manifest none"] if have else []
+    if have is None:
+        return [f"{path}: the manifest has LoRA (rank {recorded['rank']}), the model none"]
+    alpha = float(details.get(LORA_ALPHA, have))
+    if (int(have), alpha) != (recorded["rank"], float(recorded["alpha"])):
+        return [f"{path}: the manifest has LoRA rank {recorded['rank']} alpha "
+                f"{float(recorded['alpha']):g}, the model rank {have} alpha {alpha:g}"]
+    factors = LORA_WEIGHTS[lora_base(node)][1:]
+    trains = all(tree.trains(node, w) for w in node.weights if w.name in factors)
+    if trains != recorded["trains"]:
+        return [f"{path}: the manifest has its LoRA factors {_state(recorded['trains'])}, the "
+                f"model {_state(trains)}"]
+    return []
 
 
 def _trains(tree: LayerTree, node) -> bool:
@@ -566,6 +620,10 @@ def _described(entry: dict) -> str:
         word += " with " + ", ".join(f"{p['weight']}[{p['frozen']}]" for p in parts) + " frozen"
     if entry.get("batchnorm"):
         word += f" (batchnorm {entry['batchnorm']})"
+    lora = entry.get("lora")
+    if lora:
+        word += (f" (LoRA rank {lora['rank']} alpha {float(lora['alpha']):g}, factors "
+                 f"{_state(lora['trains'])})")
     return word
 
 

@@ -113,6 +113,10 @@ class MapOf:
         self.value = value
 
 
+class Number:
+    """An integer or a float (a LoRA alpha)."""
+
+
 class Maybe:
     def __init__(self, kind):
         self.kind = kind
@@ -122,7 +126,9 @@ _PART = {"weight": str, "shape": ListOf(int), "axes": ListOf(int), "frozen": str
          "entries": int}
 _LAYER = {"path": str, "index": int, "class": str, "container": bool, "params": int,
           "trainable_params": int, "before": bool, "trainable": bool, "rule": Maybe(int),
-          "frozen_parts?": ListOf(_PART), "batchnorm?": Maybe(str), "affine?": bool}
+          "frozen_parts?": ListOf(_PART), "batchnorm?": Maybe(str), "affine?": bool,
+          "lora?": {"rank": int, "alpha": Number, "params": int, "new": bool, "trains": bool,
+                    "statement": Maybe(int)}}
 _BEFORE_AFTER = {"before": int, "after": int}
 _PHASE = {"epoch": int, "line": Maybe(int), "trainable": ListOf(str),
           "frozen_parts": MapOf(ListOf(_PART)), "batchnorm": MapOf(str), "affine": ListOf(str),
@@ -140,7 +146,7 @@ SCHEMA = {
     "layers": ListOf(_LAYER),
     "model_trainable": bool,
     "totals": {"params": int, "trainable_params": _BEFORE_AFTER,
-               "non_trainable_params": _BEFORE_AFTER},
+               "non_trainable_params": _BEFORE_AFTER, "new_params?": int},
     "notes": ListOf(str),
     "warnings": ListOf({"line": int, "column": int, "message": str}),
     "schedule?": ListOf(_PHASE),
@@ -173,6 +179,9 @@ def check(value: Any, schema: Any = SCHEMA, where: str = "") -> None:
         _expect(isinstance(value, dict), value, "an object", where)
         for key, item in value.items():
             check(item, schema.value, f"{where}[{key!r}]")
+    elif schema is Number:
+        _expect(isinstance(value, (int, float)) and not isinstance(value, bool), value,
+                "a number", where)
     elif schema is int:  # a JSON true is no count
         _expect(isinstance(value, int) and not isinstance(value, bool), value, _NAMES[int],
                 where)

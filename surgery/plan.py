@@ -204,8 +204,18 @@ class Plan:
                 f"{affine} BatchNormalization layer{'s train' if affine > 1 else ' trains'} gamma "
                 "and beta under 'batchnorm affine': in training too they normalize with their "
                 "fixed moving statistics and never update them.")
+        lora = [lp for lp in self.layers if lp.adapter is not None]
+        if lora:
+            trains = sum(lp.adapter.params for lp in lora
+                         if all(self.trains(lp)[n] for n in lp.adapter.factors))
+            notes.append(
+                f"{len(lora)} layer{'s have' if len(lora) > 1 else ' has'} LoRA, with {trains:,} "
+                "factor parameters training: save with 'surgery apply' or read back with "
+                "surgery.load_model, which gives LoRA back with its alpha and factors that "
+                "train (keras.models.load_model zeroes both factors, so they never move).")
         held = sum(1 for lp in self.layers if lp.after
-                   for w in lp.layer.weights if w.held and w.name in lp.off)
+                   for w in lp.layer.weights if w.held and w.name in lp.off and
+                   not (lp.adapter is not None and w.name == lp.adapter.weight))
         if held:
             notes.append(
                 f"{held} variable{'s keep their' if held > 1 else ' keeps its'} own trainable "

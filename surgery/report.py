@@ -23,6 +23,10 @@ def _rule_cell(lp: LayerPlan, with_rules: bool) -> str:
     deciding = lp.rule
     if lp.policy is not None and (lp.policy.mode == BN_FROZEN or deciding is None):
         deciding = lp.policy
+    ad = lp.adapter
+    if ad is not None and ad.statement is not None and (
+            lp.rule is None or lp.rule.number < ad.statement.order):
+        deciding = ad.statement  # the factors train from it; the rule (if any) decides the rest
     if deciding is None:
         return "-"
     text = deciding.text if len(deciding.text) <= 40 else deciding.text[:37] + "..."
@@ -31,6 +35,11 @@ def _rule_cell(lp: LayerPlan, with_rules: bool) -> str:
 
 def _after_cell(lp: LayerPlan) -> str:
     word = "partial" if lp.partial else state_word(lp.after)
+    if lp.adapter is not None and lp.after:
+        own = [w.name for w in lp.layer.weights if w.trainable and w.name not in lp.off and
+               w.name not in lp.adapter.factors]
+        factors = not set(lp.adapter.factors) & set(lp.off)
+        word = ("trainable, lora" if own and factors else "lora only" if factors else word)
     return f"{word}, affine" if lp.affine else word
 
 
@@ -65,6 +74,7 @@ def plan_table(plan: Plan, *, with_rules: bool = True) -> str:
                 lines.append(f"  {lp.path}.{p.weight} {p.shape}: {p.ranges} of {p.size} on "
                              f"{axis} ({p.entries:,} entries)")
         lines.append("")
+    lines.extend(_lora_lines(plan))
     lines.extend(_variable_lines(plan, with_paths=not with_rules))
     lines.extend(_totals(plan, with_change=with_rules))
     if with_rules and any(lp.changed for lp in plan.layers):
@@ -76,12 +86,39 @@ def plan_table(plan: Plan, *, with_rules: bool = True) -> str:
     return "\n".join(lines)
 
 
+def _lora_lines(plan: Plan) -> list[str]:
+    """The layers with LoRA: rank, alpha, the factors' parameters and state, and what each
+    statement covered but could not adapt."""
+    with_lora = [lp for lp in plan.layers if lp.adapter is not None]
+    if not with_lora:
+        return []
+    lines = ["LoRA (the adapted weight stays frozen; the factors A and B hold its update, "
+             "scaled by alpha/rank):"]
+    for lp in with_lora:
+        ad = lp.adapter
+        trains = plan.trains(lp)
+        state = state_word(all(trains[n] for n in ad.factors))
+        origin = (f"line {ad.statement.span.line}" if ad.statement is not None else "the model's")
+        if not ad.new:
+            origin += ", already in the model"
+        lines.append(f"  {lp.path}.{ad.weight}: rank {ad.rank}, alpha {ad.alpha:g}, "
+                     f"{ad.params:,} factor parameters, {state} ({origin})")
+    for res in plan.lora:
+        if res.skipped:
+            shown = ", ".join(f"{k} {c}" for c, k in res.skipped)
+            lines.append(f"  line {res.statement.span.line} also covers layers without LoRA "
+                         f"in Keras, left as the rules decide: {shown}")
+    lines.append("")
+    return lines
+
+
 def _variable_lines(plan: Plan, *, with_paths: bool) -> list[str]:
     """Variables whose own trainable flag the model holds off inside trainable layers (LoRA's
     kernels), and, for `show`, where Keras's variable.path is not surgery's path."""
     lines = []
     held = [(lp.path, w) for lp in plan.layers if lp.after
-            for w in lp.layer.weights if w.held and w.name in lp.off]
+            for w in lp.layer.weights if w.held and w.name in lp.off and
+            not (lp.adapter is not None and w.name == lp.adapter.weight)]
     if held:
         lines.append("variables whose own trainable flag is off (LoRA's merged kernels, flags set "
                      "by hand; rules that unfreeze their layers leave them off):")
@@ -144,7 +181,7 @@ def _totals(plan: Plan, *, with_change: bool) -> list[str]:
     t = plan.totals
     rows = [("trainable params", t.trainable_before, t.trainable_after),
             ("non-trainable params", t.non_trainable_before, t.non_trainable_after),
-            ("total params", t.params, t.params)]
+            ("total params", t.params - t.added, t.params)]
     if not with_change:
         return [f"{label}: {before:,}" for label, before, _ in rows]
     w = max(len(f"{b:,}") for _, b, _ in rows)
@@ -165,6 +202,10 @@ def plan_summary(plan: Plan) -> str:
     for pol, lps in sorted(policies.items(), key=lambda kv: kv[0].number):
         lines.append(f"line {pol.span.line}: {pol.text}  ({len(lps)} BatchNormalization layer"
                      f"{'s' if len(lps) != 1 else ''})")
+    for res in plan.lora:
+        n = len(res.targets)
+        lines.append(f"line {res.statement.span.line}: {res.statement.text}  (LoRA on {n} "
+                     f"layer{'s' if n != 1 else ''})")
     frozen = sum(1 for lp in plan.layers if not lp.layer.children and not lp.after)
     leaves = sum(1 for lp in plan.layers if not lp.layer.children)
     partial = sum(1 for lp in plan.layers if lp.partial)

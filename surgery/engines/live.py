@@ -13,6 +13,7 @@ import os
 import re
 import sys
 import tempfile
+import zlib
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter is not ours
 
@@ -50,6 +51,7 @@ from .batchnorm import is_affine, switch  # noqa: E402
 from .constraint import FrozenEntries, set_frozen  # noqa: E402
 from .frozen_format import axis_details  # noqa: E402
 from ..layerparts import whole_selection  # noqa: E402
+from .. import lora as lora_spec  # noqa: E402
 from ..plan import Plan  # noqa: E402
 from ..resolve import BATCHNORM_CLASSES  # noqa: E402
 from ..saved_state import ENTRY, SavedState, installs_constraint  # noqa: E402
@@ -153,6 +155,8 @@ def _weights(layer, chain: bool, seen: set) -> tuple[list, tuple[Weight, ...]]:
     # alone cannot tell a frozen kernel from BatchNormalization's moving mean). A variable that
     # two layers track is described once, where it is met first, as Keras counts it.
     capable = {id(v) for v in layer._trainable_variables}
+    base = _lora_class(layer) if getattr(layer, "lora_enabled", False) else None
+    lora_weight = lora_spec.LORA_WEIGHTS[base][0] if base else None
     variables = [v for v in _own_variables(layer) if id(v) not in seen]
     seen.update(id(v) for v in variables)
     shapes = {v.name: tuple(int(d) for d in v.shape) for v in variables}
@@ -168,10 +172,13 @@ def _weights(layer, chain: bool, seen: set) -> tuple[list, tuple[Weight, ...]]:
                                       dict(_details(layer)), v.name).indices
             entries = math.prod(shapes[v.name])
         can = id(v) in capable
+        # LoRA's adapted weight is held off whatever its layer's flag: a rule that unfreezes a
+        # frozen LoRA layer must not train it.
+        merged = can and v.name == lora_weight and not now
         out.append(Weight(
             v.name, shapes[v.name], can, indices, entries,
             flag=now if now != (can and chain) else None,
-            held=can and bool(layer.trainable) and not now and not whole,
+            held=(can and bool(layer.trainable) and not now and not whole) or merged,
             path=str(getattr(v, "path", "") or "")))
     return variables, tuple(out)
 
@@ -182,9 +189,36 @@ def _details(layer) -> tuple[tuple[str, str], ...]:
     out = []
     if type(layer).__name__ == "EinsumDense":
         out = list(axis_details("EinsumDense", layer.get_config()))
+    base = _lora_class(layer)
+    if base is not None and base != type(layer).__name__:
+        out.append((lora_spec.BASE, base))
     if getattr(layer, "lora_enabled", False):
-        out.append(("lora_rank", str(layer.lora_rank)))
+        out.append((lora_spec.RANK, str(layer.lora_rank)))
+        out.append((lora_spec.ALPHA, repr(float(layer.lora_alpha))))
+    elif base is not None:
+        blocked = _lora_blocked(layer, base)
+        if blocked:
+            out.append((lora_spec.BLOCKED, blocked))
     return tuple(out)
+
+
+def _lora_class(layer) -> str | None:
+    """The Keras class whose LoRA the layer has (a subclass takes its parent's), or None."""
+    for cls in type(layer).__mro__:
+        if cls.__name__ in lora_spec.LORA_WEIGHTS and cls.__module__.startswith("keras."):
+            return cls.__name__
+    return None
+
+
+def _lora_blocked(layer, base: str) -> str:
+    """Why Keras's enable_lora would refuse the layer ("" where it would not)."""
+    attr = "embeddings_constraint" if base == "Embedding" else "kernel_constraint"
+    constraint = getattr(layer, attr, None)
+    if constraint is not None and not isinstance(constraint, FrozenEntries):
+        return f"a {attr} ({type(constraint).__name__})"
+    if getattr(layer, "quantization_mode", None):
+        return f"quantized weights ({layer.quantization_mode})"
+    return ""
 
 
 def write(model, plan: Plan, objects: dict[str, object]) -> None:
@@ -198,6 +232,7 @@ def write(model, plan: Plan, objects: dict[str, object]) -> None:
     plans of successive phases, all computed against the model as it was at the start, into
     the same live model.
     """
+    _enable_lora(plan, objects)
     model.trainable = plan.root_after
     for lp in plan.layers:
         if lp.batchnorm is not None:
@@ -233,6 +268,28 @@ def write(model, plan: Plan, objects: dict[str, object]) -> None:
         raise SurgeryError(
             f"Keras reports {len(actual)} trainable weights where the plan has {len(expected)}"
             f"{detail}")
+
+
+def _enable_lora(plan: Plan, objects: dict[str, object]) -> None:
+    """Create the factors of every adapter the plan adds, with Keras's own enable_lora (A from
+    a He-uniform initializer seeded by the layer's path, so that a run is reproducible; B zero,
+    which leaves the layer's outputs as they were), and list them among the layer's variables
+    where the adapted tree lists them: after its own weights."""
+    for lp in plan.layers:
+        ad = lp.adapter
+        if ad is None or not ad.new:
+            continue
+        layer = objects[lp.path]
+        if getattr(layer, "lora_enabled", False):
+            raise SurgeryError(f"'{lp.path}' has LoRA already; the plan was made for the model "
+                               f"without it")
+        layer.enable_lora(ad.rank, lora_alpha=ad.alpha, a_initializer=_a_initializer(lp.path))
+        objects.variables[lp.path] = list(objects.variables[lp.path]) + [
+            getattr(layer, ad.a.name), getattr(layer, ad.b.name)]
+
+
+def _a_initializer(path: str):
+    return keras.initializers.HeUniform(seed=zlib.crc32(path.encode("utf-8")) & 0x7FFFFFFF)
 
 
 def _carried(layer) -> dict[str, tuple[int, ...]]:
