@@ -4,17 +4,19 @@
     manifest = surgery.apply(model, "freeze all; unfreeze conv5_*")       # a live model
     result = surgery.apply_file("finetune.frz", "base.keras", "tuned.keras")  # file to file
     model.fit(data, epochs=10, callbacks=[surgery.Schedule("finetune.frz")])  # phases
+    surgery.save_adapters(model, "adapters.safetensors")  # LoRA factors alone, keyed by path
 
 Importing this package loads no TensorFlow: Keras is imported by the calls that need a model.
 """
 
+from .adapters import load_adapters, save_adapters
 from .api import apply, load_model, plan
 from .errors import (
     ModelError, SelectorError, SpecError, SpecSyntaxError, SurgeryError, SurgeryWarning,
 )
 from .ir import Spec
 from .manifest import Manifest
-from .modelfile import apply_file
+from .modelfile import apply_file, merge_file
 from .parse import parse
 from .specfile import load_spec
 from .versions import __version__
@@ -31,6 +33,9 @@ __all__ = [
     "apply_file",
     "plan",
     "load_model",
+    "save_adapters",
+    "load_adapters",
+    "merge_file",
     "Schedule",
     "Spec",
     "Manifest",

@@ -8,9 +8,11 @@ stays light.
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from typing import Optional
 
+from .adapters import SPEC_ATTR
 from .errors import SurgeryWarning  # re-exported: surgery.api.SurgeryWarning, as before
 from .ir import Spec
 from .manifest import Manifest, build_manifest
@@ -75,6 +77,8 @@ def apply_plan(model, spec: Spec, *, allow_empty: bool = False, model_source: st
         in_force = [ph for ph in the_plan.phases if ph.epoch <= epoch][-1].plan
         the_plan = replace(in_force, phases=the_plan.phases, diagnostics=the_plan.diagnostics)
     live.write(model, the_plan, objects)
+    if spec.loras:  # what save_adapters records as the adapters' origin
+        setattr(model, SPEC_ATTR, hashlib.sha256(spec.source.encode("utf-8")).hexdigest())
     manifest = build_manifest(the_plan, spec, model_source=model_source,
                               model_sha256=model_sha256, model_name=model.name)
     return the_plan, manifest

@@ -58,6 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=_cmd_apply)
 
+    p = sub.add_parser("merge", help="fold a model's LoRA adapters into its kernels: a plain "
+                       "Keras model for deployment")
+    p.add_argument("model", metavar="MODEL", help="a .keras file with LoRA layers")
+    p.add_argument("-o", "--output", metavar="OUT", required=True, help="where to write it (.keras)")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    _fsync_option(p)
+    p.set_defaults(func=_cmd_merge)
+
     p = sub.add_parser("plan", help="show what a spec would do to a model, changing nothing")
     p.add_argument("spec", metavar="SPEC", help="the spec file (.frz, .yaml, .yml)")
     p.add_argument("model", metavar="MODEL", help=model_help)
@@ -195,6 +203,17 @@ def _cmd_apply(args) -> int:
     print(plan_summary(result.plan))
     print(f"wrote {result.output}")
     print(f"manifest {result.manifest_path}")
+    return EXIT_OK
+
+
+def _cmd_merge(args) -> int:
+    from .modelfile import merge_file
+
+    result = merge_file(args.model, args.output, force=args.force, fsync=args.fsync)
+    n = len(result.layers)
+    shown = ", ".join(result.layers[:3]) + (", ..." if n > 3 else "")
+    print(f"merged LoRA into the kernels of {n} layer{'s' if n != 1 else ''} ({shown})")
+    print(f"wrote {result.output} (sha256 {result.sha256[:12]}): a plain Keras model, no LoRA")
     return EXIT_OK
 
 

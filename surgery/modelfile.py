@@ -33,8 +33,8 @@ from . import saved_state
 from .plan import Plan, plan_spec
 from .tree import LayerTree
 
-__all__ = ["Engine", "ModelRead", "AppliedFile", "read_model", "apply_file",
-           "planned_manifest"]
+__all__ = ["Engine", "ModelRead", "AppliedFile", "MergedFile", "read_model", "apply_file",
+           "merge_file", "planned_manifest"]
 
 _OUTPUT_SUFFIXES = (".keras", ".h5")
 PathLike = Union[str, os.PathLike]
@@ -159,6 +159,46 @@ def apply_file(spec: SpecLike, model: PathLike, output: PathLike, *,
                                                  fsync=fsync, safe_mode=safe_mode)
     return AppliedFile(the_plan, written, output, manifest_path, Engine.KERAS, fallback,
                        unrestored)
+
+
+@dataclass(frozen=True)
+class MergedFile:
+    """What `merge_file` wrote: the output, its sha256 and the LoRA layers folded into it."""
+
+    output: str
+    sha256: str
+    layers: tuple[str, ...]
+
+
+def merge_file(model: PathLike, output: PathLike, *, force: bool = False,
+               fsync: bool = False) -> MergedFile:
+    """Write the ``.keras`` file ``model`` to ``output`` with its LoRA adapters folded into the
+    kernels and LoRA gone from the config: a model plain ``keras.models.load_model`` loads as an
+    ordinary one, with the same outputs (engines/archive `merge_lora`; no TensorFlow). The
+    output is written atomically, never over the input; an error writes nothing."""
+    from .engines import archive
+
+    model, output = os.fspath(model), os.fspath(output)
+    if not output.endswith(".keras"):
+        raise UsageError(f"{output}: the merged model is a .keras file")
+    _check_outputs(output, None, [(model, "model")], force=force)
+    if not os.path.isfile(model):
+        raise ModelError(model, "no such file" if not os.path.exists(model) else "is not a file")
+    if not model.endswith(".keras"):
+        raise ModelError(model, "merge reads a .keras file")
+    with AtomicOutputs(fsync=fsync) as outputs:
+        tmp = outputs.reserve(output, ".keras", replace=force)
+        try:
+            written, layers = archive.merge_lora(model, str(tmp))
+        except (archive.ArchiveUnsupported, archive.DamagedArchive, InputChanged) as exc:
+            raise ModelError(model, str(exc)) from None
+        except OSError as exc:
+            raise SurgeryError(f"{output}: cannot write the model: {exc.strerror or exc}") \
+                from None
+        if not layers:
+            raise ModelError(model, "has no LoRA layer to merge")
+        outputs.commit()
+    return MergedFile(output, written.sha256, layers)
 
 
 # --- the engine, chosen once ----------------------------------------------------------------------
@@ -287,15 +327,16 @@ def _inputs(model: str, spec: Spec) -> list[tuple[str, str]]:
     return found
 
 
-def _check_outputs(output: str, manifest_path: str, inputs: list[tuple[str, str]], *,
+def _check_outputs(output: str, manifest_path: Optional[str], inputs: list[tuple[str, str]], *,
                    force: bool) -> None:
     """What can be said before any work: a usable name, no input overwritten, the folder there,
     nothing in the way unless ``force``. (The commit checks existence again, atomically.)"""
     if not output.endswith(_OUTPUT_SUFFIXES):
         raise UsageError(f"{output}: the output must end with .keras (or .h5)")
-    if _same_file(output, manifest_path):
+    if manifest_path is not None and _same_file(output, manifest_path):
         raise UsageError("the output and the manifest must be different files")
-    for path, what in ((output, "output"), (manifest_path, "manifest")):
+    targets = [(output, "output")] + ([(manifest_path, "manifest")] if manifest_path else [])
+    for path, what in targets:
         for source, kind in inputs:
             if _same_file(path, source):
                 raise UsageError(f"{path}: the {what} would overwrite the {kind}; surgery never "

@@ -55,6 +55,9 @@ class LayerState:
     frozen: tuple[tuple[str, tuple[int, ...]], ...] = ()
     whole: tuple[str, ...] = ()
     affine: bool = False
+    # LoRA: (rank, alpha). No saved form keeps both: Keras reloads a Dense or an Embedding with
+    # alpha set to the rank and both factors zero, and a keras_hub model without LoRA at all.
+    lora: Optional[tuple[int, float]] = None
 
 
 @dataclass(frozen=True)
@@ -83,7 +86,8 @@ def from_plan(plan: Plan) -> SavedState:
             weights=tuple((w.name, w.shape, trains[w.name]) for w in lp.layer.weights),
             frozen=tuple((p.weight, p.indices) for p in lp.frozen_parts if not _whole(p)),
             whole=tuple(p.weight for p in lp.frozen_parts if _whole(p)),
-            affine=lp.affine))
+            affine=lp.affine,
+            lora=(lp.adapter.rank, lp.adapter.alpha) if lp.adapter is not None else None))
     return SavedState(plan.root_after, tuple(layers))
 
 
@@ -96,7 +100,8 @@ def encode(state: SavedState) -> bytes:
              "weights": [[name, list(shape), trains] for name, shape, trains in s.weights],
              **({"frozen": {w: index_runs(i) for w, i in s.frozen}} if s.frozen else {}),
              **({"whole": list(s.whole)} if s.whole else {}),
-             **({"affine": True} if s.affine else {})}
+             **({"affine": True} if s.affine else {}),
+             **({"lora": {"rank": s.lora[0], "alpha": s.lora[1]}} if s.lora else {})}
             for s in state.layers
         ],
     }
@@ -119,12 +124,22 @@ def decode(raw: bytes) -> SavedState:
                 weights=tuple((str(n), tuple(int(d) for d in shape), _bool(t))
                               for n, shape, t in e["weights"]),
                 frozen=frozen, whole=tuple(str(w) for w in e.get("whole", ())),
-                affine=_bool(e.get("affine", False))))
+                affine=_bool(e.get("affine", False)), lora=_lora(e.get("lora"))))
         return SavedState(_bool(data["model_trainable"]), tuple(layers))
     except ValueError:
         raise
     except (KeyError, TypeError, AttributeError, UnicodeDecodeError) as exc:
         raise ValueError(f"malformed {ENTRY}: {type(exc).__name__}: {exc}") from None
+
+
+def _lora(value) -> Optional[tuple[int, float]]:
+    if value is None:
+        return None
+    rank, alpha = value["rank"], value["alpha"]
+    if not (isinstance(rank, int) and not isinstance(rank, bool) and rank > 0) or \
+            isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+        raise ValueError(f"malformed {ENTRY}: LoRA {value!r} is not a positive rank and alpha")
+    return rank, float(alpha)
 
 
 def _bool(value) -> bool:
@@ -145,6 +160,9 @@ def unrestored(plan: Plan) -> tuple[str, ...]:
     out = []
     for lp in plan.layers:
         if not lp.layer.weights:
+            continue
+        if lp.adapter is not None:  # no saved form gives LoRA back whole (LayerState.lora)
+            out.append(lp.path)
             continue
         lora = dict(lp.layer.details).get("lora_rank") is not None
         saved = not lp.layer.rebuilt
@@ -210,7 +228,12 @@ def _why(paths: tuple[str, ...], plan: Optional[Plan]) -> str:
         reasons.append("Keras builds them again from their parent's constructor arguments"
                        if rebuilt == len(paths) else
                        f"Keras builds {rebuilt} of them again from constructor arguments")
-    if rebuilt < len(paths):
+    lora = sum(1 for p in paths if plan.by_path[p].adapter is not None)
+    if lora:
+        reasons.append("Keras reloads LoRA with both factors zero (they would never train) and "
+                       "a Dense's or an Embedding's alpha set to its rank; a keras_hub model "
+                       "without LoRA")
+    if any(not plan.by_path[p].layer.rebuilt and plan.by_path[p].adapter is None for p in paths):
         reasons.append("no saved form keeps a variable's own trainable flag")
     return " and ".join(reasons)
 

@@ -318,6 +318,10 @@ def restore(model, state: SavedState, where: str) -> None:
     with the same classes and weight shapes. ``where`` names the file in errors."""
     tree, objects = describe(model)
     nodes = [n for n in tree.layers() if n.weights or n.children]
+    if len(nodes) == len(state.layers) and any(rec.lora for rec in state.layers):
+        _restore_lora(nodes, state, objects, where)
+        tree, objects = describe(model)
+        nodes = [n for n in tree.layers() if n.weights or n.children]
     problem = _mismatch(nodes, state)
     if problem:
         raise ModelError(where, f"the state recorded in it ({ENTRY}) is for another model: "
@@ -346,6 +350,29 @@ def restore(model, state: SavedState, where: str) -> None:
                          f"restoring the recorded state, which has {len(expected)}")
 
 
+def _restore_lora(nodes, state: SavedState, objects, where: str) -> None:
+    """Give back the LoRA recorded in the file, which no saved form holds whole: where the
+    loaded layer has none (a keras_hub model), enable it; set the recorded alpha (Keras resets
+    a Dense's or an Embedding's to the rank); and where both factors came back zero, as Keras
+    loads them (the file holds the merged kernel only), draw A again from the initializer, with
+    B zero: the outputs stay those of the merged kernel and the factors train again (with both
+    zero, neither gets a gradient). The classes and shapes are checked after, by `_mismatch`."""
+    for node, rec in zip(nodes, state.layers):
+        if rec.lora is None or node.cls != rec.cls:
+            continue
+        rank, alpha = rec.lora
+        layer = objects[node.path]
+        if _lora_class(layer) is None:
+            continue  # another class: _mismatch reports it
+        if not getattr(layer, "lora_enabled", False):
+            layer.enable_lora(rank, lora_alpha=alpha, a_initializer=_a_initializer(node.path))
+        elif layer.lora_rank != rank:
+            raise ModelError(where, f"'{node.path}' has LoRA rank {layer.lora_rank}, the state "
+                             f"recorded in it ({ENTRY}) rank {rank}")
+        layer.lora_alpha = alpha
+        _redraw_a(layer, _lora_class(layer), node.path)
+
+
 def _mismatch(nodes, state: SavedState) -> str:
     if len(nodes) != len(state.layers):
         return (f"{len(state.layers)} layers with weights or sublayers recorded, the model has "
@@ -368,7 +395,68 @@ def load_model(path, **kwargs):
     state = read_state(str(path))
     if state is not None and isinstance(model, keras.Model):
         restore(model, state, str(path))
+    elif isinstance(model, keras.Model):
+        revive_lora(model, str(path))
     return model
+
+
+def revive_lora(model, path: str) -> tuple[str, ...]:
+    """After a plain load of a file without surgery's record (``model.save`` after
+    ``surgery.apply``): give each LoRA layer the alpha its config holds (Keras resets a Dense's
+    and an Embedding's to the rank when it builds them) and, where both factors came back zero,
+    A drawn again (see `_restore_lora`), so that they train. The layers changed, by path."""
+    alphas = _config_alphas(path) if str(path).endswith(".keras") else {}
+    tree, objects = describe(model)
+    changed = []
+    for node in tree.layers():
+        layer = objects[node.path]
+        base = _lora_class(layer) if getattr(layer, "lora_enabled", False) else None
+        if base is None:
+            continue
+        if node.path in alphas and alphas[node.path] != float(layer.lora_alpha):
+            layer.lora_alpha = alphas[node.path]
+            changed.append(node.path)
+        if _redraw_a(layer, base, node.path) and node.path not in changed:
+            changed.append(node.path)
+    return tuple(changed)
+
+
+def _redraw_a(layer, base: str, path: str) -> bool:
+    a, b = (getattr(layer, name) for name in lora_spec.LORA_WEIGHTS[base][1:])
+    if keras.ops.any(a) or keras.ops.any(b):
+        return False
+    a.assign(_a_initializer(path)(a.shape, dtype=a.dtype))
+    return True
+
+
+def _config_alphas(path: str) -> dict[str, float]:
+    """surgery path -> ``lora_alpha`` of each layer config in a .keras file's config.json that
+    has one (the configs of Functional and Sequential models, which list their layers)."""
+    from .archive.zip_io import ArchiveFile
+    from ..errors import ArchiveUnsupported, DamagedArchive
+
+    try:
+        with ArchiveFile(path) as archive:
+            cfg = archive.config()
+    except (ArchiveUnsupported, DamagedArchive, OSError):
+        return {}
+    out: dict[str, float] = {}
+    stack = [("", cfg)]
+    while stack:
+        prefix, entry = stack.pop()
+        conf = entry.get("config") if isinstance(entry, dict) else None
+        if not isinstance(conf, dict):
+            continue
+        for child in conf.get("layers") or ():
+            c = child.get("config") if isinstance(child, dict) else None
+            if not isinstance(c, dict) or not isinstance(c.get("name"), str):
+                continue
+            where = f"{prefix}/{c['name']}" if prefix else c["name"]
+            alpha = c.get("lora_alpha")
+            if c.get("lora_rank") and isinstance(alpha, (int, float)) and alpha > 0:
+                out[where] = float(alpha)
+            stack.append((where, child))
+    return out
 
 
 def load(source: str, *, safe_mode: bool = True):
@@ -403,6 +491,8 @@ def _load(source: str, safe_mode: bool):
         raise ModelError(source, str(exc)) from None
     if state is not None:
         restore(model, state, source)
+    else:
+        revive_lora(model, source)
     return model
 
 

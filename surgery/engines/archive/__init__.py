@@ -53,7 +53,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ...plan import Plan
 
 __all__ = ["ArchiveUnsupported", "DamagedArchive", "H5FormatError", "Written", "Opened",
-           "describe", "write", "is_archive"]
+           "describe", "write", "is_archive", "merge_lora"]
 
 
 def is_archive(path: str) -> bool:
@@ -131,6 +131,9 @@ class Opened:
             raise RuntimeError("an Opened archive is written for one plan")
         if self._root.compiled:
             raise ArchiveUnsupported(COMPILED)
+        if any(lp.adapter is not None and lp.adapter.new for lp in plan.layers):
+            raise ArchiveUnsupported("the spec gives layers LoRA, whose factors only Keras "
+                                     "creates")
         check_plan(self._root, plan)
         set_state(self._root, plan, self._reader)
         self._prepared = plan
@@ -158,3 +161,53 @@ class Opened:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def merge_lora(src: str, dst: str) -> tuple[Written, tuple[str, ...]]:
+    """Write ``src`` to ``dst`` as a model without LoRA: the saved weights already hold each
+    LoRA layer's merged kernel (Keras saves ``kernel + alpha / rank * A @ B``, never the
+    factors), so only config.json changes: ``lora_rank`` and ``lora_alpha`` leave every layer
+    config that has them; and surgery's state entry, which would give LoRA back on
+    surgery.load_model, is left out (the merged model loads as Keras loads it). Returns the
+    output's digests and the LoRA layers merged, by name (empty: ``src`` has none, and ``dst``
+    is not written)."""
+    from ...saved_state import ENTRY, decode
+
+    with ArchiveFile(src) as archive:
+        cfg = archive.config()
+        names = _strip_lora(cfg)
+        drop = frozenset()
+        if ENTRY in archive.zip.NameToInfo:
+            info = archive.zip.getinfo(ENTRY)
+            if info.file_size > (64 << 20):
+                raise DamagedArchive(f"{ENTRY} is {info.file_size} bytes: a damaged or hostile "
+                                     "file?")
+            try:
+                state = decode(archive.zip.read(ENTRY))
+            except ValueError as exc:
+                raise DamagedArchive(str(exc)) from None
+            recorded = [s.path for s in state.layers if s.lora]
+            names = recorded or names  # paths where the record has them, else config names
+            drop = frozenset({ENTRY})
+        if not names:
+            return Written("", ""), ()
+        return copy(archive, dst, {CONFIG: json.dumps(cfg).encode("utf-8")}, drop), \
+            tuple(names)
+
+
+def _strip_lora(cfg: dict) -> list[str]:
+    """Remove LoRA from every layer config in ``cfg`` (in place); the layers' names. A stack,
+    not recursion: config.json was read with a bound on its nesting, not on Python's stack."""
+    names, stack = [], [cfg]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            conf = item.get("config")
+            if isinstance(conf, dict) and "class_name" in item and conf.get("lora_rank"):
+                conf.pop("lora_rank")
+                conf.pop("lora_alpha", None)
+                names.append(str(conf.get("name", "?")))
+            stack.extend(item.values())
+    return sorted(names)

@@ -58,8 +58,10 @@ _ZIP64_LIMIT = 0xFFFFFFFF  # sizes and offsets from this value on need zip64 fie
 _ZIP64_COUNT = 0xFFFF
 
 
-def copy(archive: ArchiveFile, dst: str, replace: dict[str, bytes]) -> Written:
-    """Copy ``archive`` to ``dst`` with the entries named in ``replace`` given new contents."""
+def copy(archive: ArchiveFile, dst: str, replace: dict[str, bytes],
+         drop: frozenset[str] = frozenset()) -> Written:
+    """Copy ``archive`` to ``dst`` with the entries named in ``replace`` given new contents and
+    those in ``drop`` left out."""
     infos = archive.zip.infolist()
     fd = archive.file.fileno()
     src_size = os.fstat(fd).st_size
@@ -86,6 +88,11 @@ def copy(archive: ArchiveFile, dst: str, replace: dict[str, bytes]) -> Written:
                 if sequential:
                     _pass(fd, pos, start, buffers, src_hash)  # gap, local header
                     pos = start
+                if info.filename in drop:
+                    if sequential:
+                        _pass(fd, start, end, buffers, src_hash)
+                        pos = end
+                    continue
                 new = replace.get(info.filename)
                 if new is not None:
                     data, crc, usize = _compress(new, info)
