@@ -79,6 +79,8 @@ def apply_plan(model, spec: Spec, *, allow_empty: bool = False, model_source: st
     live.write(model, the_plan, objects)
     if spec.loras:  # what save_adapters records as the adapters' origin
         setattr(model, SPEC_ATTR, hashlib.sha256(spec.source.encode("utf-8")).hexdigest())
+    if any(lp.adapter is not None for lp in the_plan.layers):
+        live.keep_lora_on_save(model)
     manifest = build_manifest(the_plan, spec, model_source=model_source,
                               model_sha256=model_sha256, model_name=model.name)
     return the_plan, manifest

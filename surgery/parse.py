@@ -366,12 +366,17 @@ class _ToIR(Transformer):
                       self.text[meta.start_pos:meta.end_pos]))
 
     def lora(self, meta, children) -> _Item:
-        _keyword, _rank_eq, rank, _alpha_eq, alpha, selectors, _except, excepts = children
+        _keyword, _rank_eq, rank, alpha, selectors, _except, excepts = children
         rank_span = self._token_span(rank)
         alpha_span = self._token_span(alpha) if alpha is not None else None
         alpha_value = None
         if alpha is not None:
-            alpha_value = float(str(alpha))
+            number = str(alpha).split("=", 1)[1].strip()
+            try:
+                alpha_value = float(number)
+            except ValueError:
+                raise self._error(f"alpha={number} is not a number, as in 'alpha=16'",
+                                  alpha_span) from None
         return _Item("lora", self._span(meta), meta.start_pos, meta.end_pos,
                      (self._integer(rank), alpha_value, selectors, excepts or (),
                       self.text[meta.start_pos:meta.end_pos], rank_span, alpha_span))

@@ -66,8 +66,6 @@ def unexpected_token(word: str, kind: str, expected: set[str], before: str) -> s
                 f"{found}{hint}")
     if "RANK_EQ" in expected:
         return f"expected 'rank=' after 'lora', as in 'lora rank=8 query, value', found {found}"
-    if expected == {"NUMBER"}:
-        return f"expected a number after 'alpha=', as in 'lora rank=8 alpha=16 query', found {found}"
     if expected == {"INT"} and before.endswith("="):
         return f"expected the rank, an integer, as in 'lora rank=8 query', found {found}"
     if "EPOCH" in expected:
@@ -101,6 +99,8 @@ def unexpected_token(word: str, kind: str, expected: set[str], before: str) -> s
 def unexpected_character(text: str, pos: int, allowed: set[str]) -> str:
     """A character at ``pos`` of ``text`` that starts no token the grammar accepts there."""
     ch = text[pos] if pos < len(text) else ""
+    if ch == "=" and re.search(r"\balpha[ \t]*$", text[:pos]):
+        return "expected a number after 'alpha=', as in 'lora rank=8 alpha=16 query'"
     if ch == '"' or ch == "'":
         return f"unterminated string: add the closing {ch}"
     if ch == "/" and "REGEX" in allowed:

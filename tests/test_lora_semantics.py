@@ -120,7 +120,7 @@ def test_factor_shapes_follow_keras_for_each_class():
     ("lora rank=2 conv*", None, None),  # a glob: the BatchNormalization is skipped, not an error
     ("lora rank=5 head", (1, 1), "rank 5 is larger than 'head.kernel' (8, 4) allows"),
     ("lora rank=0 head", (1, 11), "a LoRA rank is 1 or more"),
-    ("lora rank=2 alpha=0 head", (1, 19), "alpha is a positive number"),
+    ("lora rank=2 alpha=0 head", (1, 13), "alpha is a positive number"),
     ("lora rank=2 head.kernel", (1, 17), "'lora' selects layers, not parts"),
     ("lora rank=2 heda", (1, 13), "'heda' matches no layer"),
     ("lora rank=2 head\nlora rank=3 head", (2, 1), "a layer has one LoRA"),

@@ -148,7 +148,7 @@ def test_new_keywords_quoted_and_words_that_stay_names():
 @pytest.mark.parametrize("text,line,column,message", [
     ("unfreez conv5_*", 1, 1, "unknown statement 'unfreez'; did you mean 'unfreeze'?"),
     ("freeze a\nfrezee b", 2, 1, "unknown statement 'frezee'; did you mean 'freeze'?"),
-    ("train conv5_*", 1, 1, "unknown statement 'train'; a statement starts with 'freeze', 'unfreeze' or 'batchnorm', and a phase with 'at epoch N:'"),
+    ("train conv5_*", 1, 1, "unknown statement 'train'; a statement starts with 'freeze', 'unfreeze', 'lora' or 'batchnorm', and a phase with 'at epoch N:'"),
     ("freeze a freeze b", 1, 10, "'freeze' is a keyword here; start a new statement on a new line or after ';'"),
     ("freeze", 1, 7, "expected a selector, found end of file"),
     ("freeze\nfreeze a", 1, 7, "expected a selector, found end of line"),
@@ -255,7 +255,7 @@ def test_a_policy_is_a_whole_word_and_a_typo_gets_a_suggestion(text, column, fou
 @pytest.mark.parametrize("text,message", [
     ("freezeconv1", "unknown statement 'freezeconv1'; did you mean 'freeze'?"),
     ("atepoch 3: freeze a", "unknown statement 'atepoch'; a statement starts with 'freeze', "
-     "'unfreeze' or 'batchnorm', and a phase with 'at epoch N:'"),
+     "'unfreeze', 'lora' or 'batchnorm', and a phase with 'at epoch N:'"),
     ("at epochs 3: freeze a", "expected 'epoch' after 'at', as in 'at epoch 3:', found 'epochs'"),
 ])
 def test_statement_keywords_are_whole_words(text, message):

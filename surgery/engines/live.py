@@ -400,6 +400,33 @@ def load_model(path, **kwargs):
     return model
 
 
+def keep_lora_on_save(model) -> None:
+    """Make ``model.save`` to a .keras file record surgery's state entry too (saved_state.py),
+    as `surgery apply` does, taken from the model as it is when saved: without it a keras_hub
+    model saved after training comes back without its LoRA (its saved form is constructor
+    arguments), and its trained factors lost from the file but for the merged kernel. The
+    model's own ``save`` runs first, unchanged; the entry is added to the file it wrote."""
+    if getattr(model, "_surgery_keeps_state", False):
+        return
+    original = model.save
+
+    def save(filepath, *args, **kwargs):
+        result = original(filepath, *args, **kwargs)
+        path = os.fspath(filepath)
+        if path.endswith(".keras") and os.path.isfile(path):
+            from ..ir import Spec
+            from ..plan import plan_spec
+            from ..saved_state import record
+
+            tree, _ = describe(model)
+            record(path, plan_spec(Spec(rules=(), source=""), tree))
+        return result
+
+    # Past Keras's attribute tracking: a function is no state of the model.
+    object.__setattr__(model, "save", save)
+    object.__setattr__(model, "_surgery_keeps_state", True)
+
+
 def revive_lora(model, path: str) -> tuple[str, ...]:
     """After a plain load of a file without surgery's record (``model.save`` after
     ``surgery.apply``): give each LoRA layer the alpha its config holds (Keras resets a Dense's
