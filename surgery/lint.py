@@ -2,15 +2,17 @@
 
 Syntax problems are caught by the parser; this module finds what parses but cannot be meant:
 slices that are empty for every model, statements written twice, selectors listed twice, and
-rules that later rules override completely, where that can be decided from the text alone.
+rules that later rules override completely, where that can be decided from the text alone
+(LoRA statements too: they decide their layers' adapters, not the layers, so no rule kills one).
 Given a model's LayerTree, it also reports every selector that matches nothing.
 """
 
 from __future__ import annotations
 
 from .errors import Diagnostic
-from .fmt import format_rule, format_selector
+from .fmt import format_lora, format_rule, format_selector
 from .ir import All, Rule, Slice, Spec
+from .lora import resolve_lora
 from .plan import plan_phases, within
 from .resolve import resolve
 from .tree import LayerTree
@@ -27,6 +29,7 @@ def lint(spec: Spec) -> list[Diagnostic]:
         rules = [r for r in spec.rules if r.epoch == epoch]
         found += _repeated(rules)
         found += _dead_rules(rules)
+    found += _repeated(list(spec.loras), format_lora)
     return sorted(found, key=lambda d: (d.span.line, d.span.column))
 
 
@@ -36,6 +39,10 @@ def lint_with_model(spec: Spec, tree: LayerTree) -> list[Diagnostic]:
     without a policy, and phases that change nothing."""
     unmatched: list[Diagnostic] = []
     findings: list[Diagnostic] = []
+    # LoRA statements first, as plan.py resolves them: the rules see the model with its adapters.
+    adapters = resolve_lora(spec, tree, allow_empty=True)
+    unmatched += adapters.unmatched
+    tree = adapters.tree
     for epoch in spec.epochs:
         # Each phase's statements, resolved after everything before them: what they do then.
         resolution = resolve(spec.until(epoch), tree, allow_empty=True)
@@ -43,7 +50,7 @@ def lint_with_model(spec: Spec, tree: LayerTree) -> list[Diagnostic]:
         unmatched += [d for d in resolution.unmatched if within(d.span, mine)]
         findings += [d for d in resolution.findings if within(d.span, mine)]
     headers = [p.span for p in spec.phases]
-    findings += [d for ph in plan_phases(spec, tree, allow_empty=True)
+    findings += [d for ph in plan_phases(spec, adapters.original, allow_empty=True)
                  for d in ph.plan.diagnostics if d.span in headers]
     errors = {(d.span.line, d.span.column) for d in unmatched}
     found = [d for d in lint(spec) if (d.span.line, d.span.column) not in errors]
@@ -56,7 +63,7 @@ def lint_with_model(spec: Spec, tree: LayerTree) -> list[Diagnostic]:
 
 def _empty_slices(spec: Spec) -> list[Diagnostic]:
     out = []
-    for rule in spec.rules:
+    for rule in spec.rules + spec.loras:
         for sel in rule.selectors + rule.excepts:
             for seg in sel.segments:
                 if isinstance(seg, Slice) and _always_empty(seg):
@@ -74,11 +81,11 @@ def _always_empty(s: Slice) -> bool:
     return s.start >= s.stop if step > 0 else s.start <= s.stop
 
 
-def _repeated(rules: list[Rule]) -> list[Diagnostic]:
+def _repeated(rules: list, spelled=format_rule) -> list[Diagnostic]:
     out = []
     first_seen: dict[str, Rule] = {}
     for rule in rules:
-        text = format_rule(rule)
+        text = spelled(rule)
         if text in first_seen:
             out.append(Diagnostic("warning", f"duplicate statement: the same as line "
                                   f"{first_seen[text].span.line}", rule.span))

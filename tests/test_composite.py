@@ -166,7 +166,10 @@ CASES = [  # (model builder, spec, whether a plain load gives the plan back)
     ("plain", "freeze fc1", True),
     ("plain", "freeze fc1.kernel", True),  # a FrozenEntries constraint in the config holds it
     ("plain", "freeze emb.embeddings", False),  # only the variable's flag holds it
-    ("lora", "freeze head", True),  # the config enables LoRA again: its kernel's flag is off
+    # The config enables LoRA again, its kernel's flag off: the flags come back, but both
+    # factors zero (they never train) and Dense's alpha reset to the rank, so the file holds
+    # surgery's record (tests/test_lora.py trains after the reload).
+    ("lora", "freeze head", False),
 ]
 
 
@@ -187,11 +190,14 @@ def test_the_prediction_holds_in_a_fresh_process(keras_module, tmp_path):
         planned = sorted(f"{lp.path}/{n}" for lp in plan.layers
                          for n, on in plan.trains(lp).items() if on)
         jobs.append({"path": path, "train": kind == "mha"})
-        expected[path] = (text, restored, planned, saved_state.unrestored(plan))
+        expected[path] = (text, restored, planned, saved_state.unrestored(plan), kind)
     found = probe_in_fresh_process(jobs, tmp_path)
-    for path, (text, restored, planned, layers) in expected.items():
+    for path, (text, restored, planned, layers, kind) in expected.items():
         got = found[path]
         assert got["surgery"] == planned, text
+        if kind == "lora":  # the flags come back; what does not is not a flag
+            assert got["plain"] == planned and layers == ("fc1",), text
+            continue
         assert (got["plain"] == planned) is restored, text
         # The layers the note names are exactly those a plain load gives another state.
         differ = {p.rsplit("/", 1)[0] for p in set(got["plain"]) ^ set(planned)}

@@ -443,7 +443,7 @@ def test_yaml_hand_written_phases_flow_lists_and_a_larger_config(tmp_path):
      "'select' goes with 'batchnorm:'; a freeze rule lists its selectors as the value of "
      "'freeze:'"),
     ("rules:\n  - batchnorm: frozen\n    freeze: a\n", 3, 5,
-     "a statement has one action: 'freeze', 'unfreeze' or 'batchnorm'"),
+     "a statement has one action: 'freeze', 'unfreeze', 'lora' or 'batchnorm'"),
     ("rules:\n  - batchnrm: frozen\n", 2, 5, "unknown key 'batchnrm'; did you mean 'batchnorm'?"),
     ("rules:\n  - batchnorm: frozen\n    select: [a, 'layers[::0]']\n", 3, 27,
      "slice step cannot be zero"),
