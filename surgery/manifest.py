@@ -375,7 +375,8 @@ def _without_new_lora(node, entry: dict):
     if base is None or dict(node.details).get(LORA_RANK) is None:
         raise _Inconsistent(f"layers[{node.path!r}].lora: the model's layer has no LoRA")
     weight, a_name, b_name = LORA_WEIGHTS[base]
-    weights = tuple(replace(w, flag=None, held=False) if w.name == weight else w
+    # Every weight followed the layer's flag before: the flags off now are the plan's.
+    weights = tuple(replace(w, flag=None, held=False)
                     for w in node.weights if w.name not in (a_name, b_name))
     details = tuple(kv for kv in node.details if kv[0] not in (LORA_RANK, LORA_ALPHA))
     return replace(node, weights=weights, details=details)

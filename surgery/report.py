@@ -98,9 +98,8 @@ def _lora_lines(plan: Plan) -> list[str]:
         ad = lp.adapter
         trains = plan.trains(lp)
         state = state_word(all(trains[n] for n in ad.factors))
-        origin = (f"line {ad.statement.span.line}" if ad.statement is not None else "the model's")
-        if not ad.new:
-            origin += ", already in the model"
+        origin = ", ".join(([f"line {ad.statement.span.line}"] if ad.statement else []) +
+                           ([] if ad.new else ["already in the model"]))
         lines.append(f"  {lp.path}.{ad.weight}: rank {ad.rank}, alpha {ad.alpha:g}, "
                      f"{ad.params:,} factor parameters, {state} ({origin})")
     for res in plan.lora:

@@ -173,12 +173,14 @@ def _weights(layer, chain: bool, seen: set) -> tuple[list, tuple[Weight, ...]]:
             entries = math.prod(shapes[v.name])
         can = id(v) in capable
         # LoRA's adapted weight is held off whatever its layer's flag: a rule that unfreezes a
-        # frozen LoRA layer must not train it.
+        # frozen LoRA layer must not train it. Its other weights off while it trains (a bias
+        # the rules froze beside factors that train) are surgery's doing, not the model's.
         merged = can and v.name == lora_weight and not now
         out.append(Weight(
             v.name, shapes[v.name], can, indices, entries,
             flag=now if now != (can and chain) else None,
-            held=(can and bool(layer.trainable) and not now and not whole) or merged,
+            held=(can and bool(layer.trainable) and not now and not whole and base is None)
+            or merged,
             path=str(getattr(v, "path", "") or "")))
     return variables, tuple(out)
 
