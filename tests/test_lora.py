@@ -274,3 +274,19 @@ def test_the_archive_engine_hands_lora_to_keras_and_plans_it_without_tensorflow(
     assert [lp.path for lp in plan.layers if lp.adapter is not None] == ["conv1", "conv2"]
     result = surgery.apply_file(CONV_SPEC, job["base"], str(tmp_path / "out.keras"))
     assert result.engine == "keras" and "LoRA" in result.fallback
+
+
+@pytest.mark.slow
+def test_lora_on_a_conv2d_stage_of_resnet50():
+    import keras
+
+    model = keras.applications.ResNet50(weights=None, include_top=False, input_shape=(64, 64, 3))
+    manifest = surgery.apply(model, "freeze all\nlora rank=4 conv5_*\n")
+    loop = [layer.name for layer in model.layers
+            if layer.name.startswith("conv5_") and isinstance(layer, keras.layers.Conv2D)]
+    assert [e["path"] for e in manifest.layers if "lora" in e] == loop
+    assert [layer.name for layer in model.layers if getattr(layer, "lora_enabled", False)] == loop
+    assert trainable_paths(model) == sorted(f"{n}/{f}" for n in loop
+                                            for f in ("lora_kernel_a", "lora_kernel_b"))
+    assert manifest.data["totals"]["trainable_params"]["after"] == trainable_count(model)
+    assert manifest.data["totals"]["params"] == model.count_params()
