@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Mapping, Optional
 
 from .errors import Diagnostic, SelectorError
-from .ir import Glob, LoraRule, Name, Spec
+from .ir import LoraRule, Name, Spec
 from .resolve import select_units
 from .tree import Layer, LayerTree, Weight
 
@@ -130,8 +130,7 @@ def resolve_lora(spec: Spec, tree: LayerTree, *, allow_empty: bool = False) -> A
                     "error", f"'{sel.text}' covers no layer that Keras can give LoRA "
                     f"({_CLASSES} have it){': it covers ' + found if found else ''}", sel.span))
                 continue
-            exact = isinstance(sel.segments[-1], Name) or (
-                isinstance(sel.segments[-1], Glob) and len(nodes) == 1)
+            exact = isinstance(sel.segments[-1], Name)  # a glob may cover other classes
             for n in nodes:
                 if exact and n.unit and n.weights and not n.children and not lora_base(n):
                     errors.append(Diagnostic(

@@ -56,10 +56,11 @@ def test_a_composite_layer_selects_the_dense_layers_inside_it():
     surgery.apply(model, "freeze all\nlora rank=2 transformer_layer_0\n")
     adapted = sorted(layer.path if hasattr(layer, "path") else layer.name
                      for layer in model._flatten_layers() if getattr(layer, "lora_enabled", False))
+    import keras
+
     block = model.get_layer("transformer_layer_0")
     loop = [lyr for lyr in block._flatten_layers(include_self=False)
-            if isinstance(lyr, (__import__("keras").layers.Dense,
-                                __import__("keras").layers.EinsumDense))]
+            if isinstance(lyr, (keras.layers.Dense, keras.layers.EinsumDense))]
     assert len(adapted) == len(loop) == 6  # query, key, value, output, two feed-forward
 
 
@@ -290,3 +291,34 @@ def test_lora_on_a_conv2d_stage_of_resnet50():
                                             for f in ("lora_kernel_a", "lora_kernel_b"))
     assert manifest.data["totals"]["trainable_params"]["after"] == trainable_count(model)
     assert manifest.data["totals"]["params"] == model.count_params()
+
+
+def test_a_schedule_trains_the_factors_then_the_bias_then_nothing():
+    import keras
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6,))
+    hidden = keras.layers.Dense(8, name="fc")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(1, name="head")(hidden))
+    spec = ("freeze all\nlora rank=2 fc\nunfreeze head\n"
+            "at epoch 1:\n  unfreeze fc\nat epoch 2:\n  freeze fc\n")
+    x = np.random.default_rng(0).standard_normal((8, 6)).astype("float32")
+    y = np.ones((8, 1), "float32")
+    fc = model.get_layer("fc")
+    seen = []
+
+    class Snapshot(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 0:  # the factors exist once the schedule wrote phase 0
+                seen.append({v.name: np.array(v.numpy()) for v in fc.weights})
+
+        def on_epoch_end(self, epoch, logs=None):
+            seen.append({v.name: np.array(v.numpy()) for v in fc.weights})
+
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
+    model.fit(x, y, epochs=3, batch_size=4, verbose=0,
+              callbacks=[surgery.Schedule(spec, verbose=0), Snapshot()])
+    moved = [sorted(n for n in after if not np.array_equal(before[n], after[n]))
+             for before, after in zip(seen, seen[1:])]
+    assert moved == [["lora_kernel_a", "lora_kernel_b"],
+                     ["bias", "lora_kernel_a", "lora_kernel_b"], []]

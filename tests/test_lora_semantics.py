@@ -5,6 +5,7 @@ Expected sets come from a loop over the same tree description (what a user would
 model's layers), never from lists typed in.
 """
 
+import dataclasses
 import math
 
 import pytest
@@ -139,13 +140,20 @@ def test_errors_point_at_the_statement_and_say_the_fix(text, where, words):
     assert words in info.value.message
 
 
+def _with_details(tree, path, details):
+    """``tree`` with the layer at ``path`` carrying ``details`` (what engines/live.py reads)."""
+    def rebuild(node):
+        children = tuple(rebuild(c) for c in node.children)
+        return dataclasses.replace(node, children=children,
+                                   **({"details": details} if node.path == path else {}))
+
+    return LayerTree(rebuild(tree.root))
+
+
 def test_model_state_refusals_name_the_layer():
     tree = LayerTree.from_dict({"name": "m", "layers": [
         {"name": "fc", "class": "Dense", "weights": [["kernel", [8, 4]], ["bias", [4]]]}]})
-    blocked = LayerTree(tree.root.__class__(**{**tree.root.__dict__, "children": (
-        tree.root.children[0].__class__(**{**tree.root.children[0].__dict__,
-                                           "details": (("lora_blocked", "a kernel_constraint "
-                                                        "(MaxNorm)"),)}),)}))
+    blocked = _with_details(tree, "fc", (("lora_blocked", "a kernel_constraint (MaxNorm)"),))
     with pytest.raises(surgery.SpecError, match=r"'fc' \(Dense\) has a kernel_constraint"):
         plan("lora rank=2 fc", blocked)
     # Already LoRA with another rank (a model Keras's enable_lora was called on).
@@ -153,9 +161,7 @@ def test_model_state_refusals_name_the_layer():
         {"name": "fc", "class": "Dense", "weights": [
             ["kernel", [8, 4], True, {"flag": False, "held": True}], ["bias", [4]],
             ["lora_kernel_a", [8, 2]], ["lora_kernel_b", [2, 4]]]}]})
-    node = with_lora.root.children[0]
-    with_lora = LayerTree(with_lora.root.__class__(**{**with_lora.root.__dict__, "children": (
-        node.__class__(**{**node.__dict__, "details": (("lora_rank", "2"),)}),)}))
+    with_lora = _with_details(with_lora, "fc", (("lora_rank", "2"),))
     with pytest.raises(surgery.SpecError, match="already has LoRA with rank 2"):
         plan("lora rank=4 fc", with_lora)
     same = plan("freeze all\nlora rank=2 fc", with_lora)  # the same LoRA: decides the factors

@@ -283,11 +283,19 @@ def _enable_lora(plan: Plan, objects: dict[str, object]) -> None:
             continue
         layer = objects[lp.path]
         if getattr(layer, "lora_enabled", False):
-            raise SurgeryError(f"'{lp.path}' has LoRA already; the plan was made for the model "
-                               f"without it")
-        layer.enable_lora(ad.rank, lora_alpha=ad.alpha, a_initializer=_a_initializer(lp.path))
-        objects.variables[lp.path] = list(objects.variables[lp.path]) + [
-            getattr(layer, ad.a.name), getattr(layer, ad.b.name)]
+            # A schedule writes each phase's plan, all made against the model before LoRA:
+            # the first write created these factors.
+            if (layer.lora_rank, float(layer.lora_alpha)) != (ad.rank, ad.alpha):
+                raise SurgeryError(f"'{lp.path}' has LoRA rank {layer.lora_rank} alpha "
+                                   f"{float(layer.lora_alpha):g}; the plan was made for the "
+                                   f"model without it")
+        else:
+            layer.enable_lora(ad.rank, lora_alpha=ad.alpha,
+                              a_initializer=_a_initializer(lp.path))
+        factors = [getattr(layer, ad.a.name), getattr(layer, ad.b.name)]
+        listed = objects.variables[lp.path]
+        if not any(v is factors[0] for v in listed):
+            objects.variables[lp.path] = list(listed) + factors
 
 
 def _a_initializer(path: str):
