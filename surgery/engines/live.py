@@ -460,7 +460,7 @@ def revive_lora(model, path: str) -> tuple[str, ...]:
 
 def _redraw_a(layer, base: str, path: str) -> bool:
     a, b = (getattr(layer, name) for name in lora_spec.LORA_WEIGHTS[base][1:])
-    if keras.ops.any(a) or keras.ops.any(b):
+    if keras.ops.convert_to_numpy(a).any() or keras.ops.convert_to_numpy(b).any():
         return False
     a.assign(_a_initializer(path)(a.shape, dtype=a.dtype))
     return True
