@@ -1,8 +1,9 @@
 """Checks on a spec alone, without a model and without TensorFlow (a pre-commit hook must be fast).
 
 Syntax problems are caught by the parser; this module finds what parses but cannot be meant:
-slices that are empty for every model, statements written twice, selectors listed twice, and
-rules that later rules override completely, where that can be decided from the text alone.
+slices that are empty for every model, statements written twice, selectors listed twice,
+rules that later rules override completely, where that can be decided from the text alone, and
+regexes with nested repeats, which can take exponential time (resolve.py stops them).
 Given a model's LayerTree, it also reports every selector that matches nothing.
 """
 
@@ -10,9 +11,10 @@ from __future__ import annotations
 
 from .errors import Diagnostic
 from .fmt import format_rule, format_selector
-from .ir import All, Rule, Slice, Spec
+from .ir import All, Regex, Rule, Slice, Spec
 from .plan import plan_phases, within
-from .resolve import resolve
+from .regex_text import nested_repeat
+from .resolve import REGEX_TIMEOUT, resolve
 from .tree import LayerTree
 
 __all__ = ["lint", "lint_with_model"]
@@ -21,6 +23,7 @@ __all__ = ["lint", "lint_with_model"]
 def lint(spec: Spec) -> list[Diagnostic]:
     found: list[Diagnostic] = []
     found += _empty_slices(spec)
+    found += _slow_regexes(spec)
     # Within a phase only: the same statement in two phases, or a phase-0 rule a later phase
     # overrides, each decide some epochs.
     for epoch in spec.epochs:
@@ -62,6 +65,22 @@ def _empty_slices(spec: Spec) -> list[Diagnostic]:
                 if isinstance(seg, Slice) and _always_empty(seg):
                     out.append(Diagnostic("warning", f"'{format_selector(sel)}' is empty for "
                                           "every model: the slice selects no layer", seg.span))
+    return out
+
+
+def _slow_regexes(spec: Spec) -> list[Diagnostic]:
+    out = []
+    for statement in spec.rules + spec.policies:
+        for sel in statement.selectors + statement.excepts:
+            for seg in sel.segments:
+                if isinstance(seg, Regex):
+                    at = nested_repeat(seg.pattern)
+                    if at is not None:
+                        out.append(Diagnostic(
+                            "warning", f"/{seg.pattern}/ repeats a group that holds a repeated "
+                            f"part ('{at}'): on a long name such a regex can backtrack for "
+                            f"minutes (surgery stops it after {REGEX_TIMEOUT:g} s); write each "
+                            "repeated part once", seg.span))
     return out
 
 

@@ -29,6 +29,7 @@ from .ir import (
     FILTERS, KEYWORDS, STATEMENT_KEYWORDS, UNITS, WEIGHT, All, AnyDepth, Comment, Glob, Index,
     Name, Part, Range, Regex, Selector, Slice, Span, Spec, TypeGlob,
 )
+from .regex_text import MAX_UNROLLED, unrolled_size
 from .render import Lines
 
 __all__ = ["parse", "parse_selectors", "grammar_text"]
@@ -449,7 +450,13 @@ class _ToIR(Transformer):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)
                 warnings.simplefilter("ignore", DeprecationWarning)
-                compiled = re.compile(pattern)
+                re.compile(pattern)  # Python's own messages and positions for a bad pattern
+            if unrolled_size(pattern) > MAX_UNROLLED:
+                raise self._error(
+                    f"regular expression is too large: its counted repeats stand for more than "
+                    f"{MAX_UNROLLED:,} characters, longer than any layer name",
+                    self._token_span(token))
+            compiled = _matcher(pattern)
         except re.error as exc:
             at = token.start_pos + 1 + min(exc.pos or 0, len(body))
             raise self._error(f"invalid regular expression: {exc.msg}",
@@ -504,6 +511,19 @@ def _index(draft: tuple, span: Span):
         return Index(draft[1], span)
     _, start, stop, step = draft
     return Slice(start, stop, step, span)
+
+
+def _matcher(pattern: str):
+    """The pattern compiled by the `regex` package, whose matches take a ``timeout`` (resolve.py
+    bounds the time a spec's regexes may take: '(a+)+' backtracks for minutes on a 30-letter
+    name). VERSION0 reads a pattern as Python's `re` does. Imported here, not at the top: only
+    a spec that holds a regex pays for the import."""
+    import regex
+
+    try:
+        return regex.compile(pattern, regex.VERSION0)
+    except regex.error as exc:  # a pattern that `re` reads and `regex` does not
+        raise re.error(exc.msg, pattern, exc.pos) from None
 
 
 def _glob_regex(pattern: str) -> re.Pattern:

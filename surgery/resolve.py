@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import fnmatch
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
@@ -24,7 +25,15 @@ from .parts import Selection
 from .suggest import suggest
 from .tree import Layer, LayerTree
 
-__all__ = ["RuleResult", "PartOp", "Resolution", "resolve", "BATCHNORM_CLASSES"]
+__all__ = ["RuleResult", "PartOp", "Resolution", "resolve", "BATCHNORM_CLASSES", "REGEX_TIMEOUT",
+           "REGEXES_TIMEOUT"]
+
+# The time, in seconds, that one /regex/ of a spec may spend matching a model's names in one
+# resolution (one per phase), and that all of them together may: a regex that means something
+# takes microseconds per name, while one with nested quantifiers ('(a+)+') backtracks for minutes
+# on a 30-letter name. Going over is an error at the regex, whatever 'allow_empty' says.
+REGEX_TIMEOUT = 1.0
+REGEXES_TIMEOUT = 5.0
 
 
 @dataclass(frozen=True)
@@ -65,7 +74,7 @@ class Resolution:
 
 
 def resolve(spec: Spec, tree: LayerTree, *, allow_empty: bool = False) -> Resolution:
-    r = _Resolver(tree)
+    r = _Resolver(tree, spec.source)
     errors: list[Diagnostic] = []
     warnings: list[Diagnostic] = []
     covered_by_rule: list[list[str]] = []
@@ -235,8 +244,11 @@ def _opposite(action: str) -> str:
 
 
 class _Resolver:
-    def __init__(self, tree: LayerTree):
+    def __init__(self, tree: LayerTree, source: str = ""):
         self.tree = tree
+        self.source = source
+        self._regex_spent: dict[str, float] = {}  # pattern -> seconds spent matching it
+        self._regexes_left = REGEXES_TIMEOUT
         self.order = {n.path: i for i, n in enumerate(tree.layers())}
         self._units: dict[str, tuple[str, ...]] = {}
         self._by_name: dict[str, dict[str, Layer]] = {}
@@ -332,8 +344,7 @@ class _Resolver:
             return [c for c in self._with_prefix(scope, _literal_prefix(seg.pattern))
                     if match(c.name)]
         if isinstance(seg, Regex):
-            match = seg.regex.fullmatch
-            return [c for c in children if match(c.name)]
+            return [c for c in children if self.regex(seg, "fullmatch", c.name)]
         if isinstance(seg, TypeGlob):
             match = seg.regex.fullmatch
             return [c for c in children if match(c.cls)]
@@ -354,6 +365,31 @@ class _Resolver:
                 return []
             return list(children[first.index:last.index + 1])
         raise AssertionError(f"unknown segment {seg!r}")  # pragma: no cover
+
+    def regex(self, seg: Regex, how: str, name: str):
+        """``seg.regex.fullmatch(name)`` (or ``search``) within the time left to the regex and
+        to all of the spec's regexes; a SelectorError at the regex once either is spent."""
+        spent = self._regex_spent.get(seg.pattern, 0.0)
+        left = min(REGEX_TIMEOUT - spent, self._regexes_left)
+        if left > 0:
+            start = time.monotonic()
+            try:
+                return getattr(seg.regex, how)(name, timeout=left)
+            except TimeoutError:
+                pass
+            finally:
+                took = time.monotonic() - start
+                self._regex_spent[seg.pattern] = spent + took
+                self._regexes_left -= took
+        if self._regex_spent.get(seg.pattern, 0.0) >= REGEX_TIMEOUT:
+            why = f"it took over {REGEX_TIMEOUT:g} s to match the model's layer names"
+        else:
+            why = f"the spec's regexes took over {REGEXES_TIMEOUT:g} s together"
+        raise SelectorError(
+            f"/{seg.pattern}/ is too slow: {why}; a repeated group that can match the same "
+            f"text in many ways (nested repeats as in '(a*)*', alternatives that overlap as in "
+            f"'(a|a)+') backtracks without end: write each repeated part once",
+            seg.span, source=self.source)
 
     # --- why nothing matched -------------------------------------------------------------------
 
@@ -393,7 +429,8 @@ class _Resolver:
             hint = self._deeper(seg.regex.fullmatch, text, scopes) or _case_hint(seg, names) or \
                 _did_you_mean(re.sub(r"[*?\[\]]", "", seg.pattern), names)
         else:  # Regex
-            hint = self._deeper(seg.regex.fullmatch, text, scopes) or _search_hint(seg, names)
+            hint = self._deeper(lambda name: self.regex(seg, "fullmatch", name), text,
+                                scopes) or _search_hint(seg, names, self.regex)
         return Diagnostic("error", f"'{text}' matches no layer{_in(where)}{hint}", seg.span)
 
     def _deeper(self, match, written: str, scopes: list[Layer]) -> str:
@@ -478,8 +515,8 @@ def _case_hint(seg: Glob, names: list[str]) -> str:
     return ""
 
 
-def _search_hint(seg: Regex, names: list[str]) -> str:
-    hits = [x for x in names if seg.regex.search(x)]
+def _search_hint(seg: Regex, names: list[str], timed) -> str:
+    hits = [x for x in names if timed(seg, "search", x)]
     if hits:
         return (f"; a regex must match the whole name: /.*{seg.pattern}.*/ matches {len(hits)} "
                 f"layer{'s' if len(hits) != 1 else ''}")
