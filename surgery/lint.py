@@ -12,7 +12,7 @@ from __future__ import annotations
 from .errors import Diagnostic
 from .fmt import format_rule, format_selector
 from .ir import All, Regex, Rule, Slice, Spec
-from .plan import plan_phases, within
+from .plan import SpanIndex, check_schedule_size, plan_phases
 from .regex_text import nested_repeat
 from .resolve import REGEX_TIMEOUT, resolve
 from .tree import LayerTree
@@ -37,14 +37,15 @@ def lint_with_model(spec: Spec, tree: LayerTree) -> list[Diagnostic]:
     """`lint` plus what only a model can tell: selectors that match nothing (errors, as in
     `apply`), rules that the model's layers make ineffective, BatchNormalization layers unfrozen
     without a policy, and phases that change nothing."""
+    check_schedule_size(spec)
     unmatched: list[Diagnostic] = []
     findings: list[Diagnostic] = []
     for epoch in spec.epochs:
         # Each phase's statements, resolved after everything before them: what they do then.
         resolution = resolve(spec.until(epoch), tree, allow_empty=True)
-        mine = [s.span for s in spec.rules + spec.policies if s.epoch == epoch]
-        unmatched += [d for d in resolution.unmatched if within(d.span, mine)]
-        findings += [d for d in resolution.findings if within(d.span, mine)]
+        mine = SpanIndex([s.span for s in spec.rules + spec.policies if s.epoch == epoch])
+        unmatched += [d for d in resolution.unmatched if d.span in mine]
+        findings += [d for d in resolution.findings if d.span in mine]
     headers = [p.span for p in spec.phases]
     findings += [d for ph in plan_phases(spec, tree, allow_empty=True)
                  for d in ph.plan.diagnostics if d.span in headers]
