@@ -18,8 +18,8 @@ The families (what the issue's review found, and what earlier fixes hold):
 * structure taken on trust: config.json nested 100,000 deep or inflating past its cap, YAML
   keys written twice, manifests of the wrong shape, an output that is an input.
 
-Runtime: about 40 s on 2 shared cores (the models' build is 9 s of it); the slowest case (the spec of
-300,000 tokens on one line) takes 13 s alone.
+Runtime: about 40 s on 2 shared cores (the models' build is 9 s of it); the slowest case (the
+spec of 300,000 tokens on one line) takes 13 s alone.
 """
 
 from __future__ import annotations
