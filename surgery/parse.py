@@ -236,8 +236,9 @@ def parse_selectors(text: str, file: str, *, document: str,
 # Past this many tokens (names, keywords, punctuation) a spec is refused: Lark's tree and the IR
 # cost about 1 KB per token, so an unbounded input would take gigabytes before any answer. It
 # is far above any real spec (the seven in specs/ hold under 200 tokens each) and allows, for
-# instance, 80,000 one-name statements or one statement of 120,000 selectors.
-MAX_TOKENS = 250_000
+# instance, 160,000 one-name statements (three tokens each, with the newline) or one statement
+# of 250,000 selectors, while a spec refused at the bound peaks near 550 MB.
+MAX_TOKENS = 500_000
 
 
 def _parse(where: _Where, start: str):

@@ -12,14 +12,15 @@ The families (what the issue's review found, and what earlier fixes hold):
 
 * regexes: a pattern that backtracks for minutes is stopped at its time bound, in plan, apply
   and lint --model; one whose counted repeats unroll to gigabytes is refused as it is parsed;
-* sizes of specs: a schedule too large to plan, a spec past the token limit, under 1 GiB;
+* sizes of specs: a schedule too large to plan (a spec past the token limit, a million
+  statements on one line, is tests/test_fuzz.py's, under the same 1 GiB, marked slow);
 * weights against the config: a shape the config contradicts, for each class it declares;
 * zip entries: a wrong CRC-32 in a deflated entry, the weights' or another's;
 * structure taken on trust: config.json nested 100,000 deep or inflating past its cap, YAML
   keys written twice, manifests of the wrong shape, an output that is an input.
 
-Runtime: about 40 s on 2 shared cores (the models' build is 9 s of it); the slowest case (the
-spec of 300,000 tokens on one line) takes 13 s alone.
+Runtime: about 30 s on 2 shared cores (the models' build is 9 s of it; each regex case runs into
+its 1 s bound three times, about 2 s).
 """
 
 from __future__ import annotations
@@ -197,12 +198,6 @@ def test_a_schedule_too_large_to_plan_is_refused_at_its_header(work):
         f"at epoch {i + 1}:\n  {'freeze' if i % 2 else 'unfreeze'} head\n" for i in range(1000)))
     refused(work, "plan", "phases.frz", "small.keras", "--engine", "archive",
             says="the schedule is too large to plan")
-
-
-def test_a_spec_past_the_token_limit_on_one_line_compiles_under_1_gib(work):
-    (work / "line.frz").write_text("; ".join(
-        f"{'freeze' if i % 2 else 'unfreeze'} conv" for i in range(100_000)) + "\n")
-    refused(work, "compile", "line.frz", says="the spec is too large")
 
 
 # --- weights against the config ------------------------------------------------------------------
