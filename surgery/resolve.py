@@ -26,14 +26,19 @@ from .suggest import suggest
 from .tree import Layer, LayerTree
 
 __all__ = ["RuleResult", "PartOp", "Resolution", "resolve", "BATCHNORM_CLASSES", "REGEX_TIMEOUT",
-           "REGEXES_TIMEOUT"]
+           "REGEXES_TIMEOUT", "REGEX_MATCH_TIME"]
 
-# The time, in seconds, that one /regex/ of a spec may spend matching a model's names in one
-# resolution (one per phase), and that all of them together may: a regex that means something
-# takes microseconds per name, while one with nested quantifiers ('(a+)+') backtracks for minutes
-# on a 30-letter name. Going over is an error at the regex, whatever 'allow_empty' says.
+# How long a spec's /regexes/ may take to match a model's names in one resolution (one per
+# phase): a regex that means something takes a microsecond or two per name, while one with
+# nested repeats ('(a|a)+') backtracks for minutes on a 30-letter name. One regex (its text) may
+# take REGEX_TIMEOUT seconds over all the names it is matched with; all of them together
+# REGEXES_TIMEOUT plus REGEX_MATCH_TIME per match, so the bound grows with the work, as the
+# rest of planning does (a 100,000-statement spec of 25,000 regexes makes 2.6 million
+# matches). A regex written again costs nothing more: its matches in a scope are kept. Going
+# over is an error at the regex, whatever 'allow_empty' says.
 REGEX_TIMEOUT = 1.0
 REGEXES_TIMEOUT = 5.0
+REGEX_MATCH_TIME = 10e-6
 
 
 @dataclass(frozen=True)
@@ -249,6 +254,7 @@ class _Resolver:
         self.source = source
         self._regex_spent: dict[str, float] = {}  # pattern -> seconds spent matching it
         self._regexes_left = REGEXES_TIMEOUT
+        self._regex_hits: dict[tuple[str, str], list[Layer]] = {}  # (pattern, scope) -> matches
         self.order = {n.path: i for i, n in enumerate(tree.layers())}
         self._units: dict[str, tuple[str, ...]] = {}
         self._by_name: dict[str, dict[str, Layer]] = {}
@@ -344,7 +350,12 @@ class _Resolver:
             return [c for c in self._with_prefix(scope, _literal_prefix(seg.pattern))
                     if match(c.name)]
         if isinstance(seg, Regex):
-            return [c for c in children if self.regex(seg, "fullmatch", c.name)]
+            key = (seg.pattern, scope.path)
+            hits = self._regex_hits.get(key)
+            if hits is None:
+                hits = [c for c in children if self.regex(seg, "fullmatch", c.name)]
+                self._regex_hits[key] = hits
+            return list(hits)
         if isinstance(seg, TypeGlob):
             match = seg.regex.fullmatch
             return [c for c in children if match(c.cls)]
@@ -370,6 +381,7 @@ class _Resolver:
         """``seg.regex.fullmatch(name)`` (or ``search``) within the time left to the regex and
         to all of the spec's regexes; a SelectorError at the regex once either is spent."""
         spent = self._regex_spent.get(seg.pattern, 0.0)
+        self._regexes_left += REGEX_MATCH_TIME
         left = min(REGEX_TIMEOUT - spent, self._regexes_left)
         if left > 0:
             start = time.monotonic()
@@ -384,7 +396,8 @@ class _Resolver:
         if self._regex_spent.get(seg.pattern, 0.0) >= REGEX_TIMEOUT:
             why = f"it took over {REGEX_TIMEOUT:g} s to match the model's layer names"
         else:
-            why = f"the spec's regexes took over {REGEXES_TIMEOUT:g} s together"
+            why = (f"the spec's regexes took over {REGEXES_TIMEOUT:g} s together, beyond "
+                   f"{REGEX_MATCH_TIME * 1e6:g} µs per name matched")
         raise SelectorError(
             f"/{seg.pattern}/ is too slow: {why}; a repeated group that can match the same "
             f"text in many ways (nested repeats as in '(a*)*', alternatives that overlap as in "
