@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import gc
 import io
 import pickle
 import re
@@ -205,11 +206,20 @@ def parse(text: str, file: str = "<string>") -> Spec:
     if not isinstance(text, str):
         raise TypeError(f"spec text must be str, not {type(text).__name__}")
     where = _Where(text, file)
+    # The tree and the IR hold no reference cycles, yet Python's cyclic collector walks all of
+    # them again and again as they grow: half the time of a 100,000-statement parse (15 s with
+    # it, 7.5 s without). Off while parsing, as it was after.
+    collecting = gc.isenabled()
+    gc.disable()
     try:
-        tree = _parse(where, "start")
-    except UnexpectedInput as exc:
-        raise _syntax_error(exc, where) from None
-    return _transform(where, tree)
+        try:
+            tree = _parse(where, "start")
+        except UnexpectedInput as exc:
+            raise _syntax_error(exc, where) from None
+        return _transform(where, tree)
+    finally:
+        if collecting:
+            gc.enable()
 
 
 def parse_selectors(text: str, file: str, *, document: str,
@@ -236,9 +246,10 @@ def parse_selectors(text: str, file: str, *, document: str,
 # Past this many tokens (names, keywords, punctuation) a spec is refused: Lark's tree and the IR
 # cost about 1 KB per token, so an unbounded input would take gigabytes before any answer. It
 # is far above any real spec (the seven in specs/ hold under 200 tokens each) and allows, for
-# instance, 160,000 one-name statements (three tokens each, with the newline) or one statement
-# of 250,000 selectors, while a spec refused at the bound peaks near 550 MB.
-MAX_TOKENS = 500_000
+# instance, 115,000 one-name statements (three tokens each, with the newline) or one statement
+# of 175,000 selectors, while a spec refused at the bound peaks under 700 MB (a million
+# statements on one line, bench/bench_scale.py).
+MAX_TOKENS = 350_000
 
 
 def _parse(where: _Where, start: str):
