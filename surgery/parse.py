@@ -208,7 +208,9 @@ def parse(text: str, file: str = "<string>") -> Spec:
     where = _Where(text, file)
     # The tree and the IR hold no reference cycles, yet Python's cyclic collector walks all of
     # them again and again as they grow: half the time of a 100,000-statement parse (15 s with
-    # it, 7.5 s without). Off while parsing, as it was after.
+    # it, 7.5 s without). Off while parsing, as it was after; `_parse` collects the young
+    # generation now and then, for the short-lived cycles Lark makes (without it, a million
+    # statements on one line peaked at 976 MB at the token bound; with it, 378 MB at 350,000).
     collecting = gc.isenabled()
     gc.disable()
     try:
@@ -246,10 +248,10 @@ def parse_selectors(text: str, file: str, *, document: str,
 # Past this many tokens (names, keywords, punctuation) a spec is refused: Lark's tree and the IR
 # cost about 1 KB per token, so an unbounded input would take gigabytes before any answer. It
 # is far above any real spec (the seven in specs/ hold under 200 tokens each) and allows, for
-# instance, 115,000 one-name statements (three tokens each, with the newline) or one statement
-# of 175,000 selectors, while a spec refused at the bound peaks under 700 MB (a million
+# instance, 160,000 one-name statements (three tokens each, with the newline) or one statement
+# of 250,000 selectors, while a spec refused at the bound peaks near 550 MB (a million
 # statements on one line, bench/bench_scale.py).
-MAX_TOKENS = 350_000
+MAX_TOKENS = 500_000
 
 
 def _parse(where: _Where, start: str):
@@ -259,6 +261,8 @@ def _parse(where: _Where, start: str):
     parser = _parser().parse_interactive(where.text, start=start)
     token = None
     for count, token in enumerate(parser.iter_parse(), 1):
+        if count % 4096 == 0 and not gc.isenabled():
+            gc.collect(0)  # the young garbage Lark makes in cycles, never the tree built so far
         if count > MAX_TOKENS:
             raise where.error(f"the spec is too large: surgery reads up to {MAX_TOKENS:,} tokens "
                               f"(names, keywords and punctuation), and this one has more; split "
