@@ -18,6 +18,13 @@ LayerTrees, as in tests/test_cases.py):
   lookup, so this time should not grow with the number of layers at all.
 * error reporting: a spec whose every line names a missing layer, resolved (closest-name
   suggestions included) and rendered with SpecError.render(), as the CLI prints it.
+* the whole pipeline of `plan`, `lint --model` and `apply`'s manifest on specs of 1,000 /
+  4,000 / 16,000 / 100,000 one-selector statements (names, globs, quoted names, regexes; two
+  tokens each, so 100,000 fit under the parser's token limit) against a 175-layer model, the
+  size of ResNet50: parse, plan_spec, lint_with_model, build_manifest + its JSON, each timed
+  (issue 14: plan was quadratic, 16,000 statements took 106 s).
+* `surgery compile` of 1,000,000 statements on one line, as a subprocess: its wall time, exit
+  code and peak RSS (the parser refuses it past its token limit; the target is under 1 GB).
 
 Each figure is the median of several runs, with gc.collect() before each. Results: Markdown
 tables on stdout and bench/results/scale.json (git-ignored).
@@ -210,6 +217,78 @@ def bench_resolve(runs: int, layer_sizes, rule_sizes) -> tuple[list[dict], list[
     return rows, names_rows
 
 
+PIPELINE_SIZES = (1_000, 4_000, 16_000, 100_000)
+PIPELINE_LAYERS = 175  # ResNet50 (include_top=False)
+COMPILE_STATEMENTS = 1_000_000
+
+
+def single_rules(n: int, tree: LayerTree) -> str:
+    """``n`` statements of one selector each (two tokens), cycling through names, globs,
+    quoted names and regexes that match ``tree``'s top-level layers."""
+    names = [x for x in _top_names(tree) if x.startswith("conv") and "_block" in x]
+    lines = []
+    for i in range(n):
+        a = names[(i * 7) % len(names)]
+        stage, block = a.split("_")[0], a.split("_")[1]
+        sel = (a, f"{stage}_{block}_*", f'"{a}"', f"/{stage}_{block}_\\d_(bn|conv)/")[i % 4]
+        lines.append(f"{'freeze' if i % 2 == 0 else 'unfreeze'} {sel}")
+    return "\n".join(lines) + "\n"
+
+
+def bench_pipeline(runs: int, sizes) -> list[dict]:
+    from surgery.lint import lint_with_model
+    from surgery.manifest import build_manifest
+    from surgery.plan import plan_spec
+
+    tree = LayerTree.from_dict(make_model(PIPELINE_LAYERS))
+    rows = []
+    for n in sizes:
+        text = single_rules(n, tree)
+        spec = surgery.parse(text, "bench.frz")
+        plan = plan_spec(spec, tree)
+        steps = {
+            "parse_s": lambda: surgery.parse(text, "bench.frz"),
+            "plan_s": lambda: plan_spec(spec, tree),
+            "lint_model_s": lambda: lint_with_model(spec, tree),
+            "manifest_s": lambda: build_manifest(
+                plan, spec, model_source="bench.keras", model_sha256=None, model_name="model",
+                versions={}, surgery_version="bench").to_json(),
+        }
+        row = {"statements": n, "layers": len(tree.layers())}
+        for key, fn in steps.items():
+            row[key], row[key.replace("_s", "_samples_s")] = median_time(fn, runs if n < 50_000
+                                                                          else 1)
+        rows.append(row)
+        print(f"  {n:>7} statements: " + ", ".join(f"{k[:-2]} {row[k]:.2f} s" for k in steps),
+              file=sys.stderr)
+    return rows
+
+
+def bench_compile(statements: int) -> dict:
+    """`surgery compile` of ``statements`` on one line, in a child process: wall time, exit
+    code and the child's peak RSS (os.wait4 gives the rusage of that one child)."""
+    import os
+    import subprocess
+    import tempfile
+
+    text = "; ".join(f"{'freeze' if i % 2 else 'unfreeze'} layer_{i % 97}"
+                     for i in range(statements)) + "\n"
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "line.frz"
+        path.write_text(text)
+        exe = Path(sys.executable).parent / "surgery"
+        start = time.perf_counter()
+        child = subprocess.Popen([str(exe), "compile", str(path)], stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE)
+        err = child.stderr.read().decode(errors="replace")
+        _, status, usage = os.wait4(child.pid, 0)
+        child.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.perf_counter() - start
+    return {"statements": statements, "bytes": len(text.encode()), "wall_s": wall,
+            "exit": child.returncode, "peak_rss_mb": usage.ru_maxrss / 1024,
+            "message": err.splitlines()[0] if err else ""}
+
+
 ERROR_MODEL_LAYERS = 200  # closest-name suggestions scan the model once per error
 
 
@@ -240,7 +319,14 @@ def bench_errors(runs: int, sizes) -> list[dict]:
 # --- report ------------------------------------------------------------------------------------
 
 
-def report(parse_rows, resolve_rows, names_rows, error_rows) -> str:
+def report(parse_rows, resolve_rows, names_rows, error_rows, pipeline_rows=(),
+           compile_row=None) -> str:
+    out = _scale_report(parse_rows, resolve_rows, names_rows, error_rows) if resolve_rows else []
+    out += _pipeline_report(pipeline_rows, compile_row)
+    return "\n".join(out).strip("\n")
+
+
+def _scale_report(parse_rows, resolve_rows, names_rows, error_rows) -> list[str]:
     out = ["### Parse (mixed statements)", "",
            "| statements | bytes | median | µs / statement | ms / 1,000 statements "
            "| µs / statement, gc off |",
@@ -303,7 +389,30 @@ def report(parse_rows, resolve_rows, names_rows, error_rows) -> str:
             out += ["", "growth exponent of render: "
                     f"{exponent(a['render_s'], b['render_s'], a['lines'], b['lines']):.2f}, of "
                     f"resolve: {exponent(a['resolve_s'], b['resolve_s'], a['lines'], b['lines']):.2f}"]
-    return "\n".join(out)
+    return out
+
+
+def _pipeline_report(pipeline_rows, compile_row) -> list[str]:
+    out: list[str] = []
+    if pipeline_rows:
+        out += ["", f"### Whole pipeline, one-selector statements, "
+                f"{pipeline_rows[0]['layers']}-layer model", "",
+                "| statements | parse | plan | lint --model | manifest |",
+                "|---:|---:|---:|---:|---:|"]
+        for r in pipeline_rows:
+            out.append(f"| {r['statements']:,} | {_ms(r['parse_s'])} | {_ms(r['plan_s'])} | "
+                       f"{_ms(r['lint_model_s'])} | {_ms(r['manifest_s'])} |")
+        if len(pipeline_rows) > 1:
+            a, b = pipeline_rows[0], pipeline_rows[-1]
+            out += ["", "growth exponent " + ", ".join(
+                f"{k[:-2]} {exponent(a[k], b[k], a['statements'], b['statements']):.2f}"
+                for k in ("parse_s", "plan_s", "lint_model_s", "manifest_s")) + " (1 = linear)"]
+    if compile_row:
+        r = compile_row
+        out += ["", f"`surgery compile` of {r['statements']:,} statements on one line "
+                f"({r['bytes'] / 1e6:.0f} MB): exit {r['exit']} in {r['wall_s']:.1f} s, peak RSS "
+                f"{r['peak_rss_mb']:.0f} MB ({r['message']!r})"]
+    return out
 
 
 def _ms(seconds: float) -> str:
@@ -317,6 +426,8 @@ def main(argv=None) -> int:
                         help="runs per resolution and error figure (median)")
     parser.add_argument("--quick", action="store_true", help="small sizes only (a smoke test)")
     parser.add_argument("--no-errors", action="store_true", help="skip the error-reporting table")
+    parser.add_argument("--only-pipeline", action="store_true",
+                        help="only the whole-pipeline sizes and the one-line compile")
     parser.add_argument("--output", type=Path, default=RESULTS, help="where to write the JSON")
     args = parser.parse_args(argv)
 
@@ -325,15 +436,24 @@ def main(argv=None) -> int:
     rule_sizes = (100, 1_000) if args.quick else RULE_SIZES
     error_sizes = () if args.no_errors else ((250, 500) if args.quick else ERROR_SIZES)
 
-    started = time.perf_counter()
-    print("parse ...", file=sys.stderr)
-    parse_rows = bench_parse(args.runs, parse_sizes)
-    print("resolve ...", file=sys.stderr)
-    resolve_rows, names_rows = bench_resolve(args.resolve_runs, layer_sizes, rule_sizes)
-    print("errors ...", file=sys.stderr)
-    error_rows = bench_errors(args.resolve_runs, error_sizes) if error_sizes else []
+    pipeline_sizes = (1_000, 4_000) if args.quick else PIPELINE_SIZES
+    compile_size = 100_000 if args.quick else COMPILE_STATEMENTS
 
-    table = report(parse_rows, resolve_rows, names_rows, error_rows)
+    started = time.perf_counter()
+    parse_rows, resolve_rows, names_rows, error_rows = [], [], [], []
+    if not args.only_pipeline:
+        print("parse ...", file=sys.stderr)
+        parse_rows = bench_parse(args.runs, parse_sizes)
+        print("resolve ...", file=sys.stderr)
+        resolve_rows, names_rows = bench_resolve(args.resolve_runs, layer_sizes, rule_sizes)
+        print("errors ...", file=sys.stderr)
+        error_rows = bench_errors(args.resolve_runs, error_sizes) if error_sizes else []
+    print("pipeline ...", file=sys.stderr)
+    pipeline_rows = bench_pipeline(args.resolve_runs, pipeline_sizes)
+    print("compile ...", file=sys.stderr)
+    compile_row = bench_compile(compile_size)
+
+    table = report(parse_rows, resolve_rows, names_rows, error_rows, pipeline_rows, compile_row)
     print(table)
     result = {
         "benchmark": "surgery parse and resolve scaling (in-process, plain LayerTrees)",
@@ -341,7 +461,8 @@ def main(argv=None) -> int:
         "machine": {"python": platform.python_version(), "platform": platform.platform(),
                     "machine": platform.machine(), "surgery": surgery.__version__},
         "parse": parse_rows, "resolve": resolve_rows, "exact_names": names_rows,
-        "errors": error_rows, "markdown": table,
+        "errors": error_rows, "pipeline": pipeline_rows, "compile_one_line": compile_row,
+        "markdown": table,
         "wall_s": time.perf_counter() - started,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)

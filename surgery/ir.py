@@ -72,11 +72,12 @@ class Glob:
 
 @dataclass(frozen=True, slots=True)
 class Regex:
-    """A /regular expression/, full match on the name."""
+    """A /regular expression/, full match on the name. ``regex`` is compiled by the `regex`
+    package (its matches take a timeout), not by `re`."""
 
     pattern: str
     span: Span
-    regex: re.Pattern = field(compare=False, repr=False, default=None)  # type: ignore[assignment]
+    regex: object = field(compare=False, repr=False, default=None)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,9 +1,10 @@
 """Checks on a spec alone, without a model and without TensorFlow (a pre-commit hook must be fast).
 
 Syntax problems are caught by the parser; this module finds what parses but cannot be meant:
-slices that are empty for every model, statements written twice, selectors listed twice, and
+slices that are empty for every model, statements written twice, selectors listed twice,
 rules that later rules override completely, where that can be decided from the text alone
-(LoRA statements too: they decide their layers' adapters, not the layers, so no rule kills one).
+(LoRA statements too: they decide their layers' adapters, not the layers, so no rule kills one),
+and regexes with nested repeats, which can take exponential time (resolve.py stops them).
 Given a model's LayerTree, it also reports every selector that matches nothing.
 """
 
@@ -11,10 +12,11 @@ from __future__ import annotations
 
 from .errors import Diagnostic
 from .fmt import format_lora, format_rule, format_selector
-from .ir import All, Rule, Slice, Spec
+from .ir import All, Regex, Rule, Slice, Spec
 from .lora import resolve_lora
-from .plan import plan_phases, within
-from .resolve import resolve
+from .plan import SpanIndex, check_schedule_size, plan_phases
+from .regex_text import nested_repeat
+from .resolve import REGEX_TIMEOUT, resolve
 from .tree import LayerTree
 
 __all__ = ["lint", "lint_with_model"]
@@ -23,6 +25,7 @@ __all__ = ["lint", "lint_with_model"]
 def lint(spec: Spec) -> list[Diagnostic]:
     found: list[Diagnostic] = []
     found += _empty_slices(spec)
+    found += _slow_regexes(spec)
     # Within a phase only: the same statement in two phases, or a phase-0 rule a later phase
     # overrides, each decide some epochs.
     for epoch in spec.epochs:
@@ -37,6 +40,7 @@ def lint_with_model(spec: Spec, tree: LayerTree) -> list[Diagnostic]:
     """`lint` plus what only a model can tell: selectors that match nothing (errors, as in
     `apply`), rules that the model's layers make ineffective, BatchNormalization layers unfrozen
     without a policy, and phases that change nothing."""
+    check_schedule_size(spec)
     unmatched: list[Diagnostic] = []
     findings: list[Diagnostic] = []
     # LoRA statements first, as plan.py resolves them: the rules see the model with its adapters.
@@ -46,9 +50,9 @@ def lint_with_model(spec: Spec, tree: LayerTree) -> list[Diagnostic]:
     for epoch in spec.epochs:
         # Each phase's statements, resolved after everything before them: what they do then.
         resolution = resolve(spec.until(epoch), tree, allow_empty=True)
-        mine = [s.span for s in spec.rules + spec.policies if s.epoch == epoch]
-        unmatched += [d for d in resolution.unmatched if within(d.span, mine)]
-        findings += [d for d in resolution.findings if within(d.span, mine)]
+        mine = SpanIndex([s.span for s in spec.rules + spec.policies if s.epoch == epoch])
+        unmatched += [d for d in resolution.unmatched if d.span in mine]
+        findings += [d for d in resolution.findings if d.span in mine]
     headers = [p.span for p in spec.phases]
     findings += [d for ph in plan_phases(spec, adapters.original, allow_empty=True)
                  for d in ph.plan.diagnostics if d.span in headers]
@@ -69,6 +73,22 @@ def _empty_slices(spec: Spec) -> list[Diagnostic]:
                 if isinstance(seg, Slice) and _always_empty(seg):
                     out.append(Diagnostic("warning", f"'{format_selector(sel)}' is empty for "
                                           "every model: the slice selects no layer", seg.span))
+    return out
+
+
+def _slow_regexes(spec: Spec) -> list[Diagnostic]:
+    out = []
+    for statement in spec.rules + spec.policies:
+        for sel in statement.selectors + statement.excepts:
+            for seg in sel.segments:
+                if isinstance(seg, Regex):
+                    at = nested_repeat(seg.pattern)
+                    if at is not None:
+                        out.append(Diagnostic(
+                            "warning", f"/{seg.pattern}/ repeats a group that holds a repeated "
+                            f"part ('{at}'): on a long name such a regex can backtrack for "
+                            f"minutes (surgery stops it after {REGEX_TIMEOUT:g} s); write each "
+                            "repeated part once", seg.span))
     return out
 
 

@@ -118,7 +118,7 @@ def resolve_lora(spec: Spec, tree: LayerTree, *, allow_empty: bool = False) -> A
                 errors.append(Diagnostic(
                     "error", "'lora' selects layers, not parts of them: it adapts the layer's "
                     "kernel (or an Embedding's embeddings) and nothing else", sel.part.span))
-        matched, covered, problems = select_units(tree, st.selectors, st.excepts)
+        matched, covered, problems = select_units(tree, st.selectors, st.excepts, spec.source)
         unmatched += problems
         kept = set(covered)
         for sel, nodes in matched:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import gc
 import io
 import pickle
 import re
@@ -29,6 +30,7 @@ from .ir import (
     FILTERS, KEYWORDS, STATEMENT_KEYWORDS, UNITS, WEIGHT, All, AnyDepth, Comment, Glob, Index,
     Name, Part, Range, Regex, Selector, Slice, Span, Spec, TypeGlob,
 )
+from .regex_text import MAX_UNROLLED, unrolled_size
 from .render import Lines
 
 __all__ = ["parse", "parse_selectors", "grammar_text"]
@@ -204,11 +206,22 @@ def parse(text: str, file: str = "<string>") -> Spec:
     if not isinstance(text, str):
         raise TypeError(f"spec text must be str, not {type(text).__name__}")
     where = _Where(text, file)
+    # The tree and the IR hold no reference cycles, yet Python's cyclic collector walks all of
+    # them again and again as they grow: half the time of a 100,000-statement parse (15 s with
+    # it, 7.5 s without). Off while parsing, as it was after; `_parse` collects the young
+    # generation now and then, for the short-lived cycles Lark makes (without it, a million
+    # statements on one line peaked at 976 MB at the token bound; with it, 378 MB at 350,000).
+    collecting = gc.isenabled()
+    gc.disable()
     try:
-        tree = _parse(where, "start")
-    except UnexpectedInput as exc:
-        raise _syntax_error(exc, where) from None
-    return _transform(where, tree)
+        try:
+            tree = _parse(where, "start")
+        except UnexpectedInput as exc:
+            raise _syntax_error(exc, where) from None
+        return _transform(where, tree)
+    finally:
+        if collecting:
+            gc.enable()
 
 
 def parse_selectors(text: str, file: str, *, document: str,
@@ -235,8 +248,10 @@ def parse_selectors(text: str, file: str, *, document: str,
 # Past this many tokens (names, keywords, punctuation) a spec is refused: Lark's tree and the IR
 # cost about 1 KB per token, so an unbounded input would take gigabytes before any answer. It
 # is far above any real spec (the seven in specs/ hold under 200 tokens each) and allows, for
-# instance, 80,000 one-name statements or one statement of 120,000 selectors.
-MAX_TOKENS = 250_000
+# instance, 160,000 one-name statements (three tokens each, with the newline) or one statement
+# of 250,000 selectors, while a spec refused at the bound peaks near 550 MB (a million
+# statements on one line, bench/bench_scale.py).
+MAX_TOKENS = 500_000
 
 
 def _parse(where: _Where, start: str):
@@ -246,6 +261,8 @@ def _parse(where: _Where, start: str):
     parser = _parser().parse_interactive(where.text, start=start)
     token = None
     for count, token in enumerate(parser.iter_parse(), 1):
+        if count % 4096 == 0 and not gc.isenabled():
+            gc.collect(0)  # the young garbage Lark makes in cycles, never the tree built so far
         if count > MAX_TOKENS:
             raise where.error(f"the spec is too large: surgery reads up to {MAX_TOKENS:,} tokens "
                               f"(names, keywords and punctuation), and this one has more; split "
@@ -469,7 +486,13 @@ class _ToIR(Transformer):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)
                 warnings.simplefilter("ignore", DeprecationWarning)
-                compiled = re.compile(pattern)
+                re.compile(pattern)  # Python's own messages and positions for a bad pattern
+            if unrolled_size(pattern) > MAX_UNROLLED:
+                raise self._error(
+                    f"regular expression is too large: its counted repeats stand for more than "
+                    f"{MAX_UNROLLED:,} characters, longer than any layer name",
+                    self._token_span(token))
+            compiled = _matcher(pattern)
         except re.error as exc:
             at = token.start_pos + 1 + min(exc.pos or 0, len(body))
             raise self._error(f"invalid regular expression: {exc.msg}",
@@ -524,6 +547,19 @@ def _index(draft: tuple, span: Span):
         return Index(draft[1], span)
     _, start, stop, step = draft
     return Slice(start, stop, step, span)
+
+
+def _matcher(pattern: str):
+    """The pattern compiled by the `regex` package, whose matches take a ``timeout`` (resolve.py
+    bounds the time a spec's regexes may take: '(a+)+' backtracks for minutes on a 30-letter
+    name). VERSION0 reads a pattern as Python's `re` does. Imported here, not at the top: only
+    a spec that holds a regex pays for the import."""
+    import regex
+
+    try:
+        return regex.compile(pattern, regex.VERSION0)
+    except regex.error as exc:  # a pattern that `re` reads and `regex` does not
+        raise re.error(exc.msg, pattern, exc.pos) from None
 
 
 def _glob_regex(pattern: str) -> re.Pattern:

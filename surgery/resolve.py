@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import fnmatch
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
@@ -24,7 +25,20 @@ from .parts import Selection
 from .suggest import suggest
 from .tree import Layer, LayerTree
 
-__all__ = ["RuleResult", "PartOp", "Resolution", "resolve", "select_units", "BATCHNORM_CLASSES"]
+__all__ = ["RuleResult", "PartOp", "Resolution", "resolve", "select_units", "BATCHNORM_CLASSES",
+           "REGEX_TIMEOUT", "REGEXES_TIMEOUT", "REGEX_MATCH_TIME"]
+
+# How long a spec's /regexes/ may take to match a model's names in one resolution (one per
+# phase): a regex that means something takes a microsecond or two per name, while one with
+# nested repeats ('(a|a)+') backtracks for minutes on a 30-letter name. One regex (its text) may
+# take REGEX_TIMEOUT seconds over all the names it is matched with; all of them together
+# REGEXES_TIMEOUT plus REGEX_MATCH_TIME per match, so the bound grows with the work, as the
+# rest of planning does (a 100,000-statement spec of 25,000 regexes makes 2.6 million
+# matches). A regex written again costs nothing more: its matches in a scope are kept. Going
+# over is an error at the regex, whatever 'allow_empty' says.
+REGEX_TIMEOUT = 1.0
+REGEXES_TIMEOUT = 5.0
+REGEX_MATCH_TIME = 10e-6
 
 
 @dataclass(frozen=True)
@@ -65,7 +79,7 @@ class Resolution:
 
 
 def resolve(spec: Spec, tree: LayerTree, *, allow_empty: bool = False) -> Resolution:
-    r = _Resolver(tree)
+    r = _Resolver(tree, spec.source)
     errors: list[Diagnostic] = []
     warnings: list[Diagnostic] = []
     covered_by_rule: list[list[str]] = []
@@ -230,12 +244,12 @@ def _unfrozen_without_policy(spec: Spec, r: "_Resolver", results, policies) -> l
     return found
 
 
-def select_units(tree: LayerTree, selectors, excepts) -> tuple[
+def select_units(tree: LayerTree, selectors, excepts, source: str = "") -> tuple[
         list[tuple[Selector, list[Layer]]], list[str], list[Diagnostic]]:
     """What a statement's selectors name, for statements that are not rules (lora.py): each
     selector with the layers it matches, the units they cover less those ``excepts`` cover, in
-    model order, and why a selector matches nothing."""
-    r = _Resolver(tree)
+    model order, and why a selector matches nothing. ``source``: the spec's text, for errors."""
+    r = _Resolver(tree, source)
     problems: list[Diagnostic] = []
     matched = []
     picked: dict[str, None] = {}
@@ -256,8 +270,12 @@ def _opposite(action: str) -> str:
 
 
 class _Resolver:
-    def __init__(self, tree: LayerTree):
+    def __init__(self, tree: LayerTree, source: str = ""):
         self.tree = tree
+        self.source = source
+        self._regex_spent: dict[str, float] = {}  # pattern -> seconds spent matching it
+        self._regexes_left = REGEXES_TIMEOUT
+        self._regex_hits: dict[tuple[str, str], list[Layer]] = {}  # (pattern, scope) -> matches
         self.order = {n.path: i for i, n in enumerate(tree.layers())}
         self._units: dict[str, tuple[str, ...]] = {}
         self._by_name: dict[str, dict[str, Layer]] = {}
@@ -353,8 +371,12 @@ class _Resolver:
             return [c for c in self._with_prefix(scope, _literal_prefix(seg.pattern))
                     if match(c.name)]
         if isinstance(seg, Regex):
-            match = seg.regex.fullmatch
-            return [c for c in children if match(c.name)]
+            key = (seg.pattern, scope.path)
+            hits = self._regex_hits.get(key)
+            if hits is None:
+                hits = [c for c in children if self.regex(seg, "fullmatch", c.name)]
+                self._regex_hits[key] = hits
+            return list(hits)
         if isinstance(seg, TypeGlob):
             match = seg.regex.fullmatch
             return [c for c in children if match(c.cls)]
@@ -375,6 +397,33 @@ class _Resolver:
                 return []
             return list(children[first.index:last.index + 1])
         raise AssertionError(f"unknown segment {seg!r}")  # pragma: no cover
+
+    def regex(self, seg: Regex, how: str, name: str):
+        """``seg.regex.fullmatch(name)`` (or ``search``) within the time left to the regex and
+        to all of the spec's regexes; a SelectorError at the regex once either is spent."""
+        spent = self._regex_spent.get(seg.pattern, 0.0)
+        self._regexes_left += REGEX_MATCH_TIME
+        left = min(REGEX_TIMEOUT - spent, self._regexes_left)
+        if left > 0:
+            start = time.monotonic()
+            try:
+                return getattr(seg.regex, how)(name, timeout=left)
+            except TimeoutError:
+                pass
+            finally:
+                took = time.monotonic() - start
+                self._regex_spent[seg.pattern] = spent + took
+                self._regexes_left -= took
+        if self._regex_spent.get(seg.pattern, 0.0) >= REGEX_TIMEOUT:
+            why = f"it took over {REGEX_TIMEOUT:g} s to match the model's layer names"
+        else:
+            why = (f"the spec's regexes took over {REGEXES_TIMEOUT:g} s together, beyond "
+                   f"{REGEX_MATCH_TIME * 1e6:g} µs per name matched")
+        raise SelectorError(
+            f"/{seg.pattern}/ is too slow: {why}; a repeated group that can match the same "
+            f"text in many ways (nested repeats as in '(a*)*', alternatives that overlap as in "
+            f"'(a|a)+') backtracks without end: write each repeated part once",
+            seg.span, source=self.source)
 
     # --- why nothing matched -------------------------------------------------------------------
 
@@ -414,7 +463,8 @@ class _Resolver:
             hint = self._deeper(seg.regex.fullmatch, text, scopes) or _case_hint(seg, names) or \
                 _did_you_mean(re.sub(r"[*?\[\]]", "", seg.pattern), names)
         else:  # Regex
-            hint = self._deeper(seg.regex.fullmatch, text, scopes) or _search_hint(seg, names)
+            hint = self._deeper(lambda name: self.regex(seg, "fullmatch", name), text,
+                                scopes) or _search_hint(seg, names, self.regex)
         return Diagnostic("error", f"'{text}' matches no layer{_in(where)}{hint}", seg.span)
 
     def _deeper(self, match, written: str, scopes: list[Layer]) -> str:
@@ -499,8 +549,8 @@ def _case_hint(seg: Glob, names: list[str]) -> str:
     return ""
 
 
-def _search_hint(seg: Regex, names: list[str]) -> str:
-    hits = [x for x in names if seg.regex.search(x)]
+def _search_hint(seg: Regex, names: list[str], timed) -> str:
+    hits = [x for x in names if timed(seg, "search", x)]
     if hits:
         return (f"; a regex must match the whole name: /.*{seg.pattern}.*/ matches {len(hits)} "
                 f"layer{'s' if len(hits) != 1 else ''}")

@@ -717,7 +717,7 @@ def test_compile_of_a_million_statements_on_one_line_stays_within_a_gigabyte(tmp
     err = bounded("import sys\nfrom surgery.cli import main\nsys.exit(main(sys.argv[1:]))",
                   args=("compile", str(spec)), cpu_seconds=120, memory_bytes=1 << 30, status=2)
     assert err.splitlines()[0] == (
-        f"{spec}:1:750005: error: the spec is too large: surgery reads up to 250,000 tokens "
+        f"{spec}:1:1500003: error: the spec is too large: surgery reads up to 500,000 tokens "
         f"(names, keywords and punctuation), and this one has more; split it")
 
 

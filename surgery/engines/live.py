@@ -435,6 +435,10 @@ def keep_lora_on_save(model) -> None:
     # Past Keras's attribute tracking: a function is no state of the model.
     object.__setattr__(model, "save", save)
     object.__setattr__(model, "_surgery_keeps_state", True)
+    object.__setattr__(model, _PLAIN_SAVE, original)
+
+
+_PLAIN_SAVE = "_surgery_plain_save"  # the model's own save, for `save` (which records itself)
 
 
 def revive_lora(model, path: str) -> tuple[str, ...]:
@@ -558,7 +562,8 @@ def save(model, path: str) -> None:
         previous = tempfile.tempdir
         tempfile.tempdir = scratch
         try:
-            model.save(path)
+            # The model's own save: `surgery apply` records the state itself, from its plan.
+            getattr(model, _PLAIN_SAVE, model.save)(path)
         finally:
             tempfile.tempdir = previous
 

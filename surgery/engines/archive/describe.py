@@ -7,6 +7,9 @@ from the weights file, and every group the config implies is checked to be where
 it: anything else (nested state, a weight surgery cannot name, layers shared between models) is
 `ArchiveUnsupported`.
 
+Each weight's shape is checked against the one its layer's config declares
+(engines/archive/declared_shapes.py), so weights that belong to another architecture are an error.
+
 Entries frozen inside a layer (sub-layer freezing) are a FrozenEntries constraint in its config,
 values included; describing them needs only the config (engines/frozen_format.py decodes it,
 checked against the weight's shape from the weights file).
@@ -18,6 +21,7 @@ from ...errors import ArchiveUnsupported, DamagedArchive, FrozenEntriesError
 from ...tree import Layer, LayerTree, Weight
 from ..frozen_format import FrozenConfig, axis_details, decode, is_frozen_object
 from .config import Node
+from .declared_shapes import contradiction, declared_shapes
 from .h5 import Reader
 from .keras_layout import WEIGHTS, AutoNames, constrained_weight, join, weight_names
 
@@ -47,6 +51,7 @@ def _layer(node: Node, reader: Reader, auto: AutoNames) -> Layer:
                 f"layer {node.where!r} ({node.cls}) has {len(shapes)} weight"
                 f"{'s' if len(shapes) != 1 else ''} surgery cannot name without Keras")
         by_name = dict(zip((n for n, _ in named), shapes))
+        _check_shapes(node, by_name)
         frozen = {weight: fc for weight, (_attr, fc) in
                   frozen_constraints(node, by_name).items()}
         weights = tuple(Weight(n, s, t, frozen=frozen[n].indices,
@@ -57,6 +62,17 @@ def _layer(node: Node, reader: Reader, auto: AutoNames) -> Layer:
     return Layer(name=node.name, path=node.path, cls=node.cls, index=node.index,
                  trainable=node.loaded_flag(), weights=weights, children=children,
                  container=node.container, details=details, affine=node.affine)
+
+
+def _check_shapes(node: Node, stored: dict[str, tuple[int, ...]]) -> None:
+    for weight, declared in declared_shapes(node.cls, node.conf, node.entry).items():
+        shape = stored.get(weight)
+        if shape is not None and contradiction(declared, shape):
+            wanted = "(" + ", ".join("?" if d is None else str(d) for d in declared) + \
+                ("," if len(declared) == 1 else "") + ")"
+            raise DamagedArchive(f"layer {node.where!r} ({node.cls}): {WEIGHTS} holds its "
+                                 f"{weight} as {shape}, where config.json makes it {wanted}: "
+                                 "the weights do not belong to this architecture")
 
 
 def frozen_constraints(node: Node, shapes: dict[str, tuple[int, ...]]

@@ -1,8 +1,9 @@
 """The copy of an archive with config.json replaced: a zip writer that hashes as it copies.
 
 `copy` writes every entry but the replaced ones as stored (same bytes, compression, timestamp),
-in the original order, streaming the weights in chunks, and checks each stored entry's CRC-32
-as any zip reader will, so a damaged input is an error and not an output Keras refuses later.
+in the original order, streaming the weights in chunks, and checks each entry's CRC-32 and size
+(a deflated one inflated as it goes) as any zip reader will, so a damaged input is an error and
+not an output Keras refuses later.
 The manifest needs the sha256 of the output and of the input: both are computed from the same
 reads, in two threads beside the copy (hashlib releases the GIL on large updates), through a
 small pool of reused buffers. The output depends only on the input bytes and the replacement,
@@ -105,12 +106,12 @@ def copy(archive: ArchiveFile, dst: str, replace: dict[str, bytes],
                     entry = _entry(info, writer.offset, info.compress_size, info.file_size,
                                    info.CRC)
                     writer.write(entry.local_header())
-                    crc = _pass(fd, start, end, buffers, src_hash if sequential else None, writer)
-                    # Stored bytes are the content: check them as any zip reader will. (A
-                    # compressed entry's CRC is over its inflated bytes, which are not read.)
-                    if info.compress_type == zipfile.ZIP_STORED and crc != info.CRC:
-                        raise DamagedArchive(f"{info.filename} fails its CRC-32 check: the file "
-                                             "is damaged")
+                    # Every entry's content is checked as any zip reader will: its CRC-32 and
+                    # size, over the inflated bytes of a deflated one.
+                    content = _Content(info)
+                    _pass(fd, start, end, buffers, src_hash if sequential else None, writer,
+                          content.feed)
+                    content.check()
                 if sequential:
                     pos = end
                 central.append(entry)
@@ -314,11 +315,55 @@ class _Out:
         self.offset += len(data)
 
 
+class _Content:
+    """An entry's content as its stored bytes go by: its CRC-32 and size, checked against the
+    zip directory at the end. A deflated entry is inflated a chunk at a time (never more than a
+    chunk of output held, so a bomb costs time bounded by its size, not memory)."""
+
+    def __init__(self, info: zipfile.ZipInfo):
+        self.info = info
+        self.crc = self.size = 0
+        self._inflate = (zlib.decompressobj(-15) if info.compress_type == zipfile.ZIP_DEFLATED
+                         else None)
+
+    def _add(self, data) -> None:
+        self.crc = zlib.crc32(data, self.crc)
+        self.size += len(data)
+        if self.size > self.info.file_size:
+            raise self._damaged("holds more bytes than the zip directory says")
+
+    def feed(self, data) -> None:
+        if self._inflate is None:
+            self._add(data)
+            return
+        try:
+            while data:
+                self._add(self._inflate.decompress(data, _CHUNK))
+                data = self._inflate.unconsumed_tail
+        except zlib.error:
+            raise self._damaged("is not a valid deflate stream") from None
+
+    def check(self) -> None:
+        if self._inflate is not None:
+            try:
+                self._add(self._inflate.flush())
+            except zlib.error:
+                raise self._damaged("is not a valid deflate stream") from None
+            if not self._inflate.eof:
+                raise self._damaged("ends before its deflate stream does")
+        if self.size != self.info.file_size:
+            raise self._damaged("holds fewer bytes than the zip directory says")
+        if self.crc != self.info.CRC:
+            raise self._damaged("fails its CRC-32 check")
+
+    def _damaged(self, what: str) -> DamagedArchive:
+        return DamagedArchive(f"{self.info.filename} {what}: the file is damaged")
+
+
 def _pass(fd: int, begin: int, end: int, buffers: _Buffers, src_hash: Optional[_Hasher],
-          writer: Optional[_Out] = None) -> int:
-    """Read [begin, end) of the source in chunks: hash it as source bytes, copy it out, or both.
-    The CRC-32 of the bytes copied (0 when none are)."""
-    crc = 0
+          writer: Optional[_Out] = None, check: Optional[Callable] = None) -> None:
+    """Read [begin, end) of the source in chunks: hash it as source bytes, copy it out, or both;
+    ``check`` sees every chunk copied."""
     while begin < end:
         n = min(_CHUNK, end - begin)
         buf = buffers.get()
@@ -331,11 +376,11 @@ def _pass(fd: int, begin: int, end: int, buffers: _Buffers, src_hash: Optional[_
         if not users:
             done()
         if writer is not None:
+            if check is not None:
+                check(view)  # before the writer: a damaged chunk is never written out
             writer.write(view, done)
-            crc = zlib.crc32(view, crc)
         if src_hash is not None:
             src_hash.update(view, done)
         begin += n
-    return crc
 
 

@@ -26,6 +26,8 @@ from .keras_layout import CONFIG, WEIGHTS
 
 __all__ = ["ArchiveFile", "Window", "config_cap"]
 
+_ZIP_DAMAGE = (zipfile.BadZipFile, zlib.error, EOFError)  # what zipfile raises on a damaged entry
+
 # config.json holds the architecture (kilobytes to a few megabytes) and the values of entries
 # frozen inside layers (at most the weights themselves, base64: 4/3 of their size, zlib does not
 # shrink floats much). More than that is not a config Keras wrote.
@@ -142,7 +144,7 @@ class ArchiveFile:
         info = self.zip.getinfo(WEIGHTS)
         if info.compress_type != zipfile.ZIP_STORED:
             # Keras stores its entries; a recompressed archive is streamed through zipfile.
-            return Source(info.file_size, None, lambda: self.zip.open(WEIGHTS))
+            return Source(info.file_size, None, lambda: _Inflating(self.zip.open(WEIGHTS)))
         start = self.data_offset(info)
         fd = self.file.fileno()
         size = info.file_size
@@ -181,3 +183,40 @@ class Window(io.RawIOBase):
         buffer[:len(data)] = data
         self._pos += len(data)
         return len(data)
+
+
+class _Inflating(io.RawIOBase):
+    """A compressed entry streamed through zipfile, for h5py: what zipfile raises on damage (a
+    wrong CRC-32, a bad deflate stream, an entry shorter than its size) is a DamagedArchive, not
+    an exception that h5py passes up from its file callbacks as it is."""
+
+    def __init__(self, entry):
+        super().__init__()
+        self._entry = entry
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._entry.tell()
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        try:
+            return self._entry.seek(offset, whence)
+        except _ZIP_DAMAGE as exc:
+            raise DamagedArchive(f"{WEIGHTS}: {exc or type(exc).__name__}") from None
+
+    def readinto(self, buffer) -> int:
+        try:
+            data = self._entry.read(len(buffer))
+        except _ZIP_DAMAGE as exc:
+            raise DamagedArchive(f"{WEIGHTS}: {exc or type(exc).__name__}") from None
+        buffer[:len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self._entry.close()
+        super().close()

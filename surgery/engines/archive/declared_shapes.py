@@ -1,0 +1,111 @@
+"""The shapes a layer's config declares for its weights, to check the weights file against.
+
+A weights file whose shapes contradict config.json (a Dense kernel stored as (5, 2) where the
+config makes it (4, 2)) is a file Keras refuses to load; copied, it gives an output Keras
+refuses too, and counted, wrong parameter totals. The shapes follow from the layer's config and
+the input shape its ``build_config`` records, as each Keras class builds its variables
+(keras/src/layers/...). A dimension the config does not fix (no build_config, a value of an
+unexpected type) is None and is not checked; a class not listed here is not checked at all.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+__all__ = ["declared_shapes", "contradiction"]
+
+Shape = tuple[Optional[int], ...]
+
+_RANK = {"1D": 1, "2D": 2, "3D": 3}
+
+
+def _int(value) -> Optional[int]:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 \
+        else None
+
+
+def _input_shape(entry: Mapping) -> Optional[list]:
+    """The one input shape build_config records, as a list of ints and Nones; None when it
+    records none, several, or something else."""
+    build = entry.get("build_config")
+    shape = build.get("input_shape") if isinstance(build, Mapping) else None
+    if not isinstance(shape, list) or any(isinstance(d, (list, dict)) for d in shape):
+        return None
+    return [_int(d) for d in shape]
+
+
+def _dim(shape: Optional[list], axis) -> Optional[int]:
+    if shape is None or not isinstance(axis, int) or isinstance(axis, bool) or \
+            not -len(shape) <= axis < len(shape):
+        return None
+    return shape[axis]
+
+
+def _kernel_size(conf: Mapping, rank: int) -> Shape:
+    size = conf.get("kernel_size")
+    if _int(size) is not None:
+        return (size,) * rank
+    if isinstance(size, list) and len(size) == rank:
+        return tuple(_int(k) for k in size)
+    return (None,) * rank
+
+
+def _conv(cls: str, conf: Mapping, shape: Optional[list]) -> Optional[dict[str, Shape]]:
+    rank = _RANK.get(cls[-2:])
+    if rank is None:
+        return None
+    channels = _dim(shape, 1 if conf.get("data_format") == "channels_first" else -1)
+    kernel = _kernel_size(conf, rank)
+    filters = _int(conf.get("filters"))
+    if cls.startswith("DepthwiseConv"):
+        multiplier = _int(conf.get("depth_multiplier"))
+        out = None if channels is None or multiplier is None else channels * multiplier
+        return {"kernel": kernel + (channels, multiplier), "bias": (out,)}
+    if cls.startswith("SeparableConv"):
+        multiplier = _int(conf.get("depth_multiplier"))
+        mid = None if channels is None or multiplier is None else channels * multiplier
+        return {"depthwise_kernel": kernel + (channels, multiplier),
+                "pointwise_kernel": (1,) * rank + (mid, filters), "bias": (filters,)}
+    if cls.endswith("Transpose"):
+        return {"kernel": kernel + (filters, channels), "bias": (filters,)}
+    groups = _int(conf.get("groups", 1))
+    per_group = None if channels is None or not groups or channels % groups else channels // groups
+    return {"kernel": kernel + (per_group, filters), "bias": (filters,)}
+
+
+def _axes(conf: Mapping, shape: Optional[list]) -> Shape:
+    axis = conf.get("axis", -1)
+    axes = axis if isinstance(axis, list) else [axis]
+    return tuple(_dim(shape, a) for a in axes)
+
+
+def declared_shapes(cls: str, conf: Mapping, entry: Mapping) -> dict[str, Shape]:
+    """weight name -> the shape the config declares, for the weights it declares one for."""
+    shape = _input_shape(entry)
+    if cls == "Dense":
+        units = _int(conf.get("units"))
+        return {"kernel": (_dim(shape, -1), units), "bias": (units,)}
+    if "Conv" in cls and cls[-2:] in _RANK:
+        return _conv(cls, conf, shape) or {}
+    if cls == "Embedding":
+        return {"embeddings": (_int(conf.get("input_dim")), _int(conf.get("output_dim")))}
+    if cls in ("BatchNormalization", "GroupNormalization"):
+        axes = _axes(conf, shape)
+        return {name: axes for name in ("gamma", "beta", "moving_mean", "moving_variance")}
+    if cls == "LayerNormalization":
+        axes = _axes(conf, shape)
+        return {"gamma": axes, "beta": axes}
+    if cls == "PReLU" and shape is not None:
+        alpha = list(shape[1:])
+        shared = conf.get("shared_axes") or []
+        for axis in shared if isinstance(shared, list) else [shared]:
+            if _int(axis) is not None and 1 <= axis <= len(alpha):
+                alpha[axis - 1] = 1
+        return {"alpha": tuple(alpha)}
+    return {}
+
+
+def contradiction(declared: Shape, stored: tuple[int, ...]) -> bool:
+    """Whether a stored shape contradicts a declared one (None: any size)."""
+    return len(declared) != len(stored) or any(
+        d is not None and d != s for d, s in zip(declared, stored))

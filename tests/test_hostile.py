@@ -1,0 +1,314 @@
+"""Hostile inputs, family by family (issue 14): each one refused in bounded time and memory.
+
+Every case is crafted here from real small models saved by Keras (built once, in a subprocess)
+or from spec text, and run as the real `surgery` command in a subprocess whose limits the
+harness sets: an address-space limit (RLIMIT_AS) and a wall-clock timeout, so a case that hangs
+or balloons fails the test instead of the machine. Each must exit 2 with a one-line message
+that says what is wrong, no traceback and no "internal error", write nothing, and leave its
+inputs byte for byte as they were. The commands run with ``--engine archive`` where they read
+a model: no TensorFlow, so the memory limit measures surgery, not TensorFlow's reservations.
+
+The families (what the issue's review found, and what earlier fixes hold):
+
+* regexes: a pattern that backtracks for minutes is stopped at its time bound, in plan, apply
+  and lint --model; one whose counted repeats unroll to gigabytes is refused as it is parsed;
+* sizes of specs: a schedule too large to plan (a spec past the token limit, a million
+  statements on one line, is tests/test_fuzz.py's, under the same 1 GiB, marked slow);
+* weights against the config: a shape the config contradicts, for each class it declares;
+* zip entries: a wrong CRC-32 in a deflated entry, the weights' or another's;
+* structure taken on trust: config.json nested 100,000 deep or inflating past its cap, YAML
+  keys written twice, manifests of the wrong shape, an output that is an input.
+
+Runtime: about 30 s on 2 shared cores (the models' build is 9 s of it; each regex case runs into
+its 1 s bound three times, about 2 s).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import subprocess
+import sys
+import textwrap
+import zipfile
+from pathlib import Path
+
+import pytest
+
+SURGERY = str(Path(sys.executable).parent / "surgery")
+SECONDS = 60  # per command: every case here is refused in a few seconds
+MEMORY = 1 << 30  # address space per command: 1 GiB
+
+BUILD = textwrap.dedent("""
+    import os, sys
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import keras
+
+    os.chdir(sys.argv[1])
+    inputs = keras.Input((6, 6, 3), name="x")
+    h = keras.layers.Conv2D(4, 3, name="conv")(inputs)
+    h = keras.layers.BatchNormalization(name="bn")(h)
+    h = keras.layers.Flatten(name="flat")(h)
+    h = keras.layers.Dense(8, name="a" * 30 + "!")(h)  # a long name for backtracking regexes
+    keras.Model(inputs, keras.layers.Dense(2, name="head")(h), name="small").save("small.keras")
+
+    tokens = keras.Input((5,), dtype="int32", name="tokens")
+    e = keras.layers.Embedding(20, 6, name="embed")(tokens)
+    e = keras.layers.LayerNormalization(name="norm")(e)
+    keras.Model(tokens, e, name="text").save("text.keras")
+""")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("hostile-models")
+    subprocess.run([sys.executable, "-c", BUILD, str(folder)], check=True, capture_output=True)
+    return folder
+
+
+@pytest.fixture
+def work(tmp_path, models) -> Path:
+    for name in ("small.keras", "text.keras"):
+        (tmp_path / name).write_bytes((models / name).read_bytes())
+    (tmp_path / "freeze.frz").write_text("freeze conv\n")
+    return tmp_path
+
+
+# --- the harness -----------------------------------------------------------------------------
+
+
+def _limits(memory: int):
+    def apply():
+        resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+    return apply
+
+
+def _snapshot(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.iterdir())}
+
+
+def refused(folder: Path, *args: str, says: str, memory: int = MEMORY) -> str:
+    """Run ``surgery ARGS`` in ``folder`` under the limits; assert it refuses the input as it
+    should: exit 2, ``says`` in a message without a traceback, the folder as it was."""
+    before = _snapshot(folder)
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("SURGERY_DEBUG", None)
+    proc = subprocess.run([SURGERY, *args], cwd=folder, capture_output=True, text=True, env=env,
+                          timeout=SECONDS, preexec_fn=_limits(memory))
+    err = proc.stderr
+    assert proc.returncode == 2, (proc.returncode, err[-2000:])
+    assert "Traceback" not in err and "internal error" not in err, err[-2000:]
+    assert "MemoryError" not in err, err[-2000:]
+    assert says in err, err[-2000:]
+    assert _snapshot(folder) == before  # nothing written, nothing changed
+    return err
+
+
+# --- crafting archives -------------------------------------------------------------------------
+
+
+def rewrite(src: Path, dst: Path, change=None, deflate=()) -> None:
+    """``src`` copied entry by entry to ``dst``: ``change(name, data)`` gives each entry's new
+    bytes; the entries named in ``deflate`` are compressed."""
+    with zipfile.ZipFile(src) as zin:
+        entries = [(i.filename, zin.read(i.filename)) for i in zin.infolist()]
+    with zipfile.ZipFile(dst, "w") as zout:
+        for name, data in entries:
+            data = change(name, data) if change else data
+            zout.writestr(name, data, compress_type=zipfile.ZIP_DEFLATED if name in deflate
+                          else zipfile.ZIP_STORED)
+
+
+def with_config(src: Path, dst: Path, edit) -> None:
+    """``src`` with ``edit(config)`` applied to its parsed config.json."""
+    def change(name, data):
+        if name != "config.json":
+            return data
+        cfg = json.loads(data)
+        edit(cfg)
+        return json.dumps(cfg).encode()
+    rewrite(src, dst, change)
+
+
+def layer_entry(cfg: dict, name: str) -> dict:
+    return next(e for e in cfg["config"]["layers"] if e["config"]["name"] == name)
+
+
+def wrong_crc(src: Path, dst: Path, entry: str) -> None:
+    """``src`` with ``entry`` deflated and its content altered by one byte, while the zip
+    records the CRC-32 of the original content: a valid deflate stream with a wrong CRC."""
+    with zipfile.ZipFile(src) as zin:
+        original = zin.read(entry)
+    altered = original[:-1] + bytes([original[-1] ^ 0x01])
+    rewrite(src, dst, lambda name, data: altered if name == entry else data, deflate=(entry,))
+    raw = dst.read_bytes()
+    good = zipfile.crc32(original).to_bytes(4, "little")
+    bad = zipfile.crc32(altered).to_bytes(4, "little")
+    assert raw.count(bad) == 2  # the local header and the central directory
+    dst.write_bytes(raw.replace(bad, good))
+
+
+def bomb_config(src: Path, dst: Path, size: int) -> None:
+    """config.json inflating to ``size`` bytes of valid JSON from a few kilobytes."""
+    def change(name, data):
+        return b'{"pad": "' + b" " * size + b'"}' if name == "config.json" else data
+    rewrite(src, dst, change, deflate=("config.json",))
+
+
+# --- regexes -----------------------------------------------------------------------------------
+
+SLOW = "freeze head\nfreeze /(a|a)+/\n"  # the regex package gets past '(a+)+'; not this
+
+
+@pytest.mark.parametrize("command", [
+    ["plan", "slow.frz", "small.keras", "--engine", "archive"],
+    ["apply", "slow.frz", "small.keras", "--engine", "archive", "-o", "out.keras"],
+    ["lint", "slow.frz", "--model", "small.keras", "--engine", "archive"],
+], ids=["plan", "apply", "lint-model"])
+def test_a_backtracking_regex_is_stopped_at_its_bound(work, command):
+    (work / "slow.frz").write_text(SLOW)
+    err = refused(work, *command, says="/(a|a)+/ is too slow")
+    assert err.startswith("slow.frz:2:8: error:")
+
+
+def test_lint_warns_about_nested_repeats_from_the_text(work):
+    (work / "nested.frz").write_text("freeze /(a+)+/\n")
+    proc = subprocess.run([SURGERY, "lint", "nested.frz"], cwd=work, capture_output=True,
+                          text=True, timeout=SECONDS, preexec_fn=_limits(MEMORY))
+    assert proc.returncode == 1, proc.stderr
+    assert "nested.frz:1:8: warning: /(a+)+/ repeats a group that holds a repeated part" in \
+        proc.stderr
+
+
+def test_a_regex_that_unrolls_past_any_name_is_refused_as_parsed(work):
+    # regex.compile takes all the memory there is for this one.
+    (work / "huge.frz").write_text("freeze /(?:a{65535}){65535}/\n")
+    refused(work, "plan", "huge.frz", "small.keras", "--engine", "archive",
+            says="regular expression is too large")
+
+
+# --- sizes of specs ----------------------------------------------------------------------------
+
+
+def test_a_schedule_too_large_to_plan_is_refused_at_its_header(work):
+    (work / "phases.frz").write_text("".join(
+        f"at epoch {i + 1}:\n  {'freeze' if i % 2 else 'unfreeze'} head\n" for i in range(1000)))
+    refused(work, "plan", "phases.frz", "small.keras", "--engine", "archive",
+            says="the schedule is too large to plan")
+
+
+# --- weights against the config ------------------------------------------------------------------
+
+
+def _units(cfg):
+    layer_entry(cfg, "head")["config"]["units"] = 3
+
+
+def _filters(cfg):
+    layer_entry(cfg, "conv")["config"]["filters"] = 5
+
+
+def _bn_input(cfg):
+    layer_entry(cfg, "bn")["build_config"]["input_shape"][-1] = 6
+
+
+def _dense_input(cfg):
+    layer_entry(cfg, "head")["build_config"]["input_shape"][-1] = 9
+
+
+def _vocabulary(cfg):
+    layer_entry(cfg, "embed")["config"]["input_dim"] = 21
+
+
+def _norm_input(cfg):
+    layer_entry(cfg, "norm")["build_config"]["input_shape"][-1] = 7
+
+
+CONTRADICTIONS = [
+    ("small.keras", _units, "layer 'head' (Dense): model.weights.h5 holds its kernel as (8, 2)"),
+    ("small.keras", _filters, "layer 'conv' (Conv2D): model.weights.h5 holds its kernel as "
+                              "(3, 3, 3, 4)"),
+    ("small.keras", _bn_input, "layer 'bn' (BatchNormalization): model.weights.h5 holds its "
+                               "gamma as (4,)"),
+    ("small.keras", _dense_input, "layer 'head' (Dense): model.weights.h5 holds its kernel"),
+    ("text.keras", _vocabulary, "layer 'embed' (Embedding): model.weights.h5 holds its "
+                                "embeddings as (20, 6)"),
+    ("text.keras", _norm_input, "layer 'norm' (LayerNormalization)"),
+]
+
+
+@pytest.mark.parametrize("model, edit, says", CONTRADICTIONS,
+                         ids=[e.__name__.strip("_") for _, e, _ in CONTRADICTIONS])
+@pytest.mark.parametrize("command", ["show", "plan", "apply"])
+def test_weights_the_config_contradicts_are_refused(work, model, edit, says, command):
+    with_config(work / model, work / "odd.keras", edit)
+    args = {"show": ["show", "odd.keras"], "plan": ["plan", "freeze.frz", "odd.keras"],
+            "apply": ["apply", "freeze.frz", "odd.keras", "-o", "out.keras"]}[command]
+    err = refused(work, *args, "--engine", "archive", says=says)
+    assert "the weights do not belong to this architecture" in err
+
+
+# --- zip entries ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("entry, commands", [
+    ("model.weights.h5", ("show", "plan", "apply")),
+    ("metadata.json", ("apply",)),  # only the copy reads it
+])
+def test_a_deflated_entry_with_a_wrong_crc_is_refused(work, entry, commands):
+    wrong_crc(work / "small.keras", work / "crc.keras", entry)
+    for command in commands:
+        args = {"show": ["show", "crc.keras"], "plan": ["plan", "freeze.frz", "crc.keras"],
+                "apply": ["apply", "freeze.frz", "crc.keras", "-o", "out.keras"]}[command]
+        refused(work, *args, "--engine", "archive", says="CRC-32")
+
+
+def test_a_deflated_archive_that_is_sound_is_copied(work):
+    rewrite(work / "small.keras", work / "deflated.keras",
+            deflate=("config.json", "model.weights.h5", "metadata.json"))
+    proc = subprocess.run([SURGERY, "apply", "freeze.frz", "deflated.keras", "-o", "out.keras",
+                           "--engine", "archive"], cwd=work, capture_output=True, text=True,
+                          timeout=SECONDS, preexec_fn=_limits(MEMORY))
+    assert proc.returncode == 0, proc.stderr
+    with zipfile.ZipFile(work / "out.keras") as z:
+        assert z.testzip() is None
+
+
+# --- structure taken on trust --------------------------------------------------------------------
+
+
+def test_a_config_nested_100000_deep_is_refused(work):
+    rewrite(work / "small.keras", work / "deep.keras",
+            lambda name, data: b"[" * 100_000 + b"]" * 100_000 if name == "config.json" else data)
+    refused(work, "show", "deep.keras", "--engine", "archive", says="config.json nests deeper")
+
+
+def test_a_config_that_inflates_past_its_cap_is_refused(work):
+    bomb_config(work / "small.keras", work / "bomb.keras", 80 << 20)
+    assert (work / "bomb.keras").stat().st_size < 1 << 20
+    refused(work, "show", "bomb.keras", "--engine", "archive",
+            says="more than a model config beside these weights holds")
+
+
+def test_yaml_keys_written_twice_are_refused(work):
+    (work / "twice.yaml").write_text("rules:\n  - freeze: conv\nrules:\n  - freeze: head\n")
+    refused(work, "plan", "twice.yaml", "small.keras", "--engine", "archive",
+            says="the key 'rules' is written twice")
+
+
+@pytest.mark.parametrize("text", [
+    '{"layers": "x"}',
+    "[" * 100_000 + "]" * 100_000,
+    '{"format": 1, "layers": {"a": 1}}',
+], ids=["layers-a-string", "deep", "layers-a-dict"])
+def test_a_malformed_manifest_is_refused(work, text):
+    (work / "m.json").write_text(text)
+    refused(work, "verify", "m.json", "small.keras", "--engine", "archive", says="m.json")
+
+
+def test_the_manifest_cannot_overwrite_the_spec(work):
+    refused(work, "apply", "freeze.frz", "small.keras", "-o", "out.keras", "--manifest",
+            "freeze.frz", "--force", "--engine", "archive", says="would overwrite the spec")
