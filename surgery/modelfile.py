@@ -104,18 +104,22 @@ def read_model(model: str, *, engine: Union[Engine, str] = Engine.AUTO,
     if opened is not None:
         with opened:
             return ModelRead(opened.tree, Engine.ARCHIVE)
-    with progress.step(_loading(model)):
+    with _loading(progress, model):
         from .engines import live
 
         loaded = live.load(model, safe_mode=safe_mode)
     return ModelRead(live.describe(loaded)[0], Engine.KERAS, fallback)
 
 
-def _loading(model: str) -> str:
-    """The name of the step that gets a model through Keras (TensorFlow's start included)."""
+def _loading(progress: Progress, model: str):
+    """The step that gets a model through Keras (TensorFlow's start included); none for a path
+    that Keras will not get to load (missing, a folder, another format): its error comes at
+    once, without a line announcing work that does not happen."""
     if model.startswith(APPLICATIONS_PREFIX):
-        return f"building {model} (weights=None)"
-    return f"loading {model} through Keras"
+        return progress.step(f"building {model} (weights=None)")
+    if os.path.isfile(model) and model.endswith((".keras", ".h5", ".hdf5")):
+        return progress.step(f"loading {model} through Keras")
+    return contextlib.nullcontext()
 
 
 def planned_manifest(spec: Spec, model: str, *, engine: Union[Engine, str] = Engine.AUTO,
@@ -247,7 +251,7 @@ def _apply_keras(spec: Spec, model: str, output: str, manifest_path: str, *, all
     """Load through Keras (hashing the file meanwhile), apply, save, commit with the manifest."""
     # Hashed in a thread while TensorFlow imports and the model loads: begun before the import.
     with _input_digest(model) as source:
-        with progress.step(_loading(model)):
+        with _loading(progress, model):
             from .engines import live
 
             loaded = live.load(model, safe_mode=safe_mode)
