@@ -7,7 +7,9 @@ Plain aligned text, so it reads the same in a terminal, a CI log and a pipe.
 from __future__ import annotations
 
 import os
+import re
 
+from .fmt import format_name
 from .ir import BN_FROZEN
 from .plan import LayerPlan, Plan, changed_layers
 
@@ -135,16 +137,19 @@ def block_table(plan: Plan, *, changed_only: bool = False) -> str:
 
 def _blocks(top: list[LayerPlan]):
     """(selector text, members) for consecutive top-level layers: a layer holding layers is a
-    block of its own; other layers group while their names share a prefix key (_prefix_key)."""
+    block of its own; other layers group while their names share a prefix key (_prefix_key).
+    The text is a selector that names exactly the block's layers: the prefix glob, or the
+    range ``first..last`` where the glob would need quoting or match layers outside the run."""
     out: list[tuple[str, list[LayerPlan]]] = []
     run: list[LayerPlan] = []
     key = None
+    everything = [lp.layer.name for lp in top]
 
     def flush():
         if not run:
             return
         if len(run) == 1:
-            out.append((_written(run[0].layer.name), list(run)))
+            out.append((format_name(run[0].layer.name), list(run)))
         else:
             names = [m.layer.name for m in run]
             common = os.path.commonprefix(names)
@@ -152,14 +157,18 @@ def _blocks(top: list[LayerPlan]):
             while len(common) > len(key) and not common.endswith("_") and not all(
                     n[len(common):len(common) + 1].isdigit() for n in names):
                 common = common[:-1]
-            out.append((_written(common) + "*", list(run)))
+            if re.fullmatch(_BARE, common) and sum(
+                    1 for n in everything if n.startswith(common)) == len(run):
+                out.append((common + "*", list(run)))
+            else:
+                out.append((f"{format_name(names[0])}..{format_name(names[-1])}", list(run)))
         run.clear()
 
     for lp in top:
         if lp.layer.children:
             flush()
             key = None
-            out.append((_written(lp.layer.name), [lp]))
+            out.append((format_name(lp.layer.name), [lp]))
             continue
         k = _prefix_key(lp.layer.name)
         if run and k != key:
@@ -183,10 +192,7 @@ def _prefix_key(name: str) -> str:
     return tokens[0] + "_"
 
 
-def _written(name: str) -> str:
-    import re
-
-    return name if re.fullmatch(r"[A-Za-z0-9_\-*]+", name) else f'"{name}"'
+_BARE = r"[A-Za-z0-9_\-]+"  # a prefix the grammar takes unquoted (and no glob character)
 
 
 def _variable_lines(plan: Plan, *, with_paths: bool) -> list[str]:

@@ -155,13 +155,16 @@ def test_summary_groups_runs_by_name_prefix_nested_models_and_composite_layers()
         {"name": "base.v2", "layers": ["a:Dense", "b:Dense"]},
         {"name": "mha", "class": "MultiHeadAttention", "kind": "composite",
          "layers": ["query:EinsumDense", "key:EinsumDense"]},
-        "predictions:Dense"]})
+        "predictions:Dense", "head.v1_a:Dense", "head.v1_b:Dense", "conv1_extra:Dense"]})
     plan = plan_spec(surgery.parse("freeze all\nunfreeze predictions, mha/key"), tree)
     lines = block_table(plan).splitlines()
     rows = {line.split()[0]: line.split()[1:] for line in lines[2:] if line and line[0] != " "
             and not line.startswith(("trainable", "non-", "total", "units", "note"))}
-    assert list(rows) == ["input_layer", "conv1_*", "pool1_*", "conv4_block*", '"base.v2"',
-                          "mha", "predictions"]
+    # A prefix that needs quoting, or whose glob would match layers outside the run (conv1_
+    # again at the end), is written as the run's range.
+    assert list(rows) == ["input_layer", "conv1_pad..conv1_conv", "pool1_*", "conv4_block*",
+                          '"base.v2"', "mha", "predictions", '"head.v1_a".."head.v1_b"',
+                          "conv1_extra"]
     # kind, units, frozen, changed
     assert rows["conv4_block*"][:6] == ["run", "of", "3", "3", "3", "3"]
     assert rows['"base.v2"'][:4] == ["model", "2", "2", "2"]
@@ -169,9 +172,14 @@ def test_summary_groups_runs_by_name_prefix_nested_models_and_composite_layers()
     assert rows["predictions"][:4] == ["layer", "1", "0", "0"]
     changed = block_table(plan, changed_only=True)
     assert "predictions" not in changed and "mha" in changed
-    # Every block line's selector names exactly its layers.
+    # Every block line's selector names exactly its layers, and the units add up.
+    top = [n.name for n in tree.root.children]
+    seen = []
     for selector in rows:
-        surgery.parse(f"freeze {selector}")
+        frozen = plan_spec(surgery.parse(f"freeze {selector}"), tree)
+        seen += [lp.path.split("/")[0] for lp in frozen.layers
+                 if "/" not in lp.path and not lp.after]
+    assert seen == top
 
 
 def test_seed_example3_comment_quotes_the_seed_loop():
