@@ -444,3 +444,31 @@ def test_progress_lines_when_not_a_terminal_and_silence_with_quiet(tmp_path):
     fast = subprocess.run([SURGERY, "plan", str(spec), str(path)], capture_output=True,
                           text=True, env=env, timeout=300)
     assert fast.returncode == 0 and fast.stderr == "", fast.stderr
+
+
+@pytest.mark.slow
+def test_a_large_archive_copy_is_a_step(tmp_path, monkeypatch):
+    import keras
+
+    from surgery import modelfile
+    from surgery.progress import Progress
+
+    class Recorded(Progress):
+        def __init__(self):
+            self.steps = []
+
+        def step(self, name):
+            self.steps.append(name)
+            return super().step(name)
+
+    keras.backend.clear_session()
+    inputs = keras.Input((4,))
+    keras.Model(inputs, keras.layers.Dense(2, name="head")(inputs)).save(tmp_path / "m.keras")
+    small, large = Recorded(), Recorded()
+    surgery.apply_file("freeze head", tmp_path / "m.keras", tmp_path / "a.keras", progress=small)
+    assert small.steps == []  # a small copy takes milliseconds
+    monkeypatch.setattr(modelfile, "_LARGE_ARCHIVE", 1)  # every archive counts as large
+    done = surgery.apply_file("freeze head", tmp_path / "m.keras", tmp_path / "b.keras",
+                              progress=large)
+    assert done.engine == "archive"
+    assert large.steps == [f"copying {tmp_path / 'm.keras'} to {tmp_path / 'b.keras'}"]
