@@ -87,7 +87,8 @@ def _aligned(header: list[str], rows: list[list[str]], right: set[int]) -> list[
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     lines = []
     for r in [header] + rows:
-        cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))]
+        cells = [c.rjust(w) if i in right else c.ljust(w)
+                 for i, (c, w) in enumerate(zip(r, widths))]
         lines.append("  ".join(cells).rstrip())
     lines.insert(1, "  ".join("-" * w for w in widths))
     return lines

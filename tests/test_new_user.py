@@ -77,7 +77,8 @@ def test_a_malformed_application_call_does_not_start_tensorflow(tmp_path):
     spec.write_text("freeze all\n")
     probe = ("import sys; from surgery.cli import main; "
              "code = main(['plan', sys.argv[1], 'keras.applications.ResNet50(1)']); "
-             "print('heavy' if 'tensorflow' in sys.modules or 'keras' in sys.modules else 'light'); "
+             "heavy = 'tensorflow' in sys.modules or 'keras' in sys.modules; "
+             "print('heavy' if heavy else 'light'); "
              "sys.exit(code)")
     done = subprocess.run([sys.executable, "-c", probe, str(spec)], capture_output=True,
                           text=True, timeout=120)
@@ -377,8 +378,8 @@ def test_diff_spec_says_the_plans_agree(tutorial, tmp_path, capsys):
     # A spec that decides every layer gives both models the same plan.
     spec.write_text("freeze all\nunfreeze head\n")
     assert run("diff", "--spec", spec, path, frozen_base) == 0
-    assert capsys.readouterr().out == f"the two plans agree ({len(surgery.plan(model, '').layers)} " \
-        "layers)\n"
+    layers = len(surgery.plan(model, "").layers)
+    assert capsys.readouterr().out == f"the two plans agree ({layers} layers)\n"
     # One that leaves the base to each model's own state does not.
     spec.write_text("freeze head\n")
     assert run("diff", "--spec", spec, path, frozen_base) == 1
