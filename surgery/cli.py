@@ -44,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"surgery {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    model_help = "a .keras or .h5 file, or keras.applications.NAME (built with weights=None)"
+    model_help = ("a .keras or .h5 file, or keras.applications.NAME, or "
+                  "keras.applications.NAME(arg=value, ...) with literal keyword arguments "
+                  "(built with weights=None)")
 
     p = sub.add_parser("apply", help="apply a spec to a model and write the result and a manifest")
     p.add_argument("spec", metavar="SPEC", help="the spec file (.frz, .yaml, .yml)")
@@ -69,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="show what a spec would do to a model, changing nothing")
     p.add_argument("spec", metavar="SPEC", help="the spec file (.frz, .yaml, .yml)")
     p.add_argument("model", metavar="MODEL", help=model_help)
+    p.add_argument("--changed", action="store_true",
+                   help="only the layers whose state the spec changes")
+    p.add_argument("--summary", action="store_true",
+                   help="one line per block of layers (a nested model, a composite layer, a run "
+                        "of layers sharing a name prefix such as conv4_block*), with counts")
     _common(p)
     p.set_defaults(func=_cmd_plan)
 
@@ -76,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL", help=model_help)
     p.add_argument("--unsafe", action="store_true", help=argparse.SUPPRESS)
     _engine_option(p)
+    _quiet_option(p)
     p.set_defaults(func=_cmd_show, allow_empty=False)
 
     p = sub.add_parser("lint", help="check specs without loading TensorFlow (exit 1 on findings)")
@@ -84,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also report selectors that match nothing in this model")
     p.add_argument("--unsafe", action="store_true", help=argparse.SUPPRESS)
     _engine_option(p)
+    _quiet_option(p)
     p.set_defaults(func=_cmd_lint)
 
     p = sub.add_parser("fmt", help="print specs in canonical form, or check or rewrite them")
@@ -111,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "epoch_03.keras is --epoch 2): for a checkpoint saved during training")
     p.add_argument("--unsafe", action="store_true", help=argparse.SUPPRESS)
     _engine_option(p)
+    _quiet_option(p)
     p.set_defaults(func=_cmd_verify)
 
     p = sub.add_parser("diff", help="compare two manifests, or one spec applied to two models "
@@ -120,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spec", metavar="SPEC", help="plan SPEC on the models A and B and compare")
     p.add_argument("--unsafe", action="store_true", help=argparse.SUPPRESS)
     _engine_option(p)
+    _quiet_option(p)
     p.set_defaults(func=_cmd_diff)
     return parser
 
@@ -138,8 +149,14 @@ def _engine_option(p: argparse.ArgumentParser) -> None:
                         "TensorFlow; keras: load and save through Keras")
 
 
+def _quiet_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress on stderr for the slow steps (building, loading, saving)")
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     _engine_option(p)
+    _quiet_option(p)
     p.add_argument("--allow-empty", action="store_true",
                    help="a selector that matches no layer is a warning, not an error")
     p.add_argument("--unsafe", action="store_true",
@@ -195,7 +212,7 @@ def _cmd_apply(args) -> int:
     spec = _read_spec(args.spec)
     result = apply_file(spec, args.model, args.output, manifest=args.manifest, force=args.force,
                         engine=args.engine, allow_empty=args.allow_empty, fsync=args.fsync,
-                        safe_mode=not args.unsafe)
+                        safe_mode=not args.unsafe, progress=_progress(args))
     _note(result.fallback)
     _diagnostics(result.diagnostics, spec.source)
     if result.unrestored:
@@ -219,12 +236,15 @@ def _cmd_merge(args) -> int:
 
 def _cmd_plan(args) -> int:
     from .plan import plan_spec
-    from .report import plan_table
+    from .report import block_table, plan_table
 
     spec = _read_spec(args.spec)
     the_plan = plan_spec(spec, _model_tree(args, args.model), allow_empty=args.allow_empty)
     _diagnostics(the_plan.diagnostics, spec.source)
-    print(plan_table(the_plan))
+    if args.summary:
+        print(block_table(the_plan, changed_only=args.changed))
+    else:
+        print(plan_table(the_plan, changed_only=args.changed))
     return EXIT_OK
 
 
@@ -341,13 +361,17 @@ def _cmd_diff(args) -> int:
     if args.spec:
         spec = _read_spec(args.spec)
         a, b = (_planned(args, spec, model) for model in (args.a, args.b))
+        # The two models differ by construction: what is compared is what the spec does to them.
+        lines = diff(a, b, inputs=False)
+        agreed = f"the two plans agree ({len(a.layers)} layers)"
     else:
         a, b = load_manifest(args.a), load_manifest(args.b)
-    lines = diff(a, b)
+        lines = diff(a, b)
+        agreed = "no differences"
     for line in lines:
         print(line)
     if not lines:
-        print("no differences")
+        print(agreed)
     return EXIT_FINDINGS if lines else EXIT_OK
 
 
@@ -364,7 +388,8 @@ def _read_spec(path: str) -> Spec:
 def _model_tree(args, model: str):
     from .modelfile import read_model
 
-    read = read_model(model, engine=args.engine, safe_mode=not args.unsafe)
+    read = read_model(model, engine=args.engine, safe_mode=not args.unsafe,
+                      progress=_progress(args))
     _note(read.fallback)
     return read.tree
 
@@ -372,9 +397,16 @@ def _model_tree(args, model: str):
 def _planned(args, spec: Spec, model: str):
     from .modelfile import planned_manifest
 
-    manifest, read = planned_manifest(spec, model, engine=args.engine, safe_mode=not args.unsafe)
+    manifest, read = planned_manifest(spec, model, engine=args.engine, safe_mode=not args.unsafe,
+                                      progress=_progress(args))
     _note(read.fallback)
     return manifest
+
+
+def _progress(args):
+    from .progress import for_stderr
+
+    return for_stderr(quiet=args.quiet)
 
 
 def _note(fallback) -> None:

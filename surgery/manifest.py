@@ -571,20 +571,22 @@ def matching_phase(manifest: Manifest, tree: LayerTree, *,
 # --- diff ----------------------------------------------------------------------------------------
 
 
-def diff(a: Manifest, b: Manifest) -> list[str]:
+def diff(a: Manifest, b: Manifest, *, inputs: bool = True) -> list[str]:
     """What changed from manifest ``a`` to manifest ``b``, one line each, layers by path: the
-    spec's, the input's and the output's sha256, the architecture, each layer's class and state
-    (flag, entries frozen inside, BatchNormalization policy), whether the model trains, the
-    trainable parameters, and the state at every epoch where either schedule starts a phase."""
+    spec's, the input's and the output's sha256 (unless not ``inputs``: `diff --spec` compares
+    two plans of one spec on models that differ by construction), the architecture, each
+    layer's class and state (flag, entries frozen inside, BatchNormalization policy), whether
+    the model trains, the trainable parameters, and the state at every epoch where either
+    schedule starts a phase."""
     lines = []
-    for key, label in (("spec", "spec"), ("model", "model")):
+    for key, label in (("spec", "spec"), ("model", "model")) if inputs else ():
         if a.data[key]["sha256"] != b.data[key]["sha256"]:
             lines.append(f"{label}: {a.data[key].get('file') or a.data[key].get('source')} "
                          f"({_short(a.data[key]['sha256'])}) -> "
                          f"{b.data[key].get('file') or b.data[key].get('source')} "
                          f"({_short(b.data[key]['sha256'])})")
     out_a, out_b = (m.data.get("output", {}).get("sha256") for m in (a, b))
-    if out_a != out_b:
+    if inputs and out_a != out_b:
         lines.append(f"output: {_short(out_a, 'not recorded')} -> {_short(out_b, 'not recorded')}")
     if a.data["model"]["architecture"] != b.data["model"]["architecture"]:
         lines.append("architecture: differs (layers added, removed or reshaped)")

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from .api import SpecLike, apply_plan, as_spec
+from .appcall import parse_application
 from .atomic import AtomicOutputs
 from .digest import FileDigest, InputChanged, sha256_file
 from .engines import APPLICATIONS_PREFIX
@@ -31,12 +32,16 @@ from .ir import Spec
 from .manifest import Manifest, build_manifest
 from . import saved_state
 from .plan import Plan, plan_spec
+from .progress import SILENT, Progress
 from .tree import LayerTree
 
 __all__ = ["Engine", "ModelRead", "AppliedFile", "MergedFile", "read_model", "apply_file",
            "merge_file", "planned_manifest"]
 
 _OUTPUT_SUFFIXES = (".keras", ".h5")
+# An archive copy is a step worth showing from this size on: about half a second on a fast disk
+# (bench_archive.py: VGG16's 554 MB take 0.8 s), longer on a slow one.
+_LARGE_ARCHIVE = 256 * 2**20
 PathLike = Union[str, os.PathLike]
 
 
@@ -89,26 +94,40 @@ class AppliedFile:
 
 
 def read_model(model: str, *, engine: Union[Engine, str] = Engine.AUTO,
-               safe_mode: bool = True) -> ModelRead:
-    """The layer tree of a model file (or ``keras.applications.NAME``), for a command that only
-    reads: from the archive when the engine allows (a checkpoint saved compiled too), else
-    loaded through Keras with safe mode as given."""
+               safe_mode: bool = True, progress: Progress = SILENT) -> ModelRead:
+    """The layer tree of a model file (or ``keras.applications.NAME(...)``), for a command that
+    only reads: from the archive when the engine allows (a checkpoint saved compiled too), else
+    loaded through Keras with safe mode as given. ``progress`` is told the slow steps."""
     engine = Engine.of(engine)
+    parse_application(model)  # a malformed call is an error before TensorFlow starts
     opened, fallback = _archive(model, engine, compiled=True)
     if opened is not None:
         with opened:
             return ModelRead(opened.tree, Engine.ARCHIVE)
-    from .engines import live
+    with _loading(progress, model):
+        from .engines import live
 
-    loaded = live.load(model, safe_mode=safe_mode)
+        loaded = live.load(model, safe_mode=safe_mode)
     return ModelRead(live.describe(loaded)[0], Engine.KERAS, fallback)
 
 
+def _loading(progress: Progress, model: str):
+    """The step that gets a model through Keras (TensorFlow's start included); none for a path
+    that Keras will not get to load (missing, a folder, another format): its error comes at
+    once, without a line announcing work that does not happen."""
+    if model.startswith(APPLICATIONS_PREFIX):
+        return progress.step(f"building {model} (weights=None)")
+    if os.path.isfile(model) and model.endswith((".keras", ".h5", ".hdf5")):
+        return progress.step(f"loading {model} through Keras")
+    return contextlib.nullcontext()
+
+
 def planned_manifest(spec: Spec, model: str, *, engine: Union[Engine, str] = Engine.AUTO,
-                     safe_mode: bool = True) -> tuple[Manifest, ModelRead]:
+                     safe_mode: bool = True,
+                     progress: Progress = SILENT) -> tuple[Manifest, ModelRead]:
     """The manifest `apply_file` would write for ``spec`` on ``model``, computed without writing
     (no ``output.sha256``: nothing is written), and how the model was read."""
-    read = read_model(model, engine=engine, safe_mode=safe_mode)
+    read = read_model(model, engine=engine, safe_mode=safe_mode, progress=progress)
     digest = None
     if not model.startswith(APPLICATIONS_PREFIX):
         try:
@@ -123,7 +142,8 @@ def planned_manifest(spec: Spec, model: str, *, engine: Union[Engine, str] = Eng
 def apply_file(spec: SpecLike, model: PathLike, output: PathLike, *,
                manifest: Optional[PathLike] = None, force: bool = False,
                engine: Union[Engine, str] = Engine.AUTO, allow_empty: bool = False,
-               fsync: bool = False, safe_mode: bool = True) -> AppliedFile:
+               fsync: bool = False, safe_mode: bool = True,
+               progress: Progress = SILENT) -> AppliedFile:
     """Apply ``spec`` to the model file ``model`` and write the result to ``output`` (``.keras``
     or ``.h5``) and its manifest to ``manifest`` (default ``OUTPUT.manifest.json``).
 
@@ -135,11 +155,13 @@ def apply_file(spec: SpecLike, model: PathLike, output: PathLike, *,
     runs writing the same new file, one gets it and the other raises. ``engine`` and the
     fallback: see the module. ``fsync`` flushes both files to the disk before they replace
     anything. ``safe_mode=False`` lets Keras run code stored in the file (only for files you
-    trust). Raises `SpecError` for the spec, `ModelError` for the model, `UsageError` for the
-    paths; writes nothing then."""
+    trust). ``progress`` (surgery/progress.py) is told each step that may take seconds.
+    Raises `SpecError` for the spec, `ModelError` for the model, `UsageError` for the paths;
+    writes nothing then."""
     engine = Engine.of(engine)
     the_spec = as_spec(spec)
     model, output = os.fspath(model), os.fspath(output)
+    parse_application(model)  # a malformed call is an error before TensorFlow starts
     manifest_path = os.fspath(manifest) if manifest is not None else output + ".manifest.json"
     _check_outputs(output, manifest_path, _inputs(model, the_spec), force=force)
 
@@ -151,12 +173,14 @@ def apply_file(spec: SpecLike, model: PathLike, output: PathLike, *,
             reason = opened.unsupported(the_plan)
             if reason is None:
                 written = _apply_archive(opened, the_plan, the_spec, model, output,
-                                         manifest_path, force=force, fsync=fsync)
+                                         manifest_path, force=force, fsync=fsync,
+                                         progress=progress)
                 return AppliedFile(the_plan, written, output, manifest_path, Engine.ARCHIVE)
             fallback = _fallback(model, engine, reason)
     the_plan, written, unrestored = _apply_keras(the_spec, model, output, manifest_path,
                                                  allow_empty=allow_empty, force=force,
-                                                 fsync=fsync, safe_mode=safe_mode)
+                                                 fsync=fsync, safe_mode=safe_mode,
+                                                 progress=progress)
     return AppliedFile(the_plan, written, output, manifest_path, Engine.KERAS, fallback,
                        unrestored)
 
@@ -239,14 +263,17 @@ def _fallback(model: str, engine: Engine, reason: str) -> str:
 
 
 def _apply_archive(opened, plan: Plan, spec: Spec, model: str, output: str, manifest_path: str,
-                   *, force: bool, fsync: bool) -> Manifest:
+                   *, force: bool, fsync: bool, progress: Progress) -> Manifest:
     """Rewrite the archive into ``output``'s temporary, then commit it with its manifest."""
     from .engines import archive
 
+    large = _size(model) >= _LARGE_ARCHIVE
     with AtomicOutputs(fsync=fsync) as outputs:
         tmp = outputs.reserve(output, ".keras", replace=force)
         try:
-            written = opened.write(plan, str(tmp))
+            with progress.step(f"copying {model} to {output}") if large else \
+                    contextlib.nullcontext():
+                written = opened.write(plan, str(tmp))
         except (InputChanged, archive.DamagedArchive) as exc:  # the input's fault
             raise ModelError(model, str(exc)) from None
         except (OSError, archive.ArchiveUnsupported) as exc:
@@ -259,13 +286,15 @@ def _apply_archive(opened, plan: Plan, spec: Spec, model: str, output: str, mani
 
 
 def _apply_keras(spec: Spec, model: str, output: str, manifest_path: str, *, allow_empty: bool,
-                 force: bool, fsync: bool, safe_mode: bool) -> tuple[Plan, Manifest]:
+                 force: bool, fsync: bool, safe_mode: bool,
+                 progress: Progress) -> tuple[Plan, Manifest]:
     """Load through Keras (hashing the file meanwhile), apply, save, commit with the manifest."""
     # Hashed in a thread while TensorFlow imports and the model loads: begun before the import.
     with _input_digest(model) as source:
-        from .engines import live
+        with _loading(progress, model):
+            from .engines import live
 
-        loaded = live.load(model, safe_mode=safe_mode)
+            loaded = live.load(model, safe_mode=safe_mode)
         digest = None
         if source is not None:
             try:
@@ -279,7 +308,8 @@ def _apply_keras(spec: Spec, model: str, output: str, manifest_path: str, *, all
     with AtomicOutputs(fsync=fsync) as outputs:
         tmp = outputs.reserve(output, Path(output).suffix, replace=force)
         try:
-            live.save(loaded, str(tmp))
+            with progress.step(f"saving {output}"):
+                live.save(loaded, str(tmp))
         except OSError as exc:  # a full disk, a file size limit: what Keras's writers raise
             raise SurgeryError(f"{output}: cannot save the model: {exc.strerror or exc}") \
                 from None
@@ -287,6 +317,13 @@ def _apply_keras(spec: Spec, model: str, output: str, manifest_path: str, *, all
         unrestored = saved_state.record(str(tmp), plan, shown=output)
         _commit(outputs, manifest, manifest_path, force=force)
     return plan, manifest, unrestored
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:  # the copy reports it
+        return 0
 
 
 def _input_digest(model: str):

@@ -125,10 +125,26 @@ class LayerPlan:
 
 @dataclass(frozen=True)
 class Totals:
+    """Parameter counts before and after. ``trainable`` leaves out the entries frozen inside
+    trainable variables (sub-layer freezing); Keras's ``model.trainable_weights`` holds them,
+    since a constraint, not the variable's flag, keeps them: ``held`` counts them, so that
+    ``trainable + held`` is Keras's count."""
+
     params: int  # after the plan: the LoRA factors it creates included
     trainable_before: int
     trainable_after: int
+    held_before: int = 0
+    held_after: int = 0
     added: int = 0  # parameters the plan creates (new LoRA factors)
+
+    @property
+    def in_variables_before(self) -> int:
+        """The parameters ``model.trainable_weights`` holds before the plan (Keras's count)."""
+        return self.trainable_before + self.held_before
+
+    @property
+    def in_variables_after(self) -> int:
+        return self.trainable_after + self.held_after
 
     @property
     def non_trainable_before(self) -> int:
@@ -156,12 +172,17 @@ class Plan:
     def totals(self) -> Totals:
         # The top-level layers' counts hold everything inside them, each weight once.
         top = [lp for lp in self.layers if "/" not in lp.path]
+        tree = self.tree
         return Totals(
             params=sum(lp.layer.params for lp in top),
             trainable_before=sum(lp.trainable_params_before for lp in top),
             trainable_after=sum(lp.trainable_params_after for lp in top),
             added=sum(lp.adapter.params for lp in self.layers
                       if lp.adapter is not None and lp.adapter.new),
+            held_before=sum(w.frozen_entries for lp in self.layers for w in lp.layer.weights
+                            if tree.trains(lp.layer, w)),
+            held_after=sum(p.entries for lp in self.layers if lp.frozen_parts
+                           for p in lp.frozen_parts if self.trains(lp)[p.weight]),
         )
 
     def trains(self, lp: LayerPlan) -> dict[str, bool]:

@@ -333,6 +333,10 @@ class _Resolver:
             if isinstance(seg, AnyDepth):
                 scopes = self._with_descendants(scopes)
                 continue
+            if isinstance(seg, Slice):
+                problem = self._past_the_end(seg, sel, scopes)
+                if problem is not None:
+                    return [], problem
             matched: list[Layer] = []
             seen: set[str] = set()
             for scope in scopes:
@@ -467,6 +471,43 @@ class _Resolver:
                                 scopes) or _search_hint(seg, names, self.regex)
         return Diagnostic("error", f"'{text}' matches no layer{_in(where)}{hint}", seg.span)
 
+    def _past_the_end(self, seg: Slice, sel: Selector,
+                      scopes: list[Layer]) -> Optional[Diagnostic]:
+        """A slice bound past the end of a level it indexes: Python would clamp it, and
+        ``layers[:100]`` on a classifier of 6 layers around a base of 154 would freeze the whole
+        classifier, its new head included, without a word. Negative bounds keep Python's
+        semantics (they count from the end; clamping them is what ``layers[-5:]`` means)."""
+        bound = max((b for b in (seg.start, seg.stop) if b is not None and b >= 0), default=None)
+        if bound is None:
+            return None
+        for scope in scopes:
+            n = len(scope.children)
+            if bound <= n:
+                continue
+            where = "the model" if scope.path == "" else f"'{scope.path}'"
+            text = _seg_text(sel, seg)
+            msg = f"{text} reaches past the end: {where} has {n} layer{'s' if n != 1 else ''} here"
+            if len(scopes) == 1:
+                msg += self._deep_enough(scope, bound, sel, seg, text)
+            return Diagnostic("error", msg, seg.span)
+        return None
+
+    def _deep_enough(self, scope: Layer, bound: int, sel: Selector, seg: Slice, text: str) -> str:
+        """'; NAME has N: did you mean PATH?' for the first layer below ``scope`` (nested models
+        before composite layers, then in layer order, nearest first) with enough layers."""
+        below = self._with_descendants([scope])[1:]
+        fits = [n for n in below if len(n.children) >= bound]
+        if not fits:
+            return ""
+        node = min(fits, key=lambda n: (not n.container, n.depth, self.order[n.path]))
+        steps, parent = [], node
+        while parent.path != scope.path:
+            steps.append(parent)
+            parent = self.tree.parent(parent)
+        rel = "/".join(_short_name(p, self.tree.parent(p)) for p in reversed(steps))
+        before = sel.text[:seg.span.column - sel.span.column]
+        return f"; '{node.name}' has {len(node.children)}: did you mean '{before}{rel}/{text}'?"
+
     def _deeper(self, match, written: str, scopes: list[Layer]) -> str:
         """A hint when the name exists inside a nested model that the selector did not walk into."""
         for scope in scopes:
@@ -489,6 +530,18 @@ def _nothing_inside(sel: Selector, seg, matched: list[Layer], following) -> Diag
     return Diagnostic("error", f"'{text}' holds no layers: '/' walks into nested models and "
                       "layers that hold layers (MultiHeadAttention, a transformer block, ...)",
                       seg.span)
+
+
+def _short_name(node: Layer, parent: Layer) -> str:
+    """How to write ``node``'s name in a path: as it is when the grammar takes it bare, else a
+    glob of its leading letters and digits when that names only it among its siblings
+    (``mobilenetv2*`` for ``mobilenetv2_1.00_160``), else quoted."""
+    if re.fullmatch(r"[A-Za-z0-9_\-]+", node.name):
+        return node.name
+    lead = re.match(r"[A-Za-z0-9]+", node.name)
+    if lead and sum(1 for c in parent.children if c.name.startswith(lead.group())) == 1:
+        return lead.group() + "*"
+    return f'"{node.name}"'
 
 
 def _literal_prefix(pattern: str) -> str:

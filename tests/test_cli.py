@@ -180,8 +180,8 @@ def test_random_bytes_and_truncated_files_are_one_line_errors(tmp_path, model_fi
     junk.write_bytes(os.urandom(4096))
     truncated = tmp_path / "cut.keras"
     truncated.write_bytes(model_file.read_bytes()[:2000])
-    for bad in (junk, truncated):
-        assert run("apply", spec, bad, "-o", tmp_path / "out.keras") == 2
+    for bad in (junk, truncated):  # -q: without the progress line, stderr is the error alone
+        assert run("apply", spec, bad, "-o", tmp_path / "out.keras", "-q") == 2
         err = capsys.readouterr().err
         assert err == (f"surgery: error: {bad}: cannot load the model: not a readable .keras "
                        "file (a zip archive): truncated or damaged?\n")  # not "File not found"
@@ -191,7 +191,7 @@ def test_random_bytes_and_truncated_files_are_one_line_errors(tmp_path, model_fi
 def test_unknown_application_suggests_the_right_one(tmp_path, capsys):
     spec = tmp_path / "spec.frz"
     spec.write_text("freeze all\n")
-    assert run("plan", spec, "keras.applications.Resnet50") == 2
+    assert run("plan", spec, "keras.applications.Resnet50", "-q") == 2
     assert capsys.readouterr().err == (
         "surgery: error: keras.applications.Resnet50: keras.applications has no model "
         "'Resnet50'; did you mean keras.applications.ResNet50?\n")
@@ -206,7 +206,7 @@ def test_lambda_layers_are_refused_in_safe_mode(tmp_path, capsys):
     keras.Model(inputs, outputs).save(path)
     spec = tmp_path / "spec.frz"
     spec.write_text("freeze all\n")
-    assert run("apply", spec, path, "-o", tmp_path / "out.keras") == 2
+    assert run("apply", spec, path, "-o", tmp_path / "out.keras", "-q") == 2
     err = capsys.readouterr().err
     assert err.startswith(f"surgery: error: {path}: cannot load the model: ")
     assert "safe" in err
@@ -248,8 +248,8 @@ def test_console_script_and_module_agree_and_never_print_a_traceback(tmp_path):
     junk = tmp_path / "junk.keras"
     junk.write_bytes(b"\x00" * 100)
     for cmd in ([SURGERY], [sys.executable, "-m", "surgery"]):
-        proc = subprocess.run(cmd + ["apply", str(spec), str(junk), "-o", str(tmp_path / "o.keras")],
-                              capture_output=True, text=True)
+        proc = subprocess.run(cmd + ["apply", str(spec), str(junk), "-o", str(tmp_path / "o.keras"),
+                                     "-q"], capture_output=True, text=True)
         assert proc.returncode == 2
         assert proc.stdout == ""
         assert "Traceback" not in proc.stderr
@@ -296,7 +296,7 @@ def test_auto_engine_falls_back_to_keras_with_a_note(work, capsys):
     compiled.train_on_batch(np.zeros((2, 6), "float32"), np.zeros((2, 2), "float32"))
     model = tmp / "compiled.keras"
     compiled.save(model)
-    assert run("apply", spec, model, "-o", tmp / "t.keras", "--engine", "auto") == 0
+    assert run("apply", spec, model, "-o", tmp / "t.keras", "--engine", "auto", "-q") == 0
     err = capsys.readouterr().err
     assert err.startswith("surgery: note: the model was saved compiled")
     assert "loaded through Keras" in err

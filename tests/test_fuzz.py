@@ -670,9 +670,13 @@ def test_huge_numbers_in_slices(text):
 
 def test_huge_slice_bounds_resolve_as_python_slices():
     tree = TREES["flat"]
-    spec = surgery.parse(f"freeze layers[-{10 ** 50}:{10 ** 50}:{10 ** 40}]")
+    # Negative bounds keep Python's semantics (they clamp); a bound past the end is an error.
+    spec = surgery.parse(f"freeze layers[-{10 ** 50}:-1:{10 ** 40}]")
     plan = plan_spec(spec, tree)
     assert [lp.path for lp in plan.layers if not lp.after] == ["input_1"]
+    with pytest.raises(surgery.SelectorError) as info:
+        plan_spec(surgery.parse(f"freeze layers[-{10 ** 50}:{10 ** 50}:{10 ** 40}]"), tree)
+    assert "reaches past the end: the model has 10 layers here" in info.value.message
     with pytest.raises(surgery.SelectorError) as info:
         plan_spec(surgery.parse(f"freeze layers[{10 ** 50}]"), tree)
     assert "out of range" in info.value.message

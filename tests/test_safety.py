@@ -118,7 +118,10 @@ def listing(folder) -> list[str]:
 
 
 def cli(capsys, *args):
-    rc = main([str(a) for a in args])
+    # -q: these tests read stderr line by line, without the progress lines of Keras-path runs
+    # (tests/test_new_user.py checks those).
+    quiet = ["-q"] if args and args[0] in ("apply", "plan", "show", "verify", "lint") else []
+    rc = main([str(a) for a in args] + quiet)
     captured = capsys.readouterr()
     return rc, captured.out, captured.err
 

@@ -538,7 +538,9 @@ def _load(source: str, safe_mode: bool):
 
 
 def _application(source: str):
-    name = source[len(APPLICATIONS_PREFIX):]
+    from ..appcall import parse_application
+
+    name, kwargs = parse_application(source)
     builders = {n: getattr(keras.applications, n) for n in dir(keras.applications)
                 if n[:1].isupper() and callable(getattr(keras.applications, n))}
     if name not in builders:
@@ -548,7 +550,7 @@ def _application(source: str):
         hint = f"; did you mean {APPLICATIONS_PREFIX}{close[0]}?" if close else ""
         raise ModelError(source, f"keras.applications has no model '{name}'{hint}")
     try:
-        return builders[name](weights=None)
+        return builders[name](**kwargs, weights=None)
     except Exception as exc:
         raise ModelError(source, f"cannot build the model: {_first_line(exc)}") from None
 
