@@ -98,11 +98,6 @@ class Schedule(keras.callbacks.Callback):
     # --- Keras hooks ----------------------------------------------------------------------------
 
     def on_train_begin(self, logs=None):
-        if keras.backend.backend() == "jax":
-            raise SurgeryError(
-                "surgery.Schedule changes which variables train inside a running fit, which the "
-                "JAX backend's fit loop does not allow (it fixes the trainable set when fit "
-                "starts): use the TensorFlow backend, or one fit call per phase")
         if self._for_model != id(self.model):
             # Planned once per model, against the model as this first fit finds it; later fit
             # calls on the same model (fit(..., initial_epoch=k) to continue) reuse the plans.
@@ -226,4 +221,6 @@ def _sync_optimizer(model) -> None:
             averages = getattr(opt, "_model_variables_moving_average", None) or ()
             for variable, average in zip(wanted, averages):
                 if average is not None and average.path not in old:
-                    average.assign(variable)
+                    # A copy: on JAX an assign shares the buffer, and the train step donates
+                    # each state buffer once (two variables on one buffer fail there).
+                    average.assign(keras.ops.copy(variable))
