@@ -29,12 +29,6 @@ def pytest_runtest_setup(item):
                         f"{keras.backend.backend()} (KERAS_BACKEND)")
 
 
-def backend():
-    import keras
-
-    return keras.backend.backend()
-
-
 def trainable_paths(model):
     """The variables Keras will train, by path: what the optimizer actually sees."""
     return sorted(v.path for v in model.trainable_weights)

@@ -19,6 +19,11 @@ What Keras needs for a change to take effect inside a running ``fit`` is done he
   optimizer state, which Keras restores only when the counts match;
 - the traced train function captured the old trainable set (and BatchNormalization classes):
   it is rebuilt (``make_train_function(force=True)``, as KERAS-FACTS notes).
+
+The same holds on JAX: its ``fit`` re-reads the trainable, non-trainable and optimizer variables
+from the model at the first step after ``on_epoch_begin`` (keras/src/backend/jax/trainer.py), so
+what this callback writes there is what the epoch trains; and on PyTorch, whose steps read the
+variables directly.
 """
 
 from __future__ import annotations
@@ -35,7 +40,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 
 from ..errors import SurgeryWarning  # noqa: E402
-from ..errors import SurgeryError  # noqa: E402
 from ..ir import Spec  # noqa: E402
 from ..plan import PhasePlan, changed_layers, plan_phases  # noqa: E402
 from . import live  # noqa: E402
