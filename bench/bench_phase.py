@@ -30,9 +30,12 @@ Why it is built this way:
 It is a report, not a test: it exits 0 whatever the figures. Results go to stdout as a Markdown
 table and to bench/results/phase.json.
 
+The Keras backend is the one KERAS_BACKEND names (tensorflow by default), or ``--backend``;
+on JAX the extra time of a phase change is XLA compiling the new train step.
+
 Usage:
     python bench/bench_phase.py [--runs 5] [--steps 30] [--epochs-per-phase 4]
-                                [--policy affine|frozen|train]
+                                [--policy affine|frozen|train] [--backend tensorflow|jax|torch]
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS_PATH = ROOT / "bench" / "results" / "phase.json"
+RESULTS_DIR = ROOT / "bench" / "results"
 
 BATCH = 16
 CLASSES = 10
@@ -141,6 +144,7 @@ def child(args) -> None:
         "recompiled_wall_s": [recompiled.wall[e] for e in range(args.epochs_per_phase)],
         "recompiled_cpu_s": [recompiled.cpu[e] for e in range(args.epochs_per_phase)],
         "jit_compile": bool(getattr(model, "jit_compile", False)),
+        "backend": keras.backend.backend(),
         "params": model.count_params(),
     }))
 
@@ -152,7 +156,8 @@ def one_run(args) -> dict:
     argv = [sys.executable, __file__, "--child", "--steps", str(args.steps), "--size",
             str(args.size), "--epochs-per-phase", str(args.epochs_per_phase), "--policy",
             args.policy]
-    done = subprocess.run(argv, capture_output=True, text=True)
+    env = dict(os.environ, KERAS_BACKEND=args.backend)
+    done = subprocess.run(argv, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         sys.stderr.write(done.stderr[-4000:])
         raise SystemExit(f"a run failed with exit code {done.returncode}")
@@ -195,6 +200,8 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=96, help="input height and width")
     ap.add_argument("--epochs-per-phase", type=int, default=4)
     ap.add_argument("--policy", choices=("affine", "frozen", "train"), default="affine")
+    ap.add_argument("--backend", choices=("tensorflow", "jax", "torch"),
+                    default=os.environ.get("KERAS_BACKEND", "tensorflow"))
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.epochs_per_phase < 2:
@@ -241,6 +248,7 @@ def main(argv=None) -> int:
     print(f"\nmedians of {args.runs} runs (min–max of the wall ratio in brackets); "
           f"MobileNetV2 alpha={ALPHA} {args.size}x{args.size}, batch {BATCH}, "
           f"{args.steps} steps per epoch, Adam, batchnorm {args.policy}, "
+          f"backend {runs[0]['backend']}, "
           f"jit_compile={runs[0]['jit_compile']}")
     extra = [r["extra_s"] for r in phase_change]
     cb = [r["callback_s"] for r in phase_change]
@@ -249,22 +257,27 @@ def main(argv=None) -> int:
           f"the run adds {rows[0]['extra_s']:.2f} s; compiling again by hand for the last "
           f"phase's state adds {rows[-1]['extra_s']:.2f} s")
 
-    import keras
-    import tensorflow as tf
+    import importlib.metadata
 
-    RESULTS_PATH.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS_PATH.write_text(json.dumps({
+    import keras
+
+    # One file per backend (phase.json stays TensorFlow's), so that both sit side by side.
+    results_path = RESULTS_DIR / ("phase.json" if args.backend == "tensorflow"
+                                  else f"phase-{args.backend}.json")
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    results_path.write_text(json.dumps({
         "command": "python bench/bench_phase.py " + " ".join(
             a for a in (argv if argv is not None else sys.argv[1:])),
         "model": f"MobileNetV2(alpha={ALPHA}, input_shape=({args.size}, {args.size}, 3), "
                  f"weights=None, classes={CLASSES})",
         "batch": BATCH, "steps_per_epoch": args.steps, "epochs_per_phase": epp,
         "policy": args.policy, "spec": spec_text(epp, args.policy),
-        "keras": keras.__version__, "tensorflow": tf.__version__,
+        "keras": keras.__version__, "backend": args.backend,
+        args.backend: importlib.metadata.version(args.backend),
         "python": platform.python_version(), "cpus": os.cpu_count(),
         "phases": rows, "runs": runs,
     }, indent=2) + "\n")
-    print(f"\nwrote {RESULTS_PATH.relative_to(ROOT)}", file=sys.stderr)
+    print(f"\nwrote {results_path.relative_to(ROOT)}", file=sys.stderr)
     return 0
 
 

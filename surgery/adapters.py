@@ -42,9 +42,9 @@ def save_adapters(model, path, *, spec_sha256: Optional[str] = None) -> dict:
     `surgery.apply` recorded on the model). The file appears whole or not at all. Returns the
     metadata written. Raises `AdaptersError` where the model has no LoRA layer."""
     import numpy as np
-    from safetensors.numpy import save_file
 
     path = os.fspath(path)
+    save_file = _safetensors(path).save_file
     layers = _lora_layers(model)
     if not layers:
         raise AdaptersError(path, "the model has no LoRA layer: nothing to save (give layers "
@@ -122,10 +122,10 @@ def load_adapters(model, path) -> dict:
 
 def _read(path: str) -> tuple[dict, dict]:
     """The metadata (``layers`` decoded) and the tensors of an adapters file."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-    from safetensors import safe_open
+    numpy_io = _safetensors(path)
+    from safetensors import SafetensorError, safe_open
 
+    load_file = numpy_io.load_file
     if not os.path.isfile(path):
         raise AdaptersError(path, "no such file")
     try:
@@ -146,6 +146,15 @@ def _read(path: str) -> tuple[dict, dict]:
     except (KeyError, ValueError, TypeError, AttributeError):
         raise AdaptersError(path, "its metadata does not describe the LoRA layers") from None
     return {**metadata, "layers": layers}, tensors
+
+
+def _safetensors(path: str):
+    try:
+        import safetensors.numpy
+    except ImportError:
+        raise AdaptersError(path, "adapters files need safetensors, which is not installed: "
+                            "pip install 'surgery[tensorflow]' (or [jax], [torch])") from None
+    return safetensors.numpy
 
 
 def _factor_names(cls) -> tuple[str, ...]:

@@ -93,6 +93,23 @@ class AppliedFile:
         return self.plan.diagnostics
 
 
+_BACKEND_MODULES = ("keras", "tensorflow", "jax", "jaxlib", "torch")
+
+
+def _live(model: str):
+    """engines.live, or a ModelError that says what to install: the core install (lark, pyyaml)
+    reads and rewrites .keras archives without Keras; loading a model needs Keras and a backend."""
+    try:
+        from .engines import live
+    except ImportError as exc:
+        if exc.name not in _BACKEND_MODULES:
+            raise
+        raise ModelError(model, f"loading it needs Keras and a backend, and {exc.name} is not "
+                                f"installed: pip install 'surgery[tensorflow]' (or [jax], "
+                                f"[torch])") from None
+    return live
+
+
 def read_model(model: str, *, engine: Union[Engine, str] = Engine.AUTO,
                safe_mode: bool = True, progress: Progress = SILENT) -> ModelRead:
     """The layer tree of a model file (or ``keras.applications.NAME(...)``), for a command that
@@ -105,8 +122,7 @@ def read_model(model: str, *, engine: Union[Engine, str] = Engine.AUTO,
         with opened:
             return ModelRead(opened.tree, Engine.ARCHIVE)
     with _loading(progress, model):
-        from .engines import live
-
+        live = _live(model)
         loaded = live.load(model, safe_mode=safe_mode)
     return ModelRead(live.describe(loaded)[0], Engine.KERAS, fallback)
 
@@ -292,8 +308,7 @@ def _apply_keras(spec: Spec, model: str, output: str, manifest_path: str, *, all
     # Hashed in a thread while TensorFlow imports and the model loads: begun before the import.
     with _input_digest(model) as source:
         with _loading(progress, model):
-            from .engines import live
-
+            live = _live(model)
             loaded = live.load(model, safe_mode=safe_mode)
         digest = None
         if source is not None:

@@ -4,8 +4,29 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+# Keras picks its backend once, when first imported, from KERAS_BACKEND: `make test` runs the
+# suite on TensorFlow, then the tests marked `backends` again with KERAS_BACKEND=jax. Under JAX
+# the host CPU shows as two devices, for keras.distribution.DataParallel; XLA reads the flag when
+# JAX starts, so it is set here, before any test module imports Keras.
+if os.environ.get("KERAS_BACKEND") == "jax" and \
+        "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               " --xla_force_host_platform_device_count=2").strip()
+
 import numpy as np
 import pytest
+
+
+def pytest_runtest_setup(item):
+    """``@pytest.mark.only_backend("tensorflow", ...)``: the test needs one of those Keras
+    backends (tf.distribute, GradientTape; DataParallel on JAX) and is skipped on the others."""
+    wanted = [name for mark in item.iter_markers("only_backend") for name in mark.args]
+    if wanted:
+        import keras
+
+        if keras.backend.backend() not in wanted:
+            pytest.skip(f"needs the {' or '.join(wanted)} backend, not "
+                        f"{keras.backend.backend()} (KERAS_BACKEND)")
 
 
 def trainable_paths(model):

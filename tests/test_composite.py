@@ -38,6 +38,7 @@ def test_the_tree_goes_into_multi_head_attention_with_keras_own_variable_paths(m
         v.path for v in mha_model.weights)
 
 
+@pytest.mark.backends
 def test_freeze_query_and_key_matches_the_recipe_loop(mha_model):
     model = reset_state(mha_model)
     mha = model.get_layer("mha")
@@ -101,6 +102,7 @@ def test_a_flag_set_by_hand_is_counted_and_kept(keras_module):
     assert surgery.plan(model, "freeze head").totals.trainable_before == trainable_count(model)
 
 
+@pytest.mark.backends
 def test_keras_lora_counts_and_survives_other_rules(keras_module):
     inputs = keras_module.Input((6,))
     hidden = keras_module.layers.Dense(8, name="fc")(inputs)
@@ -132,6 +134,7 @@ def test_a_part_error_on_multi_head_attention_lists_its_weights_by_path(mha_mode
                                   "(MultiHeadAttention): write '**/query' or 'mha/query'")
 
 
+@pytest.mark.backends
 def test_frozen_projections_do_not_move_in_training(mha_model):
     from conftest import train_one_step
 

@@ -54,6 +54,7 @@ def test_seed_example2_by_name_and_its_misspelling(keras_module):
     assert not by_spec.get_layer("conv1_bn").trainable
 
 
+@pytest.mark.backends
 def test_seed_example3_first_ten_layers(keras_module):
     keras = keras_module
     by_loop = keras.applications.ResNet50(weights=None, include_top=False, input_shape=SMALL)
@@ -114,6 +115,7 @@ def test_nested_mobilenetv2_matches_the_tutorial_and_survives_save_load(keras_mo
     assert "head/kernel" in changed and len(changed) > len(trained) // 2
 
 
+@pytest.mark.backends
 def test_freezing_a_nested_base_then_unfreezing_inside_it(keras_module):
     keras = keras_module
     base = keras.applications.MobileNetV2(weights=None, include_top=False, input_shape=(32, 32, 3))
@@ -158,6 +160,7 @@ def test_apply_warns_that_a_compiled_model_needs_compiling_again(keras_module):
     assert trainable_paths(model) == sorted(v.path for v in model.get_layer("b").weights)
 
 
+@pytest.mark.backends
 def test_manifest_counts_match_keras(keras_module):
     keras = keras_module
     model = keras.applications.ResNet50(weights=None, include_top=False, input_shape=SMALL)

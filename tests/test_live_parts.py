@@ -8,6 +8,9 @@ clipping, XLA), a GradientTape loop, save and load in a fresh process (.keras an
 MirroredStrategy on two logical CPUs (a fresh process too: logical devices must be configured
 before TensorFlow initializes its own). Keras's EMA, which bypasses constraints, is pinned down
 with the `restore` that undoes it.
+
+The tests marked `backends` run again under JAX (`make test`), with hand-written loops and a
+custom train_step in each backend's own idiom, and DataParallel on two host devices.
 """
 
 import json
@@ -441,6 +444,7 @@ OPTIMIZERS = {
 }
 
 
+@pytest.mark.backends
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_fit_keeps_frozen_entries_bit_exact(keras, name):
     model = _model(keras)
@@ -451,6 +455,7 @@ def test_fit_keeps_frozen_entries_bit_exact(keras, name):
     _assert_frozen_exact_and_rest_learned(model, snapshot)
 
 
+@pytest.mark.backends
 def test_fit_under_xla_keeps_frozen_entries_bit_exact(keras):
     # jit_compile="auto" means XLA wherever TensorFlow sees a GPU: the same restore, compiled.
     model = _model(keras)
@@ -461,6 +466,7 @@ def test_fit_under_xla_keeps_frozen_entries_bit_exact(keras):
     _assert_frozen_exact_and_rest_learned(model, snapshot)
 
 
+@pytest.mark.backends
 def test_ema_overwrites_at_the_end_of_fit_and_restore_puts_frozen_entries_back(keras):
     # Keras averages the values from before constraints run and writes the averages into the
     # model when fit ends, bypassing constraints: restore() from on_train_end undoes that.
@@ -496,6 +502,7 @@ MORE_OPTIMIZERS = {
 }
 
 
+@pytest.mark.backends
 @pytest.mark.parametrize("name", list(MORE_OPTIMIZERS))
 def test_other_optimizer_paths(keras, name):
     model = _model(keras)
@@ -506,27 +513,140 @@ def test_other_optimizer_paths(keras, name):
     _assert_frozen_exact_and_rest_learned(model, snapshot)
 
 
-@pytest.mark.parametrize("traced", [False, True], ids=["eager", "tf.function"])
-def test_gradient_tape_loop_with_apply_gradients(keras, traced):
-    import tensorflow as tf
+def _loop_step(keras, model, opt, traced):
+    """One hand-written training step on this backend, as its Keras guide writes a custom loop:
+    TensorFlow's GradientTape (eager, or in a tf.function); JAX's gradient of
+    ``stateless_call`` with ``apply_gradients`` (eager), or the whole step stateless under
+    ``jax.jit`` with the state written back after each step; PyTorch's ``backward`` (eager)."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
 
+        def step(xb, yb):
+            with tf.GradientTape() as tape:
+                loss = keras.ops.mean((model(xb, training=True) - yb) ** 2)
+            grads = tape.gradient(loss, model.trainable_variables)
+            opt.apply_gradients(zip(grads, model.trainable_variables))
+
+        return tf.function(step) if traced else step
+    if backend == "jax":
+        import jax
+
+        opt.build(model.trainable_variables)
+
+        def loss_fn(trainable, non_trainable, xb, yb):
+            out, non_trainable = model.stateless_call(trainable, non_trainable, xb,
+                                                      training=True)
+            return keras.ops.mean((out - yb) ** 2), non_trainable
+
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        if not traced:
+            def step(xb, yb):
+                (_, non_trainable), grads = grad_fn(
+                    [v.value for v in model.trainable_variables],
+                    [v.value for v in model.non_trainable_variables], xb, yb)
+                opt.apply_gradients(zip(grads, model.trainable_variables))
+
+            return step
+
+        @jax.jit
+        def stateless(trainable, non_trainable, opt_vars, xb, yb):
+            (_, non_trainable), grads = grad_fn(trainable, non_trainable, xb, yb)
+            trainable, opt_vars = opt.stateless_apply(opt_vars, grads, trainable)
+            return trainable, non_trainable, opt_vars
+
+        def step(xb, yb):
+            state = stateless([v.value for v in model.trainable_variables],
+                              [v.value for v in model.non_trainable_variables],
+                              [v.value for v in opt.variables], xb, yb)
+            for variables, values in zip((model.trainable_variables,
+                                          model.non_trainable_variables, opt.variables), state):
+                for v, value in zip(variables, values):
+                    v.assign(value)
+
+        return step
+    if backend == "torch" and not traced:
+        def step(xb, yb):
+            model.zero_grad()
+            loss = keras.ops.mean((model(xb, training=True) - keras.ops.convert_to_tensor(yb))
+                                  ** 2)
+            loss.backward()
+            grads = [v.value.grad for v in model.trainable_variables]
+            opt.apply_gradients(zip(grads, model.trainable_variables))
+
+        return step
+    pytest.skip(f"no traced hand-written loop on {backend}")
+
+
+@pytest.mark.backends
+@pytest.mark.parametrize("traced", [False, True], ids=["eager", "traced"])
+def test_a_hand_written_loop_with_apply_gradients(keras, traced):
     model = _model(keras)
     snapshot = _snapshot(model)
     opt = keras.optimizers.AdamW(0.01, weight_decay=0.5)
     x, y = _data()
-
-    def step(xb, yb):
-        with tf.GradientTape() as tape:
-            loss = keras.ops.mean((model(xb, training=True) - yb) ** 2)
-        grads = tape.gradient(loss, model.trainable_variables)
-        opt.apply_gradients(zip(grads, model.trainable_variables))
-
-    step = tf.function(step) if traced else step
+    step = _loop_step(keras, model, opt, traced)
     for i in range(3):
         step(x[i * 8:(i + 1) * 8], y[i * 8:(i + 1) * 8])
     _assert_frozen_exact_and_rest_learned(model, snapshot)
 
 
+def _custom_train_step_model(keras, model):
+    """``model`` wrapped in a Model subclass whose ``train_step`` is written by hand, as each
+    backend's "customizing what happens in fit()" guide writes it; fit still runs the step."""
+    backend = keras.backend.backend()
+
+    class Custom(keras.Model):
+        if backend == "jax":
+            def train_step(self, state, data):
+                import jax
+
+                trainable, non_trainable, opt_vars, metrics_vars = state
+                xb, yb = data
+
+                def loss_fn(trainable, non_trainable):
+                    out, non_trainable = self.stateless_call(trainable, non_trainable, xb,
+                                                             training=True)
+                    return keras.ops.mean((out - yb) ** 2), non_trainable
+
+                (loss, non_trainable), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+                    trainable, non_trainable)
+                trainable, opt_vars = self.optimizer.stateless_apply(opt_vars, grads, trainable)
+                return {"loss": loss}, (trainable, non_trainable, opt_vars, metrics_vars)
+        elif backend == "tensorflow":
+            def train_step(self, data):
+                import tensorflow as tf
+
+                xb, yb = data
+                with tf.GradientTape() as tape:
+                    loss = keras.ops.mean((self(xb, training=True) - yb) ** 2)
+                grads = tape.gradient(loss, self.trainable_variables)
+                self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
+                return {"loss": loss}
+        else:
+            def train_step(self, data):
+                xb, yb = data
+                self.zero_grad()
+                loss = keras.ops.mean((self(xb, training=True) - yb) ** 2)
+                loss.backward()
+                grads = [v.value.grad for v in self.trainable_variables]
+                self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
+                return {"loss": loss}
+
+    return Custom(model.inputs, model.outputs)
+
+
+@pytest.mark.backends
+def test_a_custom_train_step_in_fit(keras):
+    model = _custom_train_step_model(keras, _model(keras))
+    snapshot = _snapshot(model)
+    model.compile(keras.optimizers.SGD(0.05, momentum=0.9, nesterov=True, weight_decay=0.01))
+    x, y = _data()
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    _assert_frozen_exact_and_rest_learned(model, snapshot)
+
+
+@pytest.mark.backends
 def test_the_layers_own_constraint_still_applies_to_the_trainable_part(keras):
     from surgery.engines.constraint import freeze
 
@@ -548,6 +668,7 @@ def test_the_layers_own_constraint_still_applies_to_the_trainable_part(keras):
 # --- save and load in a fresh process; MirroredStrategy ------------------------------------------
 
 
+@pytest.mark.only_backend("tensorflow")
 @pytest.mark.slow
 @pytest.mark.parametrize("ext", [".keras", ".h5"])
 def test_saved_model_reloaded_in_a_fresh_process_keeps_frozen_entries(keras, tmp_path, ext):
@@ -632,6 +753,7 @@ def test_saved_model_reloaded_in_a_fresh_process_keeps_frozen_entries(keras, tmp
     assert json.loads(lines[-2]) == expected
 
 
+@pytest.mark.only_backend("tensorflow")
 @pytest.mark.slow
 def test_mirrored_strategy_on_two_logical_cpus(tmp_path):
     out = _python(f"""
@@ -693,6 +815,39 @@ def test_mirrored_strategy_on_two_logical_cpus(tmp_path):
         print("OK")
     """)
     assert out.strip().endswith("OK")
+
+
+@pytest.mark.backends
+@pytest.mark.only_backend("jax")
+def test_data_parallel_on_two_host_devices_keeps_frozen_entries_on_each(keras, tmp_path):
+    """JAX's counterpart of the MirroredStrategy test: keras.distribution.DataParallel over two
+    host CPU devices (conftest asks XLA for two when JAX starts), the batch split between them
+    and the variables replicated; every replica's frozen entries stay bit-exact, through SGD
+    with momentum, and AdamW after save and load under the distribution."""
+    import jax
+
+    devices = jax.devices("cpu")
+    assert len(devices) == 2, os.environ.get("XLA_FLAGS")
+    x, y = _data(32)
+
+    def check(model, snapshot):
+        _assert_frozen_exact_and_rest_learned(model, snapshot)
+        for v in model.weights:
+            copies = [np.array(shard.data) for shard in v.value.addressable_shards]
+            assert len(copies) == 2, v.path
+            assert all(np.array_equal(c, copies[0]) for c in copies), v.path
+
+    with keras.distribution.DataParallel(devices=devices).scope():
+        model = _model(keras)
+        snapshot = _snapshot(model)
+        model.compile(OPTIMIZERS["SGD nesterov momentum"](keras), "mse")
+        model.fit(x, y, batch_size=16, epochs=2, verbose=0)
+        check(model, snapshot)
+        model.save(tmp_path / "m.keras")
+        loaded = keras.models.load_model(tmp_path / "m.keras", compile=False)
+        loaded.compile(OPTIMIZERS["AdamW"](keras), "mse")
+        loaded.fit(x, y, batch_size=16, epochs=2, verbose=0)
+        check(loaded, snapshot)
 
 
 def _python(code: str) -> str:

@@ -64,6 +64,7 @@ def test_a_composite_layer_selects_the_dense_layers_inside_it():
     assert len(adapted) == len(loop) == 6  # query, key, value, output, two feed-forward
 
 
+@pytest.mark.backends
 def test_refusals_leave_the_model_unchanged():
     import keras
 
@@ -293,6 +294,7 @@ def test_lora_on_a_conv2d_stage_of_resnet50():
     assert manifest.data["totals"]["params"] == model.count_params()
 
 
+@pytest.mark.backends
 def test_a_schedule_trains_the_factors_then_the_bias_then_nothing():
     import keras
 

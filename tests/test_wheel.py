@@ -1,6 +1,7 @@
 """The wheel is the real thing: built, installed into a fresh virtual environment outside the
 source tree, and run from there (which proves grammars/surgery.lark ships inside it)."""
 
+import re
 import subprocess
 import sys
 import sysconfig
@@ -56,3 +57,76 @@ def test_wheel_installs_and_runs_outside_the_source_tree(tmp_path):
     assert apply.returncode == 0, apply.stderr
     assert (work / "out.keras").stat().st_size > 1_000_000
     assert "wrote out.keras" in apply.stdout
+
+
+@pytest.mark.slow
+def test_the_core_install_runs_the_archive_path_without_tensorflow_or_keras(tmp_path):
+    """The core package (dependencies: lark and pyyaml only) in a fresh virtual environment that
+    has no TensorFlow, Keras, NumPy or h5py at all: lint, show, plan, apply and verify on a
+    .keras archive work; a command that must load a model through Keras says what to install,
+    exit 2, no traceback."""
+    import shutil
+
+    import keras
+
+    dist = tmp_path / "dist"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
+                    "--no-build-isolation", "-w", str(dist), str(ROOT)], check=True)
+    (wheel,) = dist.glob("surgery-*.whl")
+    env_dir = tmp_path / "core"
+    venv.EnvBuilder(with_pip=False).create(env_dir)
+    python = env_dir / "bin" / "python"
+    site = Path(subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True, capture_output=True, text=True).stdout.strip())
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                    "--target", str(site), str(wheel)], check=True)
+    # The core's two dependencies, copied from the test environment (no registry needed): the
+    # packages themselves, nothing they would pull in.
+    import lark
+    import yaml
+
+    for module in (lark, yaml):
+        shutil.copytree(Path(module.__file__).parent, site / module.__name__)
+    requires = [line for line in subprocess.run(
+        [str(python), "-c", "import importlib.metadata as m; print('\\n'.join(m.requires("
+                            "'surgery') or ()))"], check=True, capture_output=True,
+        text=True).stdout.splitlines() if "extra ==" not in line]
+    assert sorted(re.split("[<>=!~ ]", r)[0] for r in requires) == ["lark", "pyyaml"]
+    missing = subprocess.run([str(python), "-c", "\n".join(
+        f"try:\n    import {m}\n    print('{m}')\nexcept ImportError:\n    pass"
+        for m in ("tensorflow", "keras", "jax", "torch", "numpy", "h5py"))],
+        capture_output=True, text=True, check=True)
+    assert missing.stdout.split() == []  # none of them can be imported there
+
+    work = tmp_path / "work"
+    work.mkdir()
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 3))
+    h = keras.layers.Conv2D(4, 3, name="conv")(inputs)
+    h = keras.layers.BatchNormalization(name="bn")(h)
+    h = keras.layers.GlobalAveragePooling2D(name="pool")(h)
+    keras.Model(inputs, keras.layers.Dense(2, name="head")(h)).save(work / "m.keras")
+    (work / "spec.frz").write_text("freeze all\nunfreeze head\nunfreeze conv.filters[0:2]\n")
+
+    def surgery_cmd(*args):
+        return subprocess.run([str(python), "-m", "surgery", *args], cwd=work,
+                              capture_output=True, text=True, timeout=120)
+
+    for args in (("lint", "spec.frz"), ("show", "m.keras"), ("plan", "spec.frz", "m.keras"),
+                 ("apply", "spec.frz", "m.keras", "-o", "out.keras"),
+                 ("verify", "out.keras.manifest.json", "out.keras")):
+        done = surgery_cmd(*args)
+        assert done.returncode == 0, (args, done.stdout, done.stderr)
+    assert "matches" in done.stdout
+    # The output loads in Keras as the plan says (in this process, which has Keras; importing
+    # surgery registers FrozenEntries).
+    import surgery  # noqa: F401
+
+    out = keras.models.load_model(work / "out.keras", compile=False)
+    assert [v.path for v in out.trainable_weights] == ["conv/kernel", "conv/bias",
+                                                      "head/kernel", "head/bias"]
+    needs = surgery_cmd("show", "keras.applications.MobileNetV2")
+    assert needs.returncode == 2, needs.stderr
+    assert "Traceback" not in needs.stderr
+    assert "pip install 'surgery[tensorflow]'" in needs.stderr

@@ -417,13 +417,21 @@ def _device_of(w) -> str:
 
 
 def _eager_on(device: str):
-    """Leave any graph being traced (TensorFlow's init_scope) and place on ``device``, so a
-    constant is made once, on the variable's device, and captured by every step after."""
+    """Leave any graph being traced (TensorFlow's init_scope, JAX's compile-time evaluation) and
+    place on ``device``, so a constant is made once, on the variable's device, and captured by
+    every step after. Under JAX a tensor made inside ``jit`` is a tracer of that one trace:
+    cached, it would leak into the next trace (a rebuilt train function, ``restore`` after
+    ``fit``) and JAX would refuse it."""
     stack = contextlib.ExitStack()
-    if keras.backend.backend() == "tensorflow":
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
         import tensorflow as tf
 
         stack.enter_context(tf.init_scope())
         if device:
             stack.enter_context(tf.device(device))
+    elif backend == "jax":
+        import jax
+
+        stack.enter_context(jax.ensure_compile_time_eval())
     return stack

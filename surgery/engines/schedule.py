@@ -19,6 +19,11 @@ What Keras needs for a change to take effect inside a running ``fit`` is done he
   optimizer state, which Keras restores only when the counts match;
 - the traced train function captured the old trainable set (and BatchNormalization classes):
   it is rebuilt (``make_train_function(force=True)``, as KERAS-FACTS notes).
+
+The same holds on JAX: its ``fit`` re-reads the trainable, non-trainable and optimizer variables
+from the model at the first step after ``on_epoch_begin`` (keras/src/backend/jax/trainer.py), so
+what this callback writes there is what the epoch trains; and on PyTorch, whose steps read the
+variables directly.
 """
 
 from __future__ import annotations
@@ -35,7 +40,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 
 from ..errors import SurgeryWarning  # noqa: E402
-from ..errors import SurgeryError  # noqa: E402
 from ..ir import Spec  # noqa: E402
 from ..plan import PhasePlan, changed_layers, plan_phases  # noqa: E402
 from . import live  # noqa: E402
@@ -98,11 +102,6 @@ class Schedule(keras.callbacks.Callback):
     # --- Keras hooks ----------------------------------------------------------------------------
 
     def on_train_begin(self, logs=None):
-        if keras.backend.backend() == "jax":
-            raise SurgeryError(
-                "surgery.Schedule changes which variables train inside a running fit, which the "
-                "JAX backend's fit loop does not allow (it fixes the trainable set when fit "
-                "starts): use the TensorFlow backend, or one fit call per phase")
         if self._for_model != id(self.model):
             # Planned once per model, against the model as this first fit finds it; later fit
             # calls on the same model (fit(..., initial_epoch=k) to continue) reuse the plans.
@@ -226,4 +225,6 @@ def _sync_optimizer(model) -> None:
             averages = getattr(opt, "_model_variables_moving_average", None) or ()
             for variable, average in zip(wanted, averages):
                 if average is not None and average.path not in old:
-                    average.assign(variable)
+                    # A copy: on JAX an assign shares the buffer, and the train step donates
+                    # each state buffer once (two variables on one buffer fail there).
+                    average.assign(keras.ops.copy(variable))
