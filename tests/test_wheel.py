@@ -61,7 +61,7 @@ def test_wheel_installs_and_runs_outside_the_source_tree(tmp_path):
 
 @pytest.mark.slow
 def test_the_core_install_runs_the_archive_path_without_tensorflow_or_keras(tmp_path):
-    """The core package (dependencies: lark and pyyaml only) in a fresh virtual environment that
+    """The core package (lark, pyyaml, regex, rich: no Keras) in a fresh virtual environment that
     has no TensorFlow, Keras, NumPy or h5py at all: lint, show, plan, apply and verify on a
     .keras archive work; a command that must load a model through Keras says what to install,
     exit 2, no traceback."""
@@ -81,18 +81,21 @@ def test_the_core_install_runs_the_archive_path_without_tensorflow_or_keras(tmp_
         check=True, capture_output=True, text=True).stdout.strip())
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
                     "--target", str(site), str(wheel)], check=True)
-    # The core's two dependencies, copied from the test environment (no registry needed): the
-    # packages themselves, nothing they would pull in.
+    # The core's dependencies the archive path imports, copied from the test environment (no
+    # registry needed): the packages themselves, nothing they would pull in. (rich draws the
+    # progress spinner only where stderr is a terminal, which it is not here.)
     import lark
+    import regex
     import yaml
 
-    for module in (lark, yaml):
+    for module in (lark, yaml, regex):
         shutil.copytree(Path(module.__file__).parent, site / module.__name__)
     requires = [line for line in subprocess.run(
         [str(python), "-c", "import importlib.metadata as m; print('\\n'.join(m.requires("
                             "'surgery') or ()))"], check=True, capture_output=True,
         text=True).stdout.splitlines() if "extra ==" not in line]
-    assert sorted(re.split("[<>=!~ ]", r)[0] for r in requires) == ["lark", "pyyaml"]
+    assert sorted(re.split("[<>=!~ ]", r)[0] for r in requires) == ["lark", "pyyaml", "regex",
+                                                                     "rich"]
     missing = subprocess.run([str(python), "-c", "\n".join(
         f"try:\n    import {m}\n    print('{m}')\nexcept ImportError:\n    pass"
         for m in ("tensorflow", "keras", "jax", "torch", "numpy", "h5py"))],
