@@ -73,7 +73,7 @@ def _host_tag() -> str:
 
 _HOST = _host_tag()
 # What _hidden_name makes, whatever suffix follows: ".surgery-<host>-<pid>-<random>.tmp.keras".
-_OURS = re.compile(r"\.surgery-([0-9a-f]{6})-([0-9]+)-[0-9a-f]{8}\.(tmp|bak)")
+_OURS = re.compile(r"\.surgery-([0-9a-f]{6})-([0-9]+)-[0-9a-f]{8}\.(tmp|bak|mov)")
 # link() errors that mean "this file system has no hard links", not "the name is taken".
 _NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EMLINK}
 
@@ -186,10 +186,14 @@ def remove_stale(folder: Path) -> list[str]:
         if found is None or found[1] != _HOST or _alive(int(found[2])):
             continue
         path = folder / name
-        if found[3] == "bak":
+        # A '.bak' is a hard link to a destination being replaced (--force): once the run died,
+        # the replacement it was asked for is done or abandoned, and the link is a leftover.
+        # A '.mov' is a destination moved aside where the filesystem has no hard links: it may
+        # be the only copy of that file, so it stays unless another name still reaches it.
+        if found[3] == "mov":
             try:
                 if os.lstat(path).st_nlink < 2:
-                    continue  # maybe the only copy of a destination moved aside: keep it
+                    continue
             except OSError:
                 continue
         try:
@@ -230,6 +234,7 @@ def _set_aside(out: _Output) -> None:
     except (OSError, NotImplementedError):  # no hard links here: move it aside instead
         pass
     out.moved = True
+    out.backup = _hidden_name(out.dest.parent, ".mov")
     os.replace(out.dest, out.backup)
 
 

@@ -525,7 +525,10 @@ def test_the_next_run_removes_temporaries_of_dead_processes_only(here, capsys):
         "a running process's": f".surgery-{host}-{alive}-0123abcd.tmp.keras",
         "another host's": f".surgery-{other_host}-{dead}-0123abcd.tmp.keras",
         "a linked backup": f".surgery-{host}-{dead}-11111111.bak",
-        "an only copy": f".surgery-{host}-{dead}-22222222.bak",
+        # A hard-linked backup of a destination since replaced: the old content, superseded.
+        "a superseded backup": f".surgery-{host}-{dead}-33333333.bak",
+        # A destination moved aside (no hard links): maybe the only copy of the file.
+        "an only copy": f".surgery-{host}-{dead}-22222222.mov",
         "the user's": ".surgery-notes.txt",
     }
     for name in names.values():
