@@ -324,7 +324,7 @@ def _cmd_compile(args) -> int:
 
 
 def _cmd_verify(args) -> int:
-    from .manifest import check_manifest, matching_phase, model_differences
+    from .verify import check_manifest, matching_phase, model_differences
     from .manifest_read import load_manifest
 
     manifest = load_manifest(args.manifest)
@@ -355,7 +355,7 @@ def _cmd_verify(args) -> int:
 
 
 def _cmd_diff(args) -> int:
-    from .manifest import diff
+    from .verify import diff
     from .manifest_read import load_manifest
 
     if args.spec:

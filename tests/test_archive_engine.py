@@ -29,7 +29,8 @@ from conftest import layer_flags, trainable_paths
 from surgery.engines import archive
 from surgery.engines.archive import ArchiveUnsupported, zip_copy
 from surgery.engines.archive.rewrite import take
-from surgery.manifest import build_manifest, environment_versions, sha256_file, verify
+from surgery.manifest import build_manifest, environment_versions, sha256_file
+from surgery.verify import verify
 from surgery.plan import plan_spec
 
 SMALL = (32, 32, 3)
@@ -488,7 +489,8 @@ _NO_TF = r"""
 import sys
 import surgery
 from surgery.engines import archive
-from surgery.manifest import build_manifest, verify
+from surgery.manifest import build_manifest
+from surgery.verify import verify
 from surgery.plan import plan_spec
 from surgery.report import plan_table
 

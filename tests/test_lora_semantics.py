@@ -13,7 +13,8 @@ import pytest
 import surgery
 from surgery.fmt import format_spec
 from surgery.lora import LORA_WEIGHTS
-from surgery.manifest import build_manifest, check_manifest, state_differences
+from surgery.manifest import build_manifest
+from surgery.verify import check_manifest, state_differences
 from surgery.plan import plan_spec
 from surgery.spec_json import compile_spec
 from surgery.tree import LayerTree

@@ -7,7 +7,8 @@ import pytest
 
 import surgery
 from surgery.lint import lint, lint_with_model
-from surgery.manifest import build_manifest, phase_layers, verify
+from surgery.manifest import build_manifest, phase_layers
+from surgery.verify import verify
 from surgery.plan import plan_spec
 from surgery.report import phase_report, plan_summary
 from surgery.tree import Layer, LayerTree
@@ -154,7 +155,7 @@ def test_lint_judges_repeats_and_dead_rules_within_a_phase():
 
 
 def test_diff_compares_policies_and_later_phases():
-    from surgery.manifest import diff
+    from surgery.verify import diff
 
     _, a = _manifest()
     _, b = _manifest(SPEC.replace("batchnorm affine base/b2_bn", "batchnorm train base/b2_bn"))
@@ -292,7 +293,7 @@ def test_a_manifest_applied_at_a_later_epoch_is_consistent():
 def test_diff_reports_every_field_it_compares(what, alter, line):
     import copy
 
-    from surgery.manifest import diff
+    from surgery.verify import diff
 
     _, a = _manifest()
     a.data["output"] = {"sha256": "a" * 64}

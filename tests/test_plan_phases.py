@@ -261,7 +261,8 @@ def test_freezing_an_affine_layer_without_a_policy_keeps_its_class_for_a_later_p
     """No policy: the class stays, frozen or not, so the phase that unfreezes the layer (planned
     against the model as applied) finds it affine. Under an affine policy a frozen layer takes
     the plain class. The manifest records the class, and verify checks it in both cases."""
-    from surgery.manifest import build_manifest, verify
+    from surgery.manifest import build_manifest
+    from surgery.verify import verify
 
     description = {"name": "model", "layers": [
         "conv:Conv2D", {"name": "bn", "class": "BatchNormalization", "affine": True,
