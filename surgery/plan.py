@@ -31,7 +31,8 @@ from .layerparts import whole_weight
 from .lora import Adapter, Adapters, LoraResult, resolve_lora
 from .parts import PartError
 from .parts import select as select_part
-from .resolve import BATCHNORM_CLASSES, PartOp, Resolution, RuleResult, resolve
+from .bn_policies import BATCHNORM_CLASSES
+from .resolve import PartOp, Resolution, RuleResult, resolve
 from .tree import Layer, LayerTree
 
 __all__ = ["compact_ranges", "FrozenPart", "LayerPlan", "Plan", "Totals", "PhasePlan", "SpanIndex",

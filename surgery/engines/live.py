@@ -53,7 +53,7 @@ from .frozen_format import axis_details  # noqa: E402
 from ..layerparts import whole_selection  # noqa: E402
 from .. import lora as lora_spec  # noqa: E402
 from ..plan import Plan  # noqa: E402
-from ..resolve import BATCHNORM_CLASSES  # noqa: E402
+from ..bn_policies import BATCHNORM_CLASSES  # noqa: E402
 from ..saved_state import ENTRY, SavedState, installs_constraint  # noqa: E402
 from ..saved_state import read as read_state  # noqa: E402
 from ..tree import Layer, LayerTree, Weight  # noqa: E402
