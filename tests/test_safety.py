@@ -507,6 +507,22 @@ def test_two_real_runs_writing_one_new_output_never_both_succeed(here):
 # --- temporaries a killed run left behind --------------------------------------------------------
 
 
+def _default_signals() -> None:
+    """In the child, before exec: SIGINT and SIGTERM as a shell gives them. A disposition set to
+    ignore is inherited across exec, and Python then leaves SIGINT ignored; the process these
+    tests run in may have inherited one (a test runner's worker), which is no state of ours."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@pytest.fixture(autouse=True)
+def _python_sigint():
+    """Ctrl-C raises KeyboardInterrupt here, as in a terminal, whatever the worker set up."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def _dead_pid() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
@@ -750,7 +766,7 @@ def _one_kill(models: Path, work: Path, sig: int, min_size: int) -> dict:
 
     proc = subprocess.Popen([SURGERY, "apply", "spec.frz", "wide.keras", "-o", "out/tuned.keras",
                              "--force"], cwd=work, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_default_signals)
     temporary, size, missed = None, -1, None
     deadline = time.monotonic() + 240
     try:
