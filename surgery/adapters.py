@@ -45,7 +45,7 @@ def save_adapters(model, path, *, spec_sha256: Optional[str] = None) -> dict:
 
     path = os.fspath(path)
     save_file = _safetensors(path).save_file
-    layers = _lora_layers(model)
+    layers, _ = _lora_layers(model)
     if not layers:
         raise AdaptersError(path, "the model has no LoRA layer: nothing to save (give layers "
                             "LoRA with a 'lora rank=R ...' statement first)")
@@ -79,11 +79,11 @@ def load_adapters(model, path) -> dict:
     path = os.fspath(path)
     metadata, tensors = _read(path)
     described = metadata["layers"]
-    layers = _lora_layers(model)
+    layers, paths = _lora_layers(model)
     problems = []
     for p in sorted(set(described) - set(layers)):
         problems.append(f"'{p}' has LoRA in the file, " + (
-            "not in the model" if _has_layer(model, p) else "and the model has no such layer"))
+            "not in the model" if p in paths else "and the model has no such layer"))
     for p in sorted(set(layers) - set(described)):
         problems.append(f"'{p}' has LoRA in the model, not in the file")
     assignments = []
@@ -122,16 +122,15 @@ def load_adapters(model, path) -> dict:
 
 def _read(path: str) -> tuple[dict, dict]:
     """The metadata (``layers`` decoded) and the tensors of an adapters file."""
-    numpy_io = _safetensors(path)
+    _safetensors(path)
     from safetensors import SafetensorError, safe_open
 
-    load_file = numpy_io.load_file
     if not os.path.isfile(path):
         raise AdaptersError(path, "no such file")
     try:
-        with safe_open(path, framework="numpy") as f:
+        with safe_open(path, framework="numpy") as f:  # the header and the tensors, one open
             metadata = dict(f.metadata() or {})
-        tensors = load_file(path)
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
         raise AdaptersError(path, f"not a readable safetensors file: {str(exc)[:200]}") from None
     if metadata.get("format") != FORMAT:
@@ -163,8 +162,9 @@ def _factor_names(cls) -> tuple[str, ...]:
     return LORA_WEIGHTS.get(cls, ("", "lora_kernel_a", "lora_kernel_b"))[1:]
 
 
-def _lora_layers(model) -> dict:
-    """surgery path -> (layer, its LoRA class, factor A, factor B), for every LoRA layer."""
+def _lora_layers(model) -> tuple[dict, set]:
+    """surgery path -> (layer, its LoRA class, factor A, factor B), for every LoRA layer; and
+    every layer's path (from the one description of the model)."""
     from .engines import live
     from .lora import LORA_WEIGHTS, lora_base
 
@@ -177,15 +177,4 @@ def _lora_layers(model) -> dict:
             continue
         a, b = (getattr(layer, n) for n in LORA_WEIGHTS[base][1:])
         out[node.path] = (layer, base, a, b)
-    return out
-
-
-def _has_layer(model, path: str) -> bool:
-    from .engines import live
-
-    tree, _ = live.describe(model)
-    try:
-        tree.get(path)
-    except KeyError:
-        return False
-    return True
+    return out, {n.path for n in tree.layers()}

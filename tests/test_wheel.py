@@ -13,24 +13,30 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.slow
-def test_wheel_installs_and_runs_outside_the_source_tree(tmp_path):
+def _venv_with_wheel(tmp_path, env_dir):
+    """surgery's real wheel, built from the repository and installed (without dependencies)
+    into a fresh virtual environment at ``env_dir``: its python and its site-packages."""
     dist = tmp_path / "dist"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
                     "--no-build-isolation", "-w", str(dist), str(ROOT)], check=True)
     (wheel,) = dist.glob("surgery-*.whl")
-
-    env_dir = tmp_path / "fresh"
     venv.EnvBuilder(with_pip=False).create(env_dir)
     python = env_dir / "bin" / "python"
     site = Path(subprocess.run(
         [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
         check=True, capture_output=True, text=True).stdout.strip())
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                    "--target", str(site), str(wheel)], check=True)
+    return python, site
+
+
+@pytest.mark.slow
+def test_wheel_installs_and_runs_outside_the_source_tree(tmp_path):
+    env_dir = tmp_path / "fresh"
+    python, site = _venv_with_wheel(tmp_path, env_dir)
     # The heavy dependencies (TensorFlow, Keras) come from the test environment's site-packages,
     # appended after the fresh one: surgery itself can only be found in the wheel.
     (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-                    "--target", str(site), str(wheel)], check=True)
     (env_dir / "bin" / "surgery").write_text(
         f"#!{python}\nimport sys\nfrom surgery.cli import main\nsys.exit(main())\n")
     (env_dir / "bin" / "surgery").chmod(0o755)
@@ -69,18 +75,8 @@ def test_the_core_install_runs_the_archive_path_without_tensorflow_or_keras(tmp_
 
     import keras
 
-    dist = tmp_path / "dist"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
-                    "--no-build-isolation", "-w", str(dist), str(ROOT)], check=True)
-    (wheel,) = dist.glob("surgery-*.whl")
     env_dir = tmp_path / "core"
-    venv.EnvBuilder(with_pip=False).create(env_dir)
-    python = env_dir / "bin" / "python"
-    site = Path(subprocess.run(
-        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        check=True, capture_output=True, text=True).stdout.strip())
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-                    "--target", str(site), str(wheel)], check=True)
+    python, site = _venv_with_wheel(tmp_path, env_dir)
     # The core's dependencies the archive path imports, copied from the test environment (no
     # registry needed): the packages themselves, nothing they would pull in. (rich draws the
     # progress spinner only where stderr is a terminal, which it is not here.)
