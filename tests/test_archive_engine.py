@@ -272,6 +272,61 @@ def test_engines_agree(name, saved, tmp_path):
             assert again == written
 
 
+@pytest.mark.parametrize("policy", ["float16", "bfloat16", "float64", "mixed_float16",
+                                    "mixed_bfloat16"])
+def test_models_saved_in_any_float_policy_are_read_as_keras_loads_them(policy, tmp_path):
+    # The dtype each weight is checked against (engines/archive/declared.py) is the one Keras
+    # stores under that policy: the two engines see the same tree, with both HDF5 readers, and
+    # a weight stored otherwise is refused (tests/test_hostile.py).
+    import keras
+    from surgery.engines import live
+
+    keras.backend.clear_session()  # first: it resets the global policy too
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy)
+    try:
+        paths = []
+        for build in (_zoo_sequential, _zoo_functional):
+            paths.append(str(tmp_path / f"{build.__name__}.keras"))
+            build(keras).save(paths[-1])
+    finally:
+        keras.config.set_dtype_policy(previous)
+    for path in paths:
+        live_tree = live.describe(_load(path))[0]
+        _assert_same_tree(archive.describe(path), live_tree)
+        _assert_same_tree(archive.describe(path, h5="h5py"), live_tree)
+    with zipfile.ZipFile(paths[1]) as z:  # the policy reached the layers the check covers
+        assert z.read("config.json").count(f'"name": "{policy}"'.encode()) >= 10
+
+
+def test_both_readers_name_a_dtype_alike(saved, tmp_path):
+    src = saved("zoo_sequential")
+    for dtype in ("float16", "float64", "int32", "uint8"):
+        out = str(tmp_path / f"{dtype}.keras")
+        _copy_replacing_weights(src, out, lambda f, dtype=dtype: _restore_as(f, dtype))
+        messages = set()
+        for backend in ("best", "h5py"):
+            with pytest.raises(surgery.errors.DamagedArchive) as caught:
+                archive.describe(out, h5=backend)
+            messages.add(str(caught.value))
+        assert len(messages) == 1, messages
+        assert f"holds its kernel as {dtype}, where config.json makes it float32" in \
+            messages.pop()
+
+
+def _restore_as(data: bytes, dtype: str) -> bytes:
+    import io
+
+    import h5py
+
+    buffer, path = io.BytesIO(data), "layers/dense/vars/0"
+    with h5py.File(buffer, "a") as f:
+        values = f[path][()]
+        del f[path]
+        f.create_dataset(path, data=values.astype(dtype))
+    return buffer.getvalue()
+
+
 def _constraints(model):
     """layer path -> weight -> (constraint class, frozen indices, frozen values as bytes, inner
     constraint) for every constrained weight."""

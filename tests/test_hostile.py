@@ -14,7 +14,8 @@ The families (what the issue's review found, and what earlier fixes hold):
   and lint --model; one whose counted repeats unroll to gigabytes is refused as it is parsed;
 * sizes of specs: a schedule too large to plan (a spec past the token limit, a million
   statements on one line, is tests/test_fuzz.py's, under the same 1 GiB, marked slow);
-* weights against the config: a shape the config contradicts, for each class it declares;
+* weights against the config: a shape the config contradicts, for each class it declares, and a
+  dtype (the config's policy changed, or a weight stored in another precision or as integers);
 * zip entries: a wrong CRC-32 in a deflated entry, the weights' or another's;
 * structure taken on trust: config.json nested 100,000 deep or inflating past its cap, YAML
   keys written twice, manifests of the wrong shape, an output that is an input.
@@ -249,6 +250,73 @@ def test_weights_the_config_contradicts_are_refused(work, model, edit, says, com
             "apply": ["apply", "freeze.frz", "odd.keras", "-o", "out.keras"]}[command]
     err = refused(work, *args, "--engine", "archive", says=says)
     assert "the weights do not belong to this architecture" in err
+
+
+def _policy(layer: str, name: str):
+    def edit(cfg):
+        layer_entry(cfg, layer)["config"]["dtype"]["config"]["name"] = name
+    edit.__name__ = f"_{layer}_{name}"
+    return edit
+
+
+def _stored_as(h5_path: str, dtype: str):
+    """``model.weights.h5`` with the dataset at ``h5_path`` stored as ``dtype`` (bfloat16 as
+    Keras stores it: opaque 2-byte items marked so), values cast."""
+    def change(name, data):
+        if name != "model.weights.h5":
+            return data
+        import io
+
+        import h5py
+        import numpy as np
+
+        buffer = io.BytesIO(data)
+        with h5py.File(buffer, "a") as f:
+            group, _, key = h5_path.rpartition("/")
+            values = f[h5_path][()]
+            del f[h5_path]
+            if dtype == "bfloat16":
+                import ml_dtypes
+
+                ds = f[group].create_dataset(key, data=values.astype(ml_dtypes.bfloat16))
+                ds.attrs["dtype"] = "bfloat16"
+            else:
+                f[group].create_dataset(key, data=values.astype(np.dtype(dtype)))
+        return buffer.getvalue()
+    change.__name__ = f"{h5_path.split('/')[1]}_{dtype}"
+    return change
+
+
+DTYPES = [  # (model, how the file is crafted, what the error says)
+    ("small.keras", lambda s, d: with_config(s, d, _policy("head", "float64")),
+     "layer 'head' (Dense): model.weights.h5 holds its kernel as float32, where config.json "
+     "makes it float64"),
+    ("small.keras", lambda s, d: with_config(s, d, _policy("bn", "mixed_bfloat16")) or
+     rewrite(d, d, _stored_as("layers/batch_normalization/vars/2", "float16")),
+     "layer 'bn' (BatchNormalization): model.weights.h5 holds its moving_mean as float16, "
+     "where config.json makes it float32"),
+    ("small.keras", lambda s, d: rewrite(s, d, _stored_as("layers/conv2d/vars/1", "bfloat16")),
+     "layer 'conv' (Conv2D): model.weights.h5 holds its bias as bfloat16"),
+    ("text.keras", lambda s, d: rewrite(s, d, _stored_as("layers/embedding/vars/0", "int64")),
+     "layer 'embed' (Embedding): model.weights.h5 holds its embeddings as int64"),
+    ("text.keras", lambda s, d: rewrite(s, d, _stored_as("layers/layer_normalization/vars/1",
+                                                         "float64")),
+     "layer 'norm' (LayerNormalization): model.weights.h5 holds its beta as float64"),
+]
+
+
+@pytest.mark.parametrize("model, craft, says", DTYPES,
+                         ids=["policy", "mixed-policy", "bfloat16", "int64", "float64"])
+@pytest.mark.parametrize("command", ["show", "plan", "apply"])
+def test_weights_stored_in_another_dtype_than_the_config_are_refused(work, model, craft, says,
+                                                                      command):
+    # Keras would load each of these, casting; the archive engine copies the bytes as they are,
+    # so its output would hold what its config does not say.
+    craft(work / model, work / "odd.keras")
+    args = {"show": ["show", "odd.keras"], "plan": ["plan", "freeze.frz", "odd.keras"],
+            "apply": ["apply", "freeze.frz", "odd.keras", "-o", "out.keras"]}[command]
+    err = refused(work, *args, "--engine", "archive", says=says)
+    assert "the weights do not match the config" in err
 
 
 # --- zip entries ---------------------------------------------------------------------------------

@@ -7,8 +7,9 @@ from the weights file, and every group the config implies is checked to be where
 it: anything else (nested state, a weight surgery cannot name, layers shared between models) is
 `ArchiveUnsupported`.
 
-Each weight's shape is checked against the one its layer's config declares
-(engines/archive/declared_shapes.py), so weights that belong to another architecture are an error.
+Each weight's shape and dtype are checked against those its layer's config declares
+(engines/archive/declared.py), so weights that belong to another architecture, or were stored in
+another precision than the config says, are an error.
 
 Entries frozen inside a layer (sub-layer freezing) are a FrozenEntries constraint in its config,
 values included; describing them needs only the config (engines/frozen_format.py decodes it,
@@ -21,7 +22,7 @@ from ...errors import ArchiveUnsupported, DamagedArchive, FrozenEntriesError
 from ...tree import Layer, LayerTree, Weight
 from ..frozen_format import FrozenConfig, axis_details, decode, is_frozen_object
 from .config import Node
-from .declared_shapes import contradiction, declared_shapes
+from .declared import contradiction, declared_dtype, declared_shapes
 from .h5 import Reader
 from .keras_layout import WEIGHTS, AutoNames, constrained_weight, join, weight_names
 
@@ -44,14 +45,15 @@ def _layer(node: Node, reader: Reader, auto: AutoNames) -> Layer:
         weights: tuple[Weight, ...] = ()
     else:
         children = ()
-        shapes = _layer_vars(node, reader)
+        vars_path, shapes = _layer_vars(node, reader)
         named = weight_names(node.cls, node.module, node.conf, len(shapes), auto)
         if named is None:
             raise ArchiveUnsupported(
                 f"layer {node.where!r} ({node.cls}) has {len(shapes)} weight"
                 f"{'s' if len(shapes) != 1 else ''} surgery cannot name without Keras")
         by_name = dict(zip((n for n, _ in named), shapes))
-        _check_shapes(node, by_name)
+        _check_declared(node, reader, by_name,
+                        {n: f"{vars_path}/{i}" for i, (n, _) in enumerate(named)})
         frozen = {weight: fc for weight, (_attr, fc) in
                   frozen_constraints(node, by_name).items()}
         weights = tuple(Weight(n, s, t, frozen=frozen[n].indices,
@@ -64,15 +66,25 @@ def _layer(node: Node, reader: Reader, auto: AutoNames) -> Layer:
                  container=node.container, details=details, affine=node.affine)
 
 
-def _check_shapes(node: Node, stored: dict[str, tuple[int, ...]]) -> None:
-    for weight, declared in declared_shapes(node.cls, node.conf, node.entry).items():
+def _check_declared(node: Node, reader: Reader, stored: dict[str, tuple[int, ...]],
+                    paths: dict[str, str]) -> None:
+    """The shape and dtype of each weight the layer's config declares, against the file."""
+    declared = declared_shapes(node.cls, node.conf, node.entry)
+    for weight, want in declared.items():
         shape = stored.get(weight)
-        if shape is not None and contradiction(declared, shape):
-            wanted = "(" + ", ".join("?" if d is None else str(d) for d in declared) + \
-                ("," if len(declared) == 1 else "") + ")"
+        if shape is not None and contradiction(want, shape):
+            wanted = "(" + ", ".join("?" if d is None else str(d) for d in want) + \
+                ("," if len(want) == 1 else "") + ")"
             raise DamagedArchive(f"layer {node.where!r} ({node.cls}): {WEIGHTS} holds its "
                                  f"{weight} as {shape}, where config.json makes it {wanted}: "
                                  "the weights do not belong to this architecture")
+    dtype = declared_dtype(node.conf) if declared else None
+    for weight in declared if dtype is not None else ():
+        if weight in paths and (found := reader.dtype(paths[weight])) != dtype:
+            raise DamagedArchive(f"layer {node.where!r} ({node.cls}): {WEIGHTS} holds its "
+                                 f"{weight} as {found}, where config.json makes it {dtype}: "
+                                 "the weights do not match the config (Keras would cast them as "
+                                 "it loads them)")
 
 
 def frozen_constraints(node: Node, shapes: dict[str, tuple[int, ...]]
@@ -121,7 +133,8 @@ def _check_name(node: Node, reader: Reader) -> None:
         raise ArchiveUnsupported(f"{WEIGHTS} has {saved!r} where the config has {node.name!r}")
 
 
-def _layer_vars(node: Node, reader: Reader) -> list[tuple[int, ...]]:
+def _layer_vars(node: Node, reader: Reader) -> tuple[str, list[tuple[int, ...]]]:
+    """(the layer's vars group, the shape of each of its variables in order)."""
     group = reader.children(node.h5)
     if group is None:
         raise ArchiveUnsupported(f"layer {node.path!r} has no entry in {WEIGHTS}; layers shared "
@@ -136,4 +149,4 @@ def _layer_vars(node: Node, reader: Reader) -> list[tuple[int, ...]]:
     if set(entries) != {str(i) for i in range(n)} or any(k != "dataset" for k in entries.values()):
         raise ArchiveUnsupported(f"layer {node.path!r} ({node.cls}) stores its variables in a "
                                  "layout surgery does not know")
-    return [reader.shape(f"{vars_path}/{i}") for i in range(n)]
+    return vars_path, [reader.shape(f"{vars_path}/{i}") for i in range(n)]

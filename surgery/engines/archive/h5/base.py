@@ -32,6 +32,12 @@ class Reader:
         stored for it (a hostile header cannot claim 10**10 of them in a small file)."""
         raise NotImplementedError
 
+    def dtype(self, path: str) -> str:
+        """The NumPy name of the dataset's element type at ``path``, which must exist
+        ("float32", "bfloat16" for Keras's opaque 2-byte items marked so, "int64"), or words
+        naming a type NumPy has no name for ("opaque 3-byte items", "a compound type")."""
+        raise NotImplementedError
+
     def name_attr(self, path: str) -> Optional[str]:
         """The string attribute ``name`` of the object at ``path``, if it has one."""
         raise NotImplementedError

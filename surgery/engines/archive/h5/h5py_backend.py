@@ -81,6 +81,18 @@ class H5pyReader(Reader):
                                      "stored bytes")
         return shape
 
+    def dtype(self, path: str) -> str:
+        ds = self._dataset(path)
+        dt = ds.dtype
+        if dt.kind in "fiub":
+            return dt.name
+        if dt.kind == "V" and not dt.fields:
+            tag = _call(path, ds.attrs.get, "dtype")
+            if dt.itemsize == 2 and tag in ("bfloat16", b"bfloat16"):
+                return "bfloat16"  # how Keras stores it (keras/src/saving/saving_lib.py)
+            return f"opaque {dt.itemsize}-byte items"
+        return "a compound type" if dt.fields else f"items of type {dt.str!r}"
+
     def dataset(self, path: str) -> tuple[str, bytes]:
         values = _call(path, self._dataset(path).__getitem__, ())
         dtype = values.dtype  # NumPy: h5py's own dependency

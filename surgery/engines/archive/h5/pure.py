@@ -332,10 +332,21 @@ class PureReader(Reader):
         name = path.rpartition("/")[2]
         if members is None or name not in members:
             return None
-        for mtype, flags, data in self.messages(members[name][0]):
+        return self._string_attr(members[name][0], "name", path)
+
+    def dtype(self, path: str) -> str:
+        header = self._lookup(path)
+        data = self._message(header, _DATATYPE, f"{path}'s datatype")
+        if data is None:
+            raise H5FormatError(f"{path} has no datatype")
+        return _type_name(data, path, lambda: self._string_attr(header, "dtype", path))
+
+    def _string_attr(self, header: int, wanted: str, path: str) -> Optional[str]:
+        """The string attribute ``wanted`` of the object whose header is at ``header``."""
+        for mtype, flags, data in self.messages(header):
             if mtype == _ATTRIBUTE:
                 attr_name, value = self._attribute(data, flags, path)
-                if attr_name == "name":
+                if attr_name == wanted:
                     return value
         return None
 
@@ -432,6 +443,30 @@ def _dataspace(data: bytes, what: str) -> tuple[tuple[int, ...], bool]:
         raise ArchiveUnsupported(f"{what}: dataspace version {version}")
     dims = _unpack(f"<{rank}Q", data, p, f"{what}'s dataspace")
     return tuple(int(d) for d in dims), scalar
+
+
+# HDF5 datatype classes other than integers, floats and opaque items, for messages.
+_CLASS_NAMES = {2: "time values", 3: "fixed-length strings", 4: "bit fields", 6: "a compound type",
+                7: "references", 8: "an enumeration", 9: "variable-length items", 10: "arrays"}
+
+
+def _type_name(data: bytes, path: str, opaque_tag) -> str:
+    """The NumPy name of a datatype message's type (see Reader.dtype); ``opaque_tag()`` gives
+    the dataset's ``dtype`` attribute, asked only for opaque items (how bfloat16 is marked)."""
+    what = f"{path}'s datatype"
+    cls, bits0 = _unpack("<BB", data, 0, what)
+    (size,) = _unpack("<L", data, 4, what)
+    klass = cls & 0x0F
+    if klass == 0:  # fixed-point; bit 3: signed
+        return f"{'int' if bits0 & 0x08 else 'uint'}{8 * size}"
+    if klass == 1:
+        exp_bits, _loc, mant_bits = _unpack("<BBB", data, 13, what)
+        return _FLOATS.get((size, exp_bits, mant_bits), f"{size}-byte floats with a "
+                                                         f"{exp_bits}-bit exponent")
+    if klass == 5:
+        return "bfloat16" if size == 2 and opaque_tag() == "bfloat16" else \
+            f"opaque {size}-byte items"
+    return _CLASS_NAMES.get(klass, f"HDF5 type class {klass}")
 
 
 def _float_type(data: Optional[bytes], path: str) -> str:

@@ -1,4 +1,5 @@
-"""The shapes a layer's config declares for its weights, to check the weights file against.
+"""The shapes and dtype a layer's config declares for its weights, to check the weights file
+against.
 
 A weights file whose shapes contradict config.json (a Dense kernel stored as (5, 2) where the
 config makes it (4, 2)) is a file Keras refuses to load; copied, it gives an output Keras
@@ -6,17 +7,29 @@ refuses too, and counted, wrong parameter totals. The shapes follow from the lay
 the input shape its ``build_config`` records, as each Keras class builds its variables
 (keras/src/layers/...). A dimension the config does not fix (no build_config, a value of an
 unexpected type) is None and is not checked; a class not listed here is not checked at all.
+
+The dtype: Keras creates these weights in the layer's variable dtype, which its dtype policy in
+the config names: the policy's own name, or float32 for the mixed policies (measured for every
+class listed here under float16, bfloat16, float32, float64, mixed_float16 and mixed_bfloat16:
+h5py stores them so, bfloat16 as opaque 2-byte items marked ``dtype="bfloat16"``). Keras casts a
+weight of another dtype as it loads it, silently; the archive engine copies the bytes as they
+are, so a float64 kernel in a float32 layer would stay float64 in its output, a file that says
+one thing and holds another. A quantized policy (int8 kernels and float scales) or one this
+table does not know is not checked.
 """
 
 from __future__ import annotations
 
 from typing import Mapping, Optional
 
-__all__ = ["declared_shapes", "contradiction"]
+__all__ = ["declared_shapes", "declared_dtype", "contradiction"]
 
 Shape = tuple[Optional[int], ...]
 
 _RANK = {"1D": 1, "2D": 2, "3D": 3}
+# A dtype policy's name -> the dtype of the variables it creates (keras/src/dtype_policies).
+_VARIABLE_DTYPE = {"float16": "float16", "bfloat16": "bfloat16", "float32": "float32",
+                   "float64": "float64", "mixed_float16": "float32", "mixed_bfloat16": "float32"}
 
 
 def _int(value) -> Optional[int]:
@@ -103,6 +116,18 @@ def declared_shapes(cls: str, conf: Mapping, entry: Mapping) -> dict[str, Shape]
                 alpha[axis - 1] = 1
         return {"alpha": tuple(alpha)}
     return {}
+
+
+def declared_dtype(conf: Mapping) -> Optional[str]:
+    """The dtype the weights `declared_shapes` lists are created in, from the layer's ``dtype``
+    (a policy's config as Keras 3 saves it, or a bare name); None when it is not checked."""
+    policy = conf.get("dtype")
+    if isinstance(policy, Mapping):
+        if policy.get("class_name") not in ("DTypePolicy", "FloatDTypePolicy"):
+            return None  # quantized, a policy map, or a class of the user's
+        inner = policy.get("config")
+        policy = inner.get("name") if isinstance(inner, Mapping) else None
+    return _VARIABLE_DTYPE.get(policy) if isinstance(policy, str) else None
 
 
 def contradiction(declared: Shape, stored: tuple[int, ...]) -> bool:
