@@ -1,8 +1,8 @@
 """Atomic output: files appear at their destination complete, or not at all.
 
-Each output is first written to a hidden temporary file in the destination's own folder (so the
-final rename never crosses file systems), and put in place only when every output of the run is
-ready. Whatever happens before that (an error, Ctrl-C, SIGTERM, even SIGKILL), the destinations
+Each output is first written to a temporary file in the destination's own folder (so the final
+link or rename never crosses file systems; anonymous where Linux allows it, see SIGKILL below),
+and put in place only when every output of the run is ready. Whatever happens before that (an error, Ctrl-C, SIGTERM, even SIGKILL), the destinations
 are left as they were, and the temporaries are removed when the process can still do it.
 
 That needs no fsync: a killed process cannot undo a rename, and the kernel keeps the data it was
@@ -26,14 +26,22 @@ meanwhile (Python handles them in the main thread) are held for the few system c
 and delivered, as usual, once the commit is complete: `InterruptedAfterCommit` then says that
 every output is in place.
 
-**SIGKILL** runs no cleanup, so it leaves its temporary behind. Temporary and backup names are
-``.surgery-<host>-<pid>-<random>.tmp<suffix>`` (short, whatever the destination's name, so an
-output whose name is close to the file system's limit can be written), and the next run that
-writes into the folder removes those of processes that no longer exist (same host tag, which is
-the host name and the PID namespace, so a folder shared between machines or containers is safe;
-a backup only while its content is still reachable by another name). ``O_TMPFILE`` + ``linkat``
-would leave nothing at all, but Keras and h5py write only to a path whose suffix names the
-format, so the temporary needs a name.
+**SIGKILL** runs no cleanup. Where Linux gives it (``O_TMPFILE``, on ext4, XFS, btrfs, tmpfs
+and overlayfs), a temporary is an anonymous file in the destination's folder: it has no name
+until the commit gives it one (``linkat`` through ``/proc/self/fd``, which fails if the name is
+taken: the exclusive claim above), so a killed run leaves nothing at all, the kernel frees it
+with the process. Writers reach it by the path `reserve` returns, ``/proc/self/fd/N``, which
+opens that file; only a writer that needs its path to carry the format's suffix (Keras's
+legacy ``.h5`` save) asks for a named temporary. A replacement is given a hidden name for the
+two system calls of its commit (``rename`` replaces, ``linkat`` cannot).
+
+Named temporaries and backups are ``.surgery-<host>-<pid>-<random>.tmp<suffix>`` (short,
+whatever the destination's name, so an output whose name is close to the file system's limit
+can be written), and the next run that writes into the folder removes those of processes that
+no longer exist (same host tag, which is the host name and the PID namespace, so a folder shared
+between machines or containers is safe; a backup only while its content is still reachable by
+another name). They are what a SIGKILL can leave: the temporary of a filesystem without
+``O_TMPFILE`` or of an ``.h5`` output, or a replacement killed within its commit.
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ import hashlib
 import os
 import re
 import secrets
+import shutil
 import signal
 import threading
 from pathlib import Path
@@ -76,15 +85,20 @@ _HOST = _host_tag()
 _OURS = re.compile(r"\.surgery-([0-9a-f]{6})-([0-9]+)-[0-9a-f]{8}\.(tmp|bak|mov)")
 # link() errors that mean "this file system has no hard links", not "the name is taken".
 _NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EMLINK}
+_O_TMPFILE = getattr(os, "O_TMPFILE", None)  # Linux only
 
 
 class _Output:
     """One reserved output and how far its commit got (for undoing a partial commit)."""
 
-    __slots__ = ("tmp", "dest", "typed", "replace", "backup", "moved", "started", "claimed")
+    __slots__ = ("tmp", "fd", "suffix", "dest", "typed", "replace", "backup", "moved", "started",
+                 "claimed")
 
-    def __init__(self, tmp: Path, dest: Path, typed: str, replace: bool):
-        self.tmp = tmp
+    def __init__(self, tmp: Path, fd: int | None, suffix: str, dest: Path, typed: str,
+                 replace: bool):
+        self.tmp = tmp  # where the writer writes: /proc/self/fd/N for an anonymous file
+        self.fd = fd  # the anonymous file (O_TMPFILE), while it has no name; else None
+        self.suffix = suffix
         self.dest = dest
         self.typed = typed  # the destination as the caller named it, for messages
         self.replace = replace  # an existing destination is replaced; else it is an error
@@ -105,17 +119,21 @@ class AtomicOutputs:
         self.fsync = fsync  # flush the outputs to the disk (power-loss durability), see above
 
     def reserve(self, destination: str | os.PathLike, suffix: str, *,
-                replace: bool = False) -> Path:
-        """A temporary path to write ``destination``'s content to. It is not created: the caller's
-        writer creates it (with the usual permissions). Keras picks the format from the suffix,
-        so the temporary keeps the one given. ``replace``: an existing destination is replaced
-        (else the commit fails with `OutputExists` if it exists by then)."""
+                replace: bool = False, named: bool = False) -> Path:
+        """A temporary path to write ``destination``'s content to (opened for writing, it is
+        truncated). ``replace``: an existing destination is replaced (else the commit fails with
+        `OutputExists` if it exists by then). The temporary is anonymous where the folder's
+        file system allows it (see above); ``named``: the writer needs a path ending in
+        ``suffix`` (Keras picks some formats from it), so it is a hidden file of that suffix,
+        not created yet: the writer creates it, with the usual permissions."""
         dest = Path(destination)
         if dest.parent not in self._swept:
             self._swept.add(dest.parent)
             remove_stale(dest.parent)
-        tmp = _hidden_name(dest.parent, ".tmp" + suffix)
-        self._pending.append(_Output(tmp, dest, os.fspath(destination), replace))
+        fd = None if named else _anonymous(dest.parent)
+        tmp = Path(f"/proc/self/fd/{fd}") if fd is not None else \
+            _hidden_name(dest.parent, ".tmp" + suffix)
+        self._pending.append(_Output(tmp, fd, suffix, dest, os.fspath(destination), replace))
         return tmp
 
     def commit(self) -> None:
@@ -153,6 +171,7 @@ class AtomicOutputs:
         for out in self._pending:
             if out.backup is not None:
                 _remove(out.backup)
+            _close(out)
         dirs = {out.dest.parent for out in self._pending}
         self._pending.clear()
         self.committed = True
@@ -164,7 +183,9 @@ class AtomicOutputs:
         that led here (a name the file system refuses cannot be removed either)."""
         pending, self._pending = self._pending, []
         for out in pending:
-            _remove(out.tmp)
+            if out.fd is None:
+                _remove(out.tmp)
+            _close(out)  # an anonymous file goes with its last descriptor
 
     def __enter__(self) -> "AtomicOutputs":
         return self
@@ -216,6 +237,65 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _anonymous(folder: Path) -> int | None:
+    """A descriptor of a new anonymous file in ``folder`` (O_TMPFILE), reachable at
+    /proc/self/fd/N; None where the system or the file system has none, or /proc is missing."""
+    if _O_TMPFILE is None:
+        return None
+    try:  # the mode a writer's open() would give, the umask applied by the kernel
+        fd = os.open(folder, _O_TMPFILE | os.O_RDWR, 0o666)
+    except OSError:  # EOPNOTSUPP, EISDIR (old kernels), a missing folder: a named one then
+        return None
+    if not os.path.exists(f"/proc/self/fd/{fd}"):
+        os.close(fd)
+        return None
+    return fd
+
+
+def anonymous_temporaries(folder: str | os.PathLike) -> bool:
+    """Whether outputs written into ``folder`` have anonymous temporaries (see above)."""
+    fd = _anonymous(Path(folder))
+    if fd is not None:
+        os.close(fd)
+    return fd is not None
+
+
+def _close(out: _Output) -> None:
+    if out.fd is not None:
+        fd, out.fd = out.fd, None
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _link_anonymous(proc_path: Path, dest: Path) -> None:
+    """Give the file /proc/self/fd/N the name ``dest``: linkat(AT_SYMLINK_FOLLOW), which follows
+    that link to the file. Python calls link(2), which links the /proc entry itself (EXDEV),
+    unless a directory descriptor is given: the destination's folder is."""
+    folder = os.open(dest.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.link(proc_path, dest.name, dst_dir_fd=folder, follow_symlinks=True)
+    finally:
+        os.close(folder)
+
+
+def _give_name(out: _Output) -> None:
+    """Give an anonymous temporary a hidden name (for a rename, or where the destination cannot
+    be linked to): a link, or a copy where the file system refuses links."""
+    named = _hidden_name(out.dest.parent, ".tmp" + out.suffix)
+    try:
+        _link_anonymous(out.tmp, named)
+    except OSError as exc:
+        if exc.errno not in _NO_HARD_LINKS:
+            raise
+        with open(out.tmp, "rb") as src, open(named, "xb") as dst:
+            out.tmp = named  # from here, a named temporary that discard removes
+            shutil.copyfileobj(src, dst, 1 << 20)
+    out.tmp = named
+    _close(out)
+
+
 def _hidden_name(folder: Path, suffix: str) -> Path:
     while True:
         path = folder / f".surgery-{_HOST}-{os.getpid()}-{secrets.token_hex(4)}{suffix}"
@@ -241,6 +321,20 @@ def _set_aside(out: _Output) -> None:
 def _place(out: _Output) -> None:
     """Put the temporary at its destination: replacing it, or only if the name is free."""
     out.started = True
+    if out.fd is not None and not out.replace:
+        try:  # the anonymous file gets the destination's name, only if it is free
+            _link_anonymous(out.tmp, out.dest)
+        except FileExistsError:
+            raise OutputExists(out.typed) from None
+        except OSError as exc:
+            if exc.errno not in _NO_HARD_LINKS:
+                raise
+        else:
+            out.claimed = True
+            _close(out)
+            return
+    if out.fd is not None:
+        _give_name(out)
     if out.replace:
         os.replace(out.tmp, out.dest)
         return

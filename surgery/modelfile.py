@@ -321,10 +321,12 @@ def _apply_keras(spec: Spec, model: str, output: str, manifest_path: str, *, all
     plan, manifest = apply_plan(loaded, spec, allow_empty=allow_empty, model_source=model,
                                 model_sha256=digest)
     with AtomicOutputs(fsync=fsync) as outputs:
-        tmp = outputs.reserve(output, Path(output).suffix, replace=force)
+        suffix = Path(output).suffix
+        # Keras saves .keras into an open file; its legacy .h5 save wants a path of that suffix.
+        tmp = outputs.reserve(output, suffix, replace=force, named=suffix != ".keras")
         try:
             with progress.step(f"saving {output}"):
-                live.save(loaded, str(tmp))
+                live.save(loaded, str(tmp), suffix)
         except OSError as exc:  # a full disk, a file size limit: what Keras's writers raise
             raise SurgeryError(f"{output}: cannot save the model: {exc.strerror or exc}") \
                 from None

@@ -555,8 +555,10 @@ def _application(source: str):
         raise ModelError(source, f"cannot build the model: {_first_line(exc)}") from None
 
 
-def save(model, path: str) -> None:
-    """Save to ``path`` (which must not be the final destination: see cli's atomic writer).
+def save(model, path: str, suffix: str = "") -> None:
+    """Save to ``path`` in the format of ``suffix``, by default its own. ``path`` must not be
+    the final destination: see surgery/atomic.py, whose anonymous temporaries are
+    ``/proc/self/fd/N``.
 
     Keras stages a .keras file in a folder of the system temp dir and does not remove it when
     interrupted; a private scratch folder, removed on every way out, keeps TMPDIR clean."""
@@ -564,8 +566,16 @@ def save(model, path: str) -> None:
         previous = tempfile.tempdir
         tempfile.tempdir = scratch
         try:
-            # The model's own save: `surgery apply` records the state itself, from its plan.
-            getattr(model, _PLAIN_SAVE, model.save)(path)
+            if suffix == ".keras" and not path.endswith(".keras"):
+                # What `model.save(PATH.keras)` does once it has checked the suffix: open the
+                # path and save into the file (keras/src/saving/saving_api.py, saving_lib.py).
+                from keras.src.saving import saving_lib
+
+                with open(path, "r+b") as f:
+                    saving_lib.save_model(model, f)
+            else:
+                # The model's own save: `surgery apply` records the state itself, from its plan.
+                getattr(model, _PLAIN_SAVE, model.save)(path)
         finally:
             tempfile.tempdir = previous
 
