@@ -2,8 +2,9 @@
 
 Each output is first written to a temporary file in the destination's own folder (so the final
 link or rename never crosses file systems; anonymous where Linux allows it, see SIGKILL below),
-and put in place only when every output of the run is ready. Whatever happens before that (an error, Ctrl-C, SIGTERM, even SIGKILL), the destinations
-are left as they were, and the temporaries are removed when the process can still do it.
+and put in place only when every output of the run is ready. Whatever happens before that (an
+error, Ctrl-C, SIGTERM, even SIGKILL), the destinations are left as they were, and the
+temporaries are removed when the process can still do it.
 
 That needs no fsync: a killed process cannot undo a rename, and the kernel keeps the data it was
 given. Only a power loss or a kernel crash can lose data the kernel has not written to the disk
