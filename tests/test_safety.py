@@ -12,8 +12,13 @@ What tests/test_cli.py already covers (a missing path, a directory, random bytes
 * saves that fail for real reasons once the output folder has been checked (a file size limit
   inside Keras's save, a name the file system refuses at the final rename): nothing is left
   behind, and an existing output keeps its bytes; names up to the file system's limit work;
-* `AtomicOutputs` on its own: short hidden temporaries, a best-effort discard, a commit that a
-  failing rename undoes and that SIGINT waits for;
+* `AtomicOutputs` on its own: anonymous temporaries (O_TMPFILE) that have no name until the
+  commit links them in, short hidden named ones where a writer needs a suffix, a best-effort
+  discard, a commit that a failing rename undoes and that SIGINT waits for, and an exclusive
+  claim of a new output (of two runs, exactly one wins);
+* SIGKILL: after the write (a process holding its temporary), in the middle of a real save,
+  and a kill loop (20 kills at spread-out moments of a 67 MB model's write, each over the
+  previous run's output) that counts what each kill left in the folder;
 * results on stdout, diagnostics on stderr, so scripts can pipe them.
 
 The models are built once, in a subprocess, so the custom layer's registration never reaches
@@ -27,6 +32,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -34,6 +40,7 @@ from pathlib import Path
 import pytest
 
 import surgery
+from surgery import atomic
 from surgery.atomic import AtomicOutputs, OutputExists
 from surgery.cli import main
 
@@ -292,8 +299,8 @@ def test_a_failing_manifest_write_is_reported_for_the_manifest_as_typed(here, ca
     # failure hits a small .json write and not the model's save before it).
     real_write_text = Path.write_text
 
-    def disk_full(self, *args, **kwargs):
-        if self.suffix == ".json":
+    def disk_full(self, text, *args, **kwargs):
+        if text.startswith("{"):  # the manifest (its temporary may be an anonymous /proc path)
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
         return real_write_text(self, *args, **kwargs)
 
@@ -342,14 +349,16 @@ def test_an_interrupt_between_the_two_renames_changes_nothing(here, capsys, monk
 # --- AtomicOutputs on its own ------------------------------------------------------------------
 
 
-def _reserve_and_write(outputs, folder: Path, contents: dict, replace: bool = True) -> None:
+def _reserve_and_write(outputs, folder: Path, contents: dict, replace: bool = True,
+                       named: bool = False) -> None:
     for name, data in contents.items():
-        outputs.reserve(folder / name, Path(name).suffix, replace=replace).write_bytes(data)
+        outputs.reserve(folder / name, Path(name).suffix, replace=replace,
+                        named=named).write_bytes(data)
 
 
-def test_temporaries_are_short_hidden_and_keep_the_suffix(tmp_path):
+def test_named_temporaries_are_short_hidden_and_keep_the_suffix(tmp_path):
     with AtomicOutputs() as outputs:
-        tmp = outputs.reserve(tmp_path / ("m" * (NAME_MAX - 6) + ".keras"), ".keras")
+        tmp = outputs.reserve(tmp_path / ("m" * (NAME_MAX - 6) + ".keras"), ".keras", named=True)
         assert tmp.parent == tmp_path
         assert tmp.name.startswith(".surgery-") and tmp.name.endswith(".tmp.keras")
         assert str(os.getpid()) in tmp.name and len(tmp.name) < 64
@@ -369,7 +378,8 @@ def test_discard_removes_every_temporary_and_never_hides_the_error(tmp_path, mon
     monkeypatch.setattr(Path, "unlink", unlink)
     with pytest.raises(ValueError, match="the real error"):
         with AtomicOutputs() as outputs:
-            _reserve_and_write(outputs, tmp_path, {"a.keras": b"a", "b.json": b"b", "c.h5": b"c"})
+            _reserve_and_write(outputs, tmp_path, {"a.keras": b"a", "b.json": b"b", "c.h5": b"c"},
+                               named=True)
             raise ValueError("the real error")
     assert refused  # the first one could not be removed; the later ones still were
     assert [n for n in listing(tmp_path) if not n.endswith(".tmp.keras")] == []
@@ -466,6 +476,101 @@ def test_of_two_commits_to_one_new_file_exactly_one_wins(tmp_path):
             second.commit()
     assert listing(tmp_path) == ["m.keras"]
     assert (tmp_path / "m.keras").read_bytes() == b"first"
+
+
+# --- anonymous temporaries (O_TMPFILE): nothing has a name until the commit gives it one -------
+
+
+def _temporaries_of(pid: int, folder: Path) -> list[Path]:
+    """What process ``pid`` is writing into ``folder``: its anonymous files (open descriptors of
+    files without a name there, which /proc shows as ``FOLDER/#INODE (deleted)``), then its
+    hidden named temporaries (its PID in the name). Paths that stat the file's current size."""
+    found = []
+    fds = Path(f"/proc/{pid}/fd")
+    try:
+        entries = sorted(fds.iterdir(), key=lambda p: int(p.name))
+    except OSError:  # the process is gone
+        entries = []
+    for entry in entries:
+        try:
+            target = os.readlink(entry)
+        except OSError:
+            continue
+        if target.startswith(f"{folder}/#") and target.endswith(" (deleted)"):
+            found.append(entry)
+    try:
+        names = sorted(os.listdir(folder))
+    except FileNotFoundError:
+        names = []
+    return found + [folder / n for n in names
+                    if n.startswith(f".surgery-{atomic._HOST}-{pid}-") and ".tmp" in n]
+
+
+needs_anonymous = pytest.mark.skipif(
+    not atomic.anonymous_temporaries(tempfile.gettempdir()),  # where tmp_path is
+    reason="no O_TMPFILE here (not Linux, or a file system without it)")
+
+
+@needs_anonymous
+@pytest.mark.parametrize("replace", [False, True])
+def test_an_anonymous_temporary_has_no_name_until_the_commit(tmp_path, replace):
+    if replace:
+        (tmp_path / "m.keras").write_bytes(b"old")
+    (tmp_path / "plain").write_bytes(b"")  # the mode an ordinary open() gives, for comparison
+    before = listing(tmp_path)
+    with AtomicOutputs() as outputs:
+        tmp = outputs.reserve(tmp_path / "m.keras", ".keras", replace=replace)
+        assert str(tmp).startswith("/proc/self/fd/")
+        tmp.write_bytes(b"new content")
+        assert [p.name for p in _temporaries_of(os.getpid(), tmp_path)] == [tmp.name]
+        assert listing(tmp_path) == before  # written, and still nowhere to be seen
+        outputs.commit()
+    assert _temporaries_of(os.getpid(), tmp_path) == []  # its descriptor is closed
+    assert listing(tmp_path) == sorted({"m.keras", "plain"})
+    assert (tmp_path / "m.keras").read_bytes() == b"new content"
+    assert (tmp_path / "m.keras").stat().st_mode == (tmp_path / "plain").stat().st_mode
+
+
+@needs_anonymous
+def test_a_discarded_anonymous_temporary_is_gone_with_its_descriptor(tmp_path):
+    with pytest.raises(ValueError):
+        with AtomicOutputs() as outputs:
+            _reserve_and_write(outputs, tmp_path, {"a.keras": b"a" * 4096, "b.json": b"b"})
+            assert len(_temporaries_of(os.getpid(), tmp_path)) == 2
+            raise ValueError("an error before the commit")
+    assert _temporaries_of(os.getpid(), tmp_path) == []
+    assert listing(tmp_path) == []
+
+
+_WRITE_THEN_WAIT = """
+import sys, time
+from pathlib import Path
+from surgery.atomic import AtomicOutputs
+outputs = AtomicOutputs()
+tmp = outputs.reserve(Path(sys.argv[1]) / "m.keras", ".keras", named=sys.argv[2] == "named")
+tmp.write_bytes(b"x" * (1 << 20))
+print("written", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("named", [pytest.param(False, marks=needs_anonymous), True])
+def test_sigkill_after_writing_leaves_a_file_only_if_the_temporary_was_named(tmp_path, named):
+    proc = subprocess.Popen([sys.executable, "-c", _WRITE_THEN_WAIT, str(tmp_path),
+                             "named" if named else "anonymous"], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout.readline() == "written\n"
+        held = _temporaries_of(proc.pid, tmp_path)
+        assert len(held) == 1 and held[0].stat().st_size == 1 << 20
+    finally:
+        proc.kill()
+        proc.wait()
+    left = listing(tmp_path)
+    if named:  # the fallback: the next run into the folder removes it (a dead process's)
+        assert len(left) == 1 and left[0].startswith(f".surgery-{atomic._HOST}-{proc.pid}-")
+        assert atomic.remove_stale(tmp_path) == left
+    assert listing(tmp_path) == []
 
 
 def test_apply_exits_2_when_its_new_output_appears_meanwhile(here, capsys, monkeypatch):
@@ -771,13 +876,12 @@ def _one_kill(models: Path, work: Path, sig: int, min_size: int) -> dict:
     deadline = time.monotonic() + 240
     try:
         while proc.poll() is None and time.monotonic() < deadline:
-            hidden = [n for n in os.listdir(out_dir)
-                      if n.startswith(".surgery-") and n.endswith(".tmp.keras")]
-            if hidden:
-                temporary = hidden[0]
+            held = _temporaries_of(proc.pid, out_dir)
+            if held:
+                temporary = held[0]  # the model's: it is reserved (and written) first
                 try:
-                    size = os.stat(out_dir / temporary).st_size
-                except FileNotFoundError:
+                    size = temporary.stat().st_size
+                except FileNotFoundError:  # closed (or renamed) meanwhile
                     size = -1
                 if size >= min_size:
                     break
@@ -795,7 +899,10 @@ def _one_kill(models: Path, work: Path, sig: int, min_size: int) -> dict:
             proc.wait()
     if missed:
         return {"landed": False, "missed": missed}
-    assert str(proc.pid) in temporary  # the temporary of this very run
+    # The temporary of this very run; anonymous (a descriptor of the process, nothing in the
+    # folder) wherever the file system gives O_TMPFILE.
+    assert str(temporary).startswith(f"/proc/{proc.pid}/fd/") == \
+        atomic.anonymous_temporaries(out_dir), temporary
     return {"landed": True, "rc": proc.returncode, "stdout": stdout, "stderr": stderr,
             "before": before, "old_model": old_model, "old_manifest": old_manifest,
             "out_dir": out_dir, "tmpdir": tmpdir}
@@ -843,15 +950,19 @@ def test_sigkill_while_the_weights_are_written_leaves_the_destination_as_it_was(
                                                                                 tmp_path):
     # What makes the fsync optional: a process killed outright runs no cleanup at all, and
     # still the destination keeps its bytes, because only a rename, which never happened,
-    # could have changed it. The hidden temporary is all that is left, until the next run
-    # that writes into the folder removes it (its process is gone).
+    # could have changed it. Its temporary had no name (O_TMPFILE), so nothing at all is left;
+    # without O_TMPFILE it left its hidden temporary, which the next run into the folder
+    # removes (its process is gone).
     run = _kill_mid_save(models, tmp_path, signal.SIGKILL, min_size=2 ** 20)
     assert run["rc"] == -signal.SIGKILL
     assert (run["out_dir"] / "tuned.keras").read_bytes() == run["old_model"]
     assert (run["out_dir"] / "tuned.keras.manifest.json").read_bytes() == run["old_manifest"]
     left = sorted(set(listing(run["out_dir"])) - set(run["before"]))
-    assert len(left) == 1 and left[0].startswith(".surgery-") and \
-        left[0].endswith(".tmp.keras")
+    if atomic.anonymous_temporaries(run["out_dir"]):
+        assert left == []
+    else:
+        assert len(left) == 1 and left[0].startswith(".surgery-") and \
+            left[0].endswith(".tmp.keras")
     work = run["out_dir"].parent
     proc = subprocess.run([SURGERY, "apply", "spec.frz", "wide.keras", "-o", "out/other.keras"],
                           cwd=work, capture_output=True, text=True, timeout=300)
@@ -860,27 +971,31 @@ def test_sigkill_while_the_weights_are_written_leaves_the_destination_as_it_was(
                                                               "other.keras.manifest.json"])
 
 
+KILLS = 20
+
+
 @pytest.mark.slow
-def test_a_kill_loop_leaves_no_temporary_behind_the_next_run(models, tmp_path):
+def test_a_kill_loop_leaves_no_temporary_behind(models, tmp_path):
     # SIGKILL at spread-out moments of the write (from the first byte of the temporary to most
-    # of it), each run over the output of the one before; after every next run, nothing hidden
-    # is left but what a run killed just now left (at most its one temporary).
+    # of it), each run over the output of the one before. With O_TMPFILE a killed run leaves
+    # nothing in the folder; without it, its one hidden temporary, which the next run removes.
     os.link(models / "wide.keras", tmp_path / "wide.keras")
     (tmp_path / "spec.frz").write_text("freeze all\nunfreeze head\n")
     out_dir = tmp_path / "out"
     out_dir.mkdir()
+    anonymous = atomic.anonymous_temporaries(out_dir)
     full = (models / "wide.keras").stat().st_size
-    kills, most_left = 0, 0
-    for i in range(10):
+    kills, runs, leftovers = 0, 0, []
+    while kills < KILLS and runs < 2 * KILLS:
+        runs += 1
         proc = subprocess.Popen([SURGERY, "apply", "spec.frz", "wide.keras", "-o",
                                  "out/tuned.keras", "--force"], cwd=tmp_path,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        target = full * i // 12
+        target = full * (kills % 10) // 11  # 0, 1/11, ..., 9/11 of the file, twice
         while proc.poll() is None:
-            hidden = [n for n in os.listdir(out_dir) if n.endswith(".tmp.keras")
-                      and str(proc.pid) in n]
+            held = _temporaries_of(proc.pid, out_dir)
             try:
-                if hidden and os.stat(out_dir / hidden[0]).st_size >= target:
+                if held and held[0].stat().st_size >= target:
                     proc.kill()
                     kills += 1
                     break
@@ -889,9 +1004,10 @@ def test_a_kill_loop_leaves_no_temporary_behind_the_next_run(models, tmp_path):
             time.sleep(0.001)
         proc.wait()
         left = [n for n in listing(out_dir) if n.startswith(".")]
-        most_left = max(most_left, len(left))
-        assert len(left) <= 1, left  # the one just killed, never an older run's
-    assert kills >= 5, f"only {kills} of 10 runs were killed mid-write"
+        leftovers.append(len(left))
+        assert len(left) <= (0 if anonymous else 1), left  # never an older run's
+    assert kills == KILLS, f"only {kills} of {runs} runs were killed mid-write"
     assert subprocess.run([SURGERY, "apply", "spec.frz", "wide.keras", "-o", "out/tuned.keras",
                            "--force"], cwd=tmp_path, capture_output=True).returncode == 0
     assert [n for n in listing(out_dir) if n.startswith(".")] == []
+    print(f"kill loop: {kills} kills in {runs} runs, hidden files left after each: {leftovers}")
