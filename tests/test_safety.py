@@ -17,8 +17,8 @@ What tests/test_cli.py already covers (a missing path, a directory, random bytes
   discard, a commit that a failing rename undoes and that SIGINT waits for, and an exclusive
   claim of a new output (of two runs, exactly one wins);
 * SIGKILL: after the write (a process holding its temporary), in the middle of a real save,
-  and a kill loop (20 kills at spread-out moments of a 67 MB model's write, each over the
-  previous run's output) that counts what each kill left in the folder;
+  and a kill loop (20 kills at spread-out moments of a 134 MB model's write, more than
+  ResNet50's 98 MB, each over the previous run's output) that counts what each kill left;
 * results on stdout, diagnostics on stderr, so scripts can pipe them.
 
 The models are built once, in a subprocess, so the custom layer's registration never reaches
