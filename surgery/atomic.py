@@ -34,7 +34,9 @@ taken: the exclusive claim above), so a killed run leaves nothing at all, the ke
 with the process. Writers reach it by the path `reserve` returns, ``/proc/self/fd/N``, which
 opens that file; only a writer that needs its path to carry the format's suffix (Keras's
 legacy ``.h5`` save) asks for a named temporary. A replacement is given a hidden name for the
-two system calls of its commit (``rename`` replaces, ``linkat`` cannot).
+two system calls of its commit (``rename`` replaces, ``linkat`` cannot), and its backups'
+names are all removed before the old content is freed (which takes tens of milliseconds for a
+large model, inside the call that drops its last reference).
 
 Named temporaries and backups are ``.surgery-<host>-<pid>-<random>.tmp<suffix>`` (short,
 whatever the destination's name, so an output whose name is close to the file system's limit
@@ -169,10 +171,19 @@ class AtomicOutputs:
             if isinstance(exc, OSError) and current is not None:
                 raise _cannot_write(current.typed, exc) from None
             raise
+        # The backups' names go first, all of them, and only then their content: unlinking the
+        # last name of a large file frees its blocks inside the call (40 ms for 134 MB on
+        # ext4), and a SIGKILL meanwhile would leave the other backups' names behind. A
+        # descriptor held over the unlink defers that freeing to its close, when no name is left.
+        held = []
         for out in self._pending:
             if out.backup is not None:
+                held.append(_hold(out.backup))
                 _remove(out.backup)
             _close(out)
+        for fd in held:
+            if fd is not None:
+                os.close(fd)
         dirs = {out.dest.parent for out in self._pending}
         self._pending.clear()
         self.committed = True
@@ -373,6 +384,14 @@ def _undo(outputs: list[_Output]) -> None:
                 os.unlink(out.dest)  # there was nothing before: remove the new file
         except OSError:
             pass
+
+
+def _hold(path: Path) -> int | None:
+    """A descriptor that keeps ``path``'s file (not its name) alive; None where none opens."""
+    try:
+        return os.open(path, getattr(os, "O_PATH", os.O_RDONLY) | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return None
 
 
 def _remove(path: Path) -> None:

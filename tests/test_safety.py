@@ -573,6 +573,69 @@ def test_sigkill_after_writing_leaves_a_file_only_if_the_temporary_was_named(tmp
     assert listing(tmp_path) == []
 
 
+_KILLED_AS_THE_OLD_CONTENT_IS_FREED = """
+import os, signal, sys
+from pathlib import Path
+from surgery.atomic import AtomicOutputs
+folder = Path(sys.argv[1])
+old = {(folder / n).stat().st_ino for n in ("m.keras", "m.json")}
+
+def held_elsewhere(ino, but=None):
+    for fd in os.listdir("/proc/self/fd"):
+        if int(fd) != but:
+            try:
+                if os.stat(f"/proc/self/fd/{fd}").st_ino == ino:
+                    return True
+            except OSError:
+                pass
+    return False
+
+def freed(ino):  # the old content's last reference is about to go: die right there
+    print("killed with", sorted(os.listdir(folder)), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+real_unlink, real_close = os.unlink, os.close
+
+def unlink(path, *args, **kwargs):
+    st = os.lstat(path, dir_fd=kwargs.get("dir_fd"))
+    if st.st_ino in old and st.st_nlink == 1 and not held_elsewhere(st.st_ino):
+        freed(st.st_ino)
+    return real_unlink(path, *args, **kwargs)
+
+def close(fd):
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        st = None
+    if st is not None and st.st_ino in old and st.st_nlink == 0 and \
+            not held_elsewhere(st.st_ino, but=fd):
+        freed(st.st_ino)
+    return real_close(fd)
+
+os.unlink, os.close = unlink, close
+with AtomicOutputs() as outputs:
+    for name, size in (("m.keras", 1 << 22), ("m.json", 10)):
+        outputs.reserve(folder / name, Path(name).suffix, replace=True).write_bytes(b"n" * size)
+    outputs.commit()
+print("not killed", flush=True)
+"""
+
+
+def test_a_replacement_frees_the_old_content_only_once_no_backup_has_a_name(tmp_path):
+    # Unlinking a large file's last name frees its blocks inside the call (tens of ms for a
+    # model), long enough for a SIGKILL to land: killed right there, the replacement of two
+    # files must have removed both backups' names already, so nothing is left behind.
+    (tmp_path / "m.keras").write_bytes(b"o" * (1 << 22))
+    (tmp_path / "m.json").write_bytes(b"old")
+    proc = subprocess.run([sys.executable, "-c", _KILLED_AS_THE_OLD_CONTENT_IS_FREED,
+                           str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr
+    assert proc.stdout.startswith("killed with ['m.json', 'm.keras']"), proc.stdout
+    assert listing(tmp_path) == ["m.json", "m.keras"]
+    assert (tmp_path / "m.keras").read_bytes() == b"n" * (1 << 22)
+    assert (tmp_path / "m.json").read_bytes() == b"n" * 10
+
+
 def test_apply_exits_2_when_its_new_output_appears_meanwhile(here, capsys, monkeypatch):
     real_commit = AtomicOutputs.commit
 
