@@ -94,13 +94,14 @@ _O_TMPFILE = getattr(os, "O_TMPFILE", None)  # Linux only
 class _Output:
     """One reserved output and how far its commit got (for undoing a partial commit)."""
 
-    __slots__ = ("tmp", "fd", "suffix", "dest", "typed", "replace", "backup", "moved", "started",
-                 "claimed")
+    __slots__ = ("tmp", "fd", "named", "suffix", "dest", "typed", "replace", "backup", "moved",
+                 "started", "claimed")
 
     def __init__(self, tmp: Path, fd: int | None, suffix: str, dest: Path, typed: str,
                  replace: bool):
         self.tmp = tmp  # where the writer writes: /proc/self/fd/N for an anonymous file
         self.fd = fd  # the anonymous file (O_TMPFILE), while it has no name; else None
+        self.named = fd is None  # tmp is a name in the folder, which a discard must remove
         self.suffix = suffix
         self.dest = dest
         self.typed = typed  # the destination as the caller named it, for messages
@@ -195,7 +196,7 @@ class AtomicOutputs:
         that led here (a name the file system refuses cannot be removed either)."""
         pending, self._pending = self._pending, []
         for out in pending:
-            if out.fd is None:
+            if out.named:
                 _remove(out.tmp)
             _close(out)  # an anonymous file goes with its last descriptor
 
@@ -301,10 +302,13 @@ def _give_name(out: _Output) -> None:
     except OSError as exc:
         if exc.errno not in _NO_HARD_LINKS:
             raise
-        with open(out.tmp, "rb") as src, open(named, "xb") as dst:
-            out.tmp = named  # from here, a named temporary that discard removes
-            shutil.copyfileobj(src, dst, 1 << 20)
-    out.tmp = named
+        with open(out.tmp, "rb") as src:
+            _close(out)  # src holds the anonymous file now
+            out.tmp, out.named = named, True  # a partial copy is removed by discard too
+            with open(named, "xb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+        return
+    out.tmp, out.named = named, True
     _close(out)
 
 

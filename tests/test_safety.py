@@ -119,6 +119,11 @@ def here(tmp_path, models, monkeypatch):
     return tmp_path
 
 
+needs_anonymous = pytest.mark.skipif(
+    not atomic.anonymous_temporaries(tempfile.gettempdir()),  # where tmp_path is
+    reason="no O_TMPFILE here (not Linux, or a file system without it)")
+
+
 def listing(folder) -> list[str]:
     """Every entry, hidden ones included."""
     return sorted(os.listdir(folder))
@@ -466,6 +471,31 @@ def test_a_new_output_that_appears_before_the_commit_is_not_replaced(tmp_path, m
     assert (tmp_path / "b.json").read_bytes() == b"the other run's"
 
 
+@needs_anonymous
+@pytest.mark.parametrize("replace", [False, True])
+def test_a_failing_copy_out_of_an_anonymous_temporary_leaves_nothing(tmp_path, monkeypatch,
+                                                                      replace):
+    # No hard links: an anonymous temporary is copied to a named one at the commit; a disk
+    # that fills up during that copy must not leave the partial copy behind.
+    _no_hard_links(monkeypatch)
+    (tmp_path / "a.keras").write_bytes(b"old a")
+    before = {"a.keras": b"old a"} if replace else {}
+    if not replace:
+        (tmp_path / "a.keras").unlink()
+
+    def full_disk(src, dst, length=0):
+        dst.write(src.read(3))
+        dst.flush()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(atomic.shutil, "copyfileobj", full_disk)
+    with pytest.raises(surgery.SurgeryError, match="a.keras: cannot write: No space left"):
+        with AtomicOutputs() as outputs:
+            _reserve_and_write(outputs, tmp_path, {"a.keras": b"new a"}, replace=replace)
+            outputs.commit()
+    assert {n: (tmp_path / n).read_bytes() for n in listing(tmp_path)} == before
+
+
 def test_of_two_commits_to_one_new_file_exactly_one_wins(tmp_path):
     first, second = AtomicOutputs(), AtomicOutputs()
     with first, second:
@@ -504,11 +534,6 @@ def _temporaries_of(pid: int, folder: Path) -> list[Path]:
         names = []
     return found + [folder / n for n in names
                     if n.startswith(f".surgery-{atomic._HOST}-{pid}-") and ".tmp" in n]
-
-
-needs_anonymous = pytest.mark.skipif(
-    not atomic.anonymous_temporaries(tempfile.gettempdir()),  # where tmp_path is
-    reason="no O_TMPFILE here (not Linux, or a file system without it)")
 
 
 @needs_anonymous
