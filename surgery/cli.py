@@ -326,6 +326,7 @@ def _cmd_compile(args) -> int:
 def _cmd_verify(args) -> int:
     from .verify import check_manifest, matching_phase, model_differences
     from .manifest_read import load_manifest
+    from .modelfile import model_sha256
 
     manifest = load_manifest(args.manifest)
     if args.epoch is not None and args.epoch < 0:
@@ -348,9 +349,19 @@ def _cmd_verify(args) -> int:
                   f"{phase['line']}) on: for a checkpoint saved during training, pass --epoch "
                   f"N, the 0-based epoch it was saved in (ModelCheckpoint's {{epoch}} counts "
                   f"from 1)", file=sys.stderr)
+    # Whether the model is the very file `apply` wrote: after training it is not, and its
+    # state, not its bytes, is what verify checks; saying which keeps "matches" from reading as
+    # "is the same file".
+    written = manifest.data.get("output", {}).get("sha256")
+    actual = None if written is None else model_sha256(args.model)
+    if actual is not None and actual != written:
+        print(f"note: {args.model} is not the file surgery apply wrote (sha256 {actual[:12]}, "
+              f"the manifest records {written[:12]}): its state is what is compared, as for a "
+              "checkpoint saved during training", file=sys.stderr)
     if altered or differences:
         return EXIT_FINDINGS
-    print(f"{args.model} matches {args.manifest} ({len(manifest.layers)} layers)")
+    same = "; the very file apply wrote" if actual is not None and actual == written else ""
+    print(f"{args.model} matches {args.manifest} ({len(manifest.layers)} layers{same})")
     return EXIT_OK
 
 

@@ -36,7 +36,7 @@ from .progress import SILENT, Progress
 from .tree import LayerTree
 
 __all__ = ["Engine", "ModelRead", "AppliedFile", "MergedFile", "read_model", "apply_file",
-           "merge_file", "planned_manifest"]
+           "merge_file", "planned_manifest", "model_sha256"]
 
 _OUTPUT_SUFFIXES = (".keras", ".h5")
 # An archive copy is a step worth showing from this size on: about half a second on a fast disk
@@ -144,15 +144,19 @@ def planned_manifest(spec: Spec, model: str, *, engine: Union[Engine, str] = Eng
     """The manifest `apply_file` would write for ``spec`` on ``model``, computed without writing
     (no ``output.sha256``: nothing is written), and how the model was read."""
     read = read_model(model, engine=engine, safe_mode=safe_mode, progress=progress)
-    digest = None
-    if not model.startswith(APPLICATIONS_PREFIX):
-        try:
-            digest = sha256_file(model)
-        except OSError as exc:  # InputChanged included: it says what happened
-            raise ModelError(model, f"cannot read it: {exc.strerror or exc}") from None
     manifest = build_manifest(plan_spec(spec, read.tree), spec, model_source=model,
-                              model_sha256=digest, model_name=read.tree.root.name)
+                              model_sha256=model_sha256(model), model_name=read.tree.root.name)
     return manifest, read
+
+
+def model_sha256(model: str) -> Optional[str]:
+    """The sha256 of a model file; None for ``keras.applications.NAME(...)``, built, not read."""
+    if model.startswith(APPLICATIONS_PREFIX):
+        return None
+    try:
+        return sha256_file(model)
+    except OSError as exc:  # InputChanged included: it says what happened
+        raise ModelError(model, f"cannot read it: {exc.strerror or exc}") from None
 
 
 def apply_file(spec: SpecLike, model: PathLike, output: PathLike, *,

@@ -414,6 +414,34 @@ def test_a_malformed_manifest_is_one_line_and_exit_2(work, good_manifest, capsys
     assert captured.err.count("\n") == 1 and "internal error" not in captured.err
 
 
+def test_verify_says_whether_the_model_is_the_very_file_apply_wrote(work, capsys):
+    import keras
+
+    tmp, spec, model = work
+    out = tmp / "t.keras"
+    assert run("apply", spec, model, "-o", out) == 0
+    manifest = Path(f"{out}.manifest.json")
+    capsys.readouterr()
+    assert run("verify", manifest, out) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith(f"{out} matches {manifest} (")
+    assert captured.out.endswith(" layers; the very file apply wrote)\n")
+    assert captured.err == ""
+    # The same state in other bytes, as a checkpoint has it: it matches, and verify says the
+    # file is not the one apply wrote, with both digests.
+    resaved = tmp / "resaved.keras"
+    keras.saving.load_model(out).save(resaved)
+    assert sha(resaved) != sha(out)
+    assert run("verify", manifest, resaved) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith(f"{resaved} matches {manifest} (")
+    assert "the very file" not in captured.out
+    assert captured.err == (f"note: {resaved} is not the file surgery apply wrote (sha256 "
+                            f"{sha(resaved)[:12]}, the manifest records {sha(out)[:12]}): its "
+                            "state is what is compared, as for a checkpoint saved during "
+                            "training\n")
+
+
 def test_verify_says_an_edited_manifest_was_altered_and_diff_names_the_fields(work, capsys):
     tmp, spec, model = work
     out = tmp / "t.keras"
