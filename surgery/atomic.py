@@ -21,7 +21,9 @@ links, the name is claimed with ``open(O_CREAT | O_EXCL)`` and the temporary ren
 
 **Replacing** (``replace=True``, ``--force``): every existing destination is first kept under a
 hidden backup name (a hard link where the file system has them, so the destination never
-disappears), then the temporaries are renamed in, then the backups are removed. A failing step
+disappears), then the temporaries are renamed in, then the backups are removed. A replaced file
+keeps its permissions, and a destination that is a symlink is written through (its target is
+replaced, the link stays), as an editor saves a file. A failing step
 puts the backups back, and removes the new outputs it had placed. SIGINT and SIGTERM that arrive
 meanwhile (Python handles them in the main thread) are held for the few system calls this takes
 and delivered, as usual, once the commit is complete: `InterruptedAfterCommit` then says that
@@ -57,6 +59,7 @@ import re
 import secrets
 import shutil
 import signal
+import stat
 import threading
 from pathlib import Path
 
@@ -95,7 +98,7 @@ class _Output:
     """One reserved output and how far its commit got (for undoing a partial commit)."""
 
     __slots__ = ("tmp", "fd", "named", "suffix", "dest", "typed", "replace", "backup", "moved",
-                 "started", "claimed")
+                 "mode", "started", "claimed")
 
     def __init__(self, tmp: Path, fd: int | None, suffix: str, dest: Path, typed: str,
                  replace: bool):
@@ -108,6 +111,7 @@ class _Output:
         self.replace = replace  # an existing destination is replaced; else it is an error
         self.backup: Path | None = None  # the destination's previous content, kept during commit
         self.moved = False  # the backup was made by a rename: the destination is gone meanwhile
+        self.mode: int | None = None  # the permissions of the file replaced, which it keeps
         self.started = False  # putting the temporary in place was attempted
         self.claimed = False  # a new output's destination name was created by this commit
 
@@ -130,7 +134,9 @@ class AtomicOutputs:
         file system allows it (see above); ``named``: the writer needs a path ending in
         ``suffix`` (Keras picks some formats from it), so it is a hidden file of that suffix,
         not created yet: the writer creates it, with the usual permissions."""
-        dest = Path(destination)
+        # A symlink is written through, as open() and model.save do: its target gets the new
+        # content and the link stays (a rename onto the link would replace the link itself).
+        dest = Path(os.path.realpath(destination))
         if dest.parent not in self._swept:
             self._swept.add(dest.parent)
             remove_stale(dest.parent)
@@ -321,8 +327,12 @@ def _hidden_name(folder: Path, suffix: str) -> Path:
 
 def _set_aside(out: _Output) -> None:
     """Keep the destination's current content under a hidden backup name, if there is one."""
-    if not os.path.lexists(out.dest):
+    try:
+        st = os.lstat(out.dest)
+    except FileNotFoundError:
         return
+    if stat.S_ISREG(st.st_mode):
+        out.mode = stat.S_IMODE(st.st_mode)
     out.backup = _hidden_name(out.dest.parent, ".bak")
     try:
         os.link(out.dest, out.backup, follow_symlinks=False)
@@ -352,6 +362,11 @@ def _place(out: _Output) -> None:
     if out.fd is not None:
         _give_name(out)
     if out.replace:
+        if out.mode is not None:  # a replaced file keeps who may read it (chmod 600 stays so)
+            try:
+                os.chmod(out.tmp, out.mode)
+            except OSError:
+                pass
         os.replace(out.tmp, out.dest)
         return
     try:

@@ -1,6 +1,7 @@
 """Specs in repositories: lint without TensorFlow, fmt, the YAML form, compile, verify, diff."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -160,6 +161,25 @@ def test_fmt_check_write_and_print(tmp_path, capsys):
     assert spec.read_text() == CANONICAL
     assert run("fmt", "--check", spec) == 0
     assert [p.name for p in tmp_path.iterdir()] == ["s.frz"]  # no temporary left
+
+
+def test_fmt_write_keeps_the_file_s_mode_and_writes_through_a_symlink(tmp_path, capsys):
+    # As an editor saves: the file keeps who may read it, and a link into another folder (a
+    # shared spec) stays a link, its target reformatted, never replaced by a copy.
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    spec = shared / "s.frz"
+    spec.write_text(MESSY)
+    spec.chmod(0o640)
+    link = tmp_path / "s.frz"
+    link.symlink_to(spec)
+    assert run("fmt", "--write", link) == 0
+    assert capsys.readouterr().out == f"reformatted {link}\n"
+    assert link.is_symlink() and os.readlink(link) == str(spec)
+    assert spec.read_text() == CANONICAL
+    assert spec.stat().st_mode & 0o777 == 0o640
+    assert sorted(p.name for p in shared.iterdir()) == ["s.frz"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.frz", "shared"]
 
 
 def test_fmt_converts_between_forms(tmp_path, capsys):

@@ -496,6 +496,38 @@ def test_a_failing_copy_out_of_an_anonymous_temporary_leaves_nothing(tmp_path, m
     assert {n: (tmp_path / n).read_bytes() for n in listing(tmp_path)} == before
 
 
+@pytest.mark.parametrize("named", [False, True])
+def test_a_replaced_file_keeps_its_permissions(tmp_path, named):
+    for name, mode in (("private.keras", 0o600), ("group.json", 0o640)):
+        (tmp_path / name).write_bytes(b"old")
+        (tmp_path / name).chmod(mode)
+    with AtomicOutputs() as outputs:
+        _reserve_and_write(outputs, tmp_path, {"private.keras": b"new", "group.json": b"new"},
+                           named=named)
+        outputs.commit()
+    assert {n: ((tmp_path / n).read_bytes(), (tmp_path / n).stat().st_mode & 0o777)
+            for n in listing(tmp_path)} == {"private.keras": (b"new", 0o600),
+                                            "group.json": (b"new", 0o640)}
+
+
+@pytest.mark.parametrize("replace", [False, True])
+def test_a_symlinked_destination_is_written_through(tmp_path, replace):
+    # open() and model.save write where a link points; so does the commit, and the link stays.
+    # A link to no file yet (replace=False) gets its target created, exclusively as ever.
+    target = tmp_path / "runs" / "3.keras"
+    target.parent.mkdir()
+    if replace:
+        target.write_bytes(b"old")
+    link = tmp_path / "latest.keras"
+    link.symlink_to(target)
+    with AtomicOutputs() as outputs:
+        outputs.reserve(link, ".keras", replace=replace).write_bytes(b"new")
+        outputs.commit()
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert target.read_bytes() == b"new"
+    assert listing(tmp_path) == ["latest.keras", "runs"] and listing(target.parent) == ["3.keras"]
+
+
 def test_of_two_commits_to_one_new_file_exactly_one_wins(tmp_path):
     first, second = AtomicOutputs(), AtomicOutputs()
     with first, second:
