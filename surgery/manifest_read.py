@@ -14,10 +14,10 @@ a schema library would add a dependency (and its import time) to commands that l
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 from .errors import ManifestError, SurgeryError, unreadable  # noqa: F401  (ManifestError re-exported)
+from .inputfile import InputTooLarge, read_bounded
 from .manifest import FORMAT, Manifest
 
 __all__ = ["ManifestError", "load_manifest", "decode_manifest", "SCHEMA", "MAX_DEPTH"]
@@ -30,7 +30,9 @@ MAX_DEPTH = 32
 def load_manifest(path: str) -> Manifest:
     """Read a manifest written by `surgery apply`; `ManifestError` says what is wrong with it."""
     try:
-        data = Path(path).read_bytes()
+        data = read_bounded(path)
+    except InputTooLarge as exc:
+        raise ManifestError(f"{path}: not a manifest: {exc}") from None
     except OSError as exc:
         raise ManifestError(unreadable(path, exc, "manifest")) from None
     return decode_manifest(data, path)

@@ -97,8 +97,11 @@ _BACKEND_MODULES = ("keras", "tensorflow", "jax", "jaxlib", "torch")
 
 
 def _live(model: str):
-    """engines.live, or a ModelError that says what to install: the core install (lark, pyyaml)
-    reads and rewrites .keras archives without Keras; loading a model needs Keras and a backend."""
+    """engines.live, to load ``model``, or a ModelError: the path is not one Keras can load (said
+    before TensorFlow starts, which takes seconds), or what to install (the core install, lark
+    and pyyaml, reads and rewrites .keras archives without Keras; loading needs Keras and a
+    backend)."""
+    _check_loadable(model)
     try:
         from .engines import live
     except ImportError as exc:
@@ -108,6 +111,21 @@ def _live(model: str):
                                 f"installed: pip install 'surgery[tensorflow]' (or [jax], "
                                 f"[torch])") from None
     return live
+
+
+def _check_loadable(model: str) -> None:
+    if model.startswith(APPLICATIONS_PREFIX):
+        return
+    if not os.path.exists(model):
+        raise ModelError(model, "no such file")
+    if os.path.isdir(model):
+        raise ModelError(model, "is a directory, not a model file (.keras or .h5)")
+    if not os.path.isfile(model):  # Keras would read /dev/zero until memory runs out
+        raise ModelError(model, "is not a regular file (a device, a pipe or a socket): a model "
+                         "file is read by seeking in it")
+    if not model.endswith((".keras", ".h5", ".hdf5")):
+        raise ModelError(model, "unsupported model format: expected a .keras or .h5 file, or "
+                         "keras.applications.NAME")
 
 
 def read_model(model: str, *, engine: Union[Engine, str] = Engine.AUTO,

@@ -2,7 +2,8 @@
 
 ``.yaml`` and ``.yml`` files are the YAML form (surgery/yaml_read.py), anything else the .frz
 text (surgery/parse.py). The file is read as UTF-8; a byte that is not is an error at its line
-and column. The path is kept as the user gave it, for messages.
+and column, and so is a file larger than any spec (surgery/inputfile.py). The path is kept as
+the user gave it, for messages.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Union
 
 from .errors import SpecSyntaxError
+from .inputfile import InputTooLarge, read_bounded
 from .ir import Span, Spec
 from .parse import parse
 
@@ -29,7 +31,10 @@ def load_spec(path: Union[str, Path]) -> Spec:
     """Read and parse a spec file: .frz text, or the YAML form (.yaml, .yml). Raises
     `SpecError` for what the file says, OSError (FileNotFoundError, ...) for reading it."""
     shown = str(path)
-    data = Path(path).read_bytes()
+    try:
+        data = read_bounded(path)
+    except InputTooLarge as exc:
+        raise SpecSyntaxError(f"the file is {exc}", Span(shown, 1, 1, 1, 2)) from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -18,7 +18,8 @@ The families (what the issue's review found, and what earlier fixes hold):
   dtype (the config's policy changed, or a weight stored in another precision or as integers);
 * zip entries: a wrong CRC-32 in a deflated entry, the weights' or another's;
 * structure taken on trust: config.json nested 100,000 deep or inflating past its cap, YAML
-  keys written twice, manifests of the wrong shape, an output that is an input.
+  keys written twice, manifests of the wrong shape, an output that is an input;
+* paths that are no regular file: a spec, a manifest or a model that is /dev/zero or a pipe.
 
 Runtime: about 30 s on 2 shared cores (the models' build is 9 s of it; each regex case runs into
 its 1 s bound three times, about 2 s).
@@ -87,7 +88,9 @@ def _limits(memory: int):
 
 
 def _snapshot(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+    # A link to a device or a pipe is recorded as such: reading /dev/zero would never end.
+    return {p.name: f"-> {os.readlink(p)}" if p.is_symlink() else
+            hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "special"
             for p in sorted(folder.iterdir())}
 
 
@@ -380,3 +383,32 @@ def test_a_malformed_manifest_is_refused(work, text):
 def test_the_manifest_cannot_overwrite_the_spec(work):
     refused(work, "apply", "freeze.frz", "small.keras", "-o", "out.keras", "--manifest",
             "freeze.frz", "--force", "--engine", "archive", says="would overwrite the spec")
+
+
+# --- paths that are no regular file: endless, or waiting for a writer ------------------------------
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="no /dev/zero here")
+@pytest.mark.parametrize("args, says", [
+    (["fmt", "zero.frz"], "zero.frz:1:1: error: the file is larger than 64 MiB"),
+    (["compile", "zero.yaml"], "zero.yaml:1:1: error: the file is larger than 64 MiB"),
+    (["plan", "zero.frz", "small.keras"], "zero.frz:1:1: error: the file is larger than 64 MiB"),
+    (["verify", "zero.json", "small.keras"], "zero.json: not a manifest: larger than 64 MiB"),
+    (["diff", "zero.json", "zero.json"], "zero.json: not a manifest: larger than 64 MiB"),
+    (["show", "zero.keras"], "zero.keras: is not a regular file"),
+    (["show", "pipe.keras", "--engine", "keras"], "pipe.keras: is not a regular file"),
+    (["apply", "freeze.frz", "zero.keras", "-o", "out.keras"], "zero.keras: is not a regular"),
+    (["plan", "freeze.frz", "pipe.h5"], "pipe.h5: is not a regular file"),
+], ids=["fmt", "compile", "plan", "verify", "diff", "show", "show-keras", "apply",
+        "plan-h5"])
+def test_an_endless_input_is_read_up_to_its_bound(work, args, says):
+    # Every name here leads to /dev/zero or to a pipe nobody writes to: a spec or a manifest
+    # is read up to its bound (a pipe is a fine spec: /dev/stdin), a model never (it is read
+    # by seeking), and Keras is not even imported for it. (`lint` says the same, exit 1, as
+    # for any spec it finds wrong.)
+    for name in ("zero.frz", "zero.yaml", "zero.json", "zero.keras"):
+        (work / name).symlink_to("/dev/zero")
+    for name in ("pipe.keras", "pipe.h5"):
+        os.mkfifo(work / name)
+    refused(work, *args, says=says)
+

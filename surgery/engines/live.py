@@ -511,13 +511,7 @@ def load(source: str, *, safe_mode: bool = True):
 def _load(source: str, safe_mode: bool):
     if source.startswith(APPLICATIONS_PREFIX):
         return _application(source)
-    if not os.path.exists(source):
-        raise ModelError(source, "no such file")
-    if os.path.isdir(source):
-        raise ModelError(source, "is a directory, not a model file (.keras or .h5)")
-    if not source.endswith((".keras", ".h5", ".hdf5")):
-        raise ModelError(source, "unsupported model format: expected a .keras or .h5 file, or "
-                         "keras.applications.NAME")
+    # The path itself was checked before Keras was imported (modelfile._check_loadable).
     try:
         model = keras.models.load_model(source, compile=False, safe_mode=safe_mode)
     except Exception as exc:  # Keras raises many types for bad files; the user needs one line.
