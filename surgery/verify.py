@@ -215,7 +215,9 @@ def _unfollowed(recorded: dict, rebuilt: dict, exact_before: bool) -> list[str]:
         a, b = recorded.get(key), rebuilt.get(key)
         if key == "totals" and not exact_before:
             # The entries frozen inside layers before the surgery are not recorded (only
-            # after), so the trainable totals before are taken as recorded.
+            # after), so the trainable totals before cannot be planned again: they are held
+            # to what the layer table bounds instead (`_totals_before`).
+            lines += _totals_before(recorded)
             a = {**a, "trainable_params": a["trainable_params"]["after"],
                  "non_trainable_params": a["non_trainable_params"]["after"]}
             b = {**b, "trainable_params": b["trainable_params"]["after"],
@@ -226,6 +228,33 @@ def _unfollowed(recorded: dict, rebuilt: dict, exact_before: bool) -> list[str]:
             lines.append(f"manifest: {path} is {_shown(was)}, but its spec on this model gives "
                          f"{_shown(should)} (altered?)")
     return lines
+
+
+def _leaves(data: dict) -> list[dict]:
+    return [e for e in data["layers"] if not e["container"]]
+
+
+def _totals_before(data: dict) -> list[str]:
+    """The trainable totals before the surgery against what the layer table allows: together
+    they are the parameters there were (all but the new LoRA factors), and no more trained than
+    the layers whose flag was on held (entries frozen inside them then can only lower it)."""
+    totals = data["totals"]
+    trained = totals["trainable_params"]["before"]
+    lines = _sum_before(totals)
+    most = sum(e["params"] - (e["lora"]["params"] if e.get("lora", {}).get("new") else 0)
+               for e in _leaves(data) if e["before"])
+    if trained > most:
+        lines.append(f"manifest: totals.trainable_params.before is {trained}, more than the "
+                     f"{most} parameters of the layers it records trainable before (altered?)")
+    return lines
+
+
+def _sum_before(totals: dict) -> list[str]:
+    was = totals["non_trainable_params"]["before"]
+    should = totals["params"] - totals.get("new_params", 0) - totals["trainable_params"]["before"]
+    return [] if was == should else [
+        f"manifest: totals.non_trainable_params.before is {_shown(was)}, but its layers give "
+        f"{_shown(should)} (altered?)"]
 
 
 def _first_difference(a, b, where: str):
@@ -256,7 +285,7 @@ def _shown(value) -> str:
 def _self_inconsistencies(data: dict) -> list[str]:
     """Totals and ``model_trainable`` against the layer table (when the spec cannot be planned
     again on the model)."""
-    leaves = [e for e in data["layers"] if not e["container"]]
+    leaves = _leaves(data)
     totals = data["totals"]
     checks = [
         ("totals.params", totals["params"], sum(e["params"] for e in leaves)),
@@ -264,8 +293,6 @@ def _self_inconsistencies(data: dict) -> list[str]:
          sum(e["trainable_params"] for e in leaves)),
         ("totals.non_trainable_params.after", totals["non_trainable_params"]["after"],
          totals["params"] - totals["trainable_params"]["after"]),
-        ("totals.non_trainable_params.before", totals["non_trainable_params"]["before"],
-         totals["params"] - totals.get("new_params", 0) - totals["trainable_params"]["before"]),
         ("totals.new_params", totals.get("new_params", 0),
          sum(e["lora"]["params"] for e in leaves if e.get("lora", {}).get("new"))),
         ("model.layers", data["model"]["layers"], len(data["layers"])),
@@ -273,7 +300,7 @@ def _self_inconsistencies(data: dict) -> list[str]:
          any(e["trainable"] for e in data["layers"] if "/" not in e["path"])),
     ]
     return [f"manifest: {name} is {_shown(was)}, but its layers give {_shown(should)} "
-            f"(altered?)" for name, was, should in checks if was != should]
+            f"(altered?)" for name, was, should in checks if was != should] + _sum_before(totals)
 
 
 def state_differences(manifest: Manifest, tree: LayerTree, *,

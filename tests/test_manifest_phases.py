@@ -250,6 +250,49 @@ def test_verify_reports_an_altered_manifest(name):
     assert first.startswith("manifest: ") or first.startswith("architecture: "), lines
 
 
+PARTS_SPEC = "freeze all\nunfreeze head, base/b1\nfreeze base/b1.filters[0:2]\n"
+
+
+def _altered_before(data, how):
+    totals = data["totals"]
+    if how == "totals.before, no longer adding up":
+        totals["trainable_params"]["before"] += 100
+    elif how == "totals.before, adding up, past the layers trainable before":
+        totals["trainable_params"]["before"] += 100
+        totals["non_trainable_params"]["before"] -= 100
+    else:  # every layer recorded frozen before, the totals left as they were
+        for entry in data["layers"]:
+            entry["before"] = False
+
+
+@pytest.mark.parametrize("how", ["totals.before, no longer adding up",
+                                 "totals.before, adding up, past the layers trainable before",
+                                 "layers[].before"])
+def test_verify_holds_the_totals_before_to_the_layers_when_entries_are_frozen(how):
+    # With entries frozen inside a layer, the totals before the surgery cannot be planned
+    # again (the entries frozen then are not recorded); they are still held to the layer table.
+    import copy
+
+    plan, manifest = _manifest(PARTS_SPEC)
+    frozen = {(e["path"], p["weight"]): _positions_of(p["frozen"])
+              for e in manifest.layers for p in e.get("frozen_parts", ())}
+    assert frozen, "the spec freezes entries inside base/b1"
+    applied = _tree_in_state({"head", "base/b1"}, parts=frozen)
+    assert verify(manifest, applied) == []
+    data = copy.deepcopy(manifest.data)
+    _altered_before(data, how)
+    lines = verify(surgery.Manifest(data), applied)
+    assert any(line.startswith("manifest: totals.") for line in lines), lines
+
+
+def _positions_of(ranges: str) -> list[int]:
+    out = []
+    for run in ranges.split(","):
+        a, _, b = run.partition("-")
+        out += range(int(a), int(b or a) + 1)
+    return out
+
+
 def test_an_altered_manifest_is_named_even_on_another_architecture():
     # The spec cannot be planned again on a model of another shape: what the manifest says of
     # itself is still checked (totals against its layers, model_trainable).
