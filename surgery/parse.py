@@ -205,6 +205,7 @@ def parse(text: str, file: str = "<string>") -> Spec:
     bad input. (`surgery.load_spec` reads a file of either form: surgery/specfile.py.)"""
     if not isinstance(text, str):
         raise TypeError(f"spec text must be str, not {type(text).__name__}")
+    check_length(text, file)
     where = _Where(text, file)
     # The tree and the IR hold no reference cycles, yet Python's cyclic collector walks all of
     # them again and again as they grow: half the time of a 100,000-statement parse (15 s with
@@ -243,6 +244,22 @@ def parse_selectors(text: str, file: str, *, document: str,
     if "#" in text[_end(tree):]:  # a comment: '#' outside every token
         raise where.error(parse_messages.NOT_SELECTORS, whole)
     return selectors
+
+
+# Past this many characters a spec (either form) is refused before it is read, so that what
+# reading costs has a bound whatever the text: the lexer's terminals are possessive (the grammar
+# says why) and a glob is at most MAX_UNROLLED characters, so the worst text of this size,
+# 8 million escapes in one quoted name, takes 7 s and 190 MB; PyYAML reads 1.5 MB a second.
+# Five times what 100,000 statements take (about 3 million characters, bench/bench_scale.py).
+MAX_CHARS = 16 * 2**20
+
+
+def check_length(text: str, file: str) -> None:
+    """`SpecSyntaxError` at the start of a spec longer than `MAX_CHARS`."""
+    if len(text) > MAX_CHARS:
+        raise SpecSyntaxError(f"the spec is too large: {len(text):,} characters, and surgery "
+                              f"reads up to {MAX_CHARS:,} (100,000 statements take about 3 "
+                              f"million); split it", Span(file, 1, 1, 1, 2))
 
 
 # Past this many tokens (names, keywords, punctuation) a spec is refused: Lark's tree and the IR
@@ -453,7 +470,14 @@ class _ToIR(Transformer):
 
     def type(self, meta, children) -> TypeGlob:
         _prefix, token = children
+        self._glob_size(token)
         return TypeGlob(str(token), self._span(meta), regex=_glob_regex(str(token)))
+
+    def _glob_size(self, token) -> None:
+        # A glob becomes a regular expression: one of millions of '[a]' took 15 s and 700 MB.
+        if len(token) > MAX_UNROLLED:
+            raise self._error(f"the glob is too large: more than {MAX_UNROLLED:,} characters, "
+                              f"longer than any layer name", self._token_span(token))
 
     def glob(self, meta, children):
         (token,) = children
@@ -466,6 +490,7 @@ class _ToIR(Transformer):
             raise self._error(f"'{text}' is a keyword here; {hint}", self._token_span(token))
         span = self._token_span(token)
         if _GLOB_MAGIC.search(text):
+            self._glob_size(token)
             return Glob(text, span, regex=_glob_regex(text))
         return Name(text, span)
 

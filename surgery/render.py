@@ -22,41 +22,65 @@ __all__ = ["Lines", "render_diagnostics", "headline"]
 _SHOWN = 120
 
 
+# Lines keeps, per block of this many characters, the count of line breaks before it and where
+# the last of them is: a lookup counts within one block. (A list of every line's start took 36
+# bytes a line: a 64 MiB spec of line breaks needed 2.3 GB.)
+_BLOCK = 4096
+
+
 class Lines:
     r"""A text's lines, broken at '\n' only: an index -> (line, column), and a line's text.
 
-    Built once per text (one pass over its line breaks); every lookup is then a bisection, so a
-    thousand diagnostics of one spec cost a thousand lookups, not a thousand splits."""
+    Built once per text (one pass of C-speed counts, a block at a time); a lookup then counts
+    the line breaks of one block, so a thousand diagnostics of one spec cost a thousand short
+    counts, not a thousand scans, and the index takes 16 bytes per 4,096 characters."""
 
     def __init__(self, text: str):
         self.text = text
-        starts = [0]
-        find = text.find
-        i = find("\n")
-        while i >= 0:
-            starts.append(i + 1)
-            i = find("\n", i + 1)
-        self.starts = starts
+        count, rfind = text.count, text.rfind
+        breaks, last = [0], [-1]  # at each block's start: line breaks before it, the last one
+        for start in range(0, len(text), _BLOCK):
+            end = start + _BLOCK
+            breaks.append(breaks[-1] + count("\n", start, end))
+            found = rfind("\n", start, end)
+            last.append(found if found >= 0 else last[-1])
+        self._breaks, self._last = breaks, last
 
     def __len__(self) -> int:
-        return len(self.starts)
+        return self._breaks[-1] + 1
+
+    def _line_start(self, index: int) -> int:
+        block = index // _BLOCK
+        found = self.text.rfind("\n", block * _BLOCK, index)
+        return (found if found >= 0 else self._last[block]) + 1
 
     def position(self, index: int) -> tuple[int, int]:
         """The (line, column) of the character at ``index``; the end of the text is valid."""
-        n = bisect.bisect_right(self.starts, index) - 1
-        return n + 1, index - self.starts[n] + 1
+        block = index // _BLOCK
+        line = self._breaks[block] + self.text.count("\n", block * _BLOCK, index) + 1
+        return line, index - self._line_start(index) + 1
+
+    def _start(self, number: int) -> int:
+        """The index where line ``number`` (1-based, at most len(self)) starts."""
+        wanted = number - 1  # the line breaks before it
+        if wanted == 0:
+            return 0
+        block = bisect.bisect_left(self._breaks, wanted) - 1  # the block of break `wanted`
+        i = block * _BLOCK - 1
+        for _ in range(wanted - self._breaks[block]):
+            i = self.text.find("\n", i + 1)
+        return i + 1
 
     def line(self, number: int) -> str:
         r"""Line ``number`` (1-based) for display: without its '\n' and a '\r' that ends it."""
-        start = self.starts[number - 1]
-        end = self.starts[number] - 1 if number < len(self.starts) else len(self.text)
-        text = self.text[start:end]
+        start = self._start(number)
+        end = self.text.find("\n", start)
+        text = self.text[start:end if end >= 0 else len(self.text)]
         return text[:-1] if text.endswith("\r") else text
 
     def before(self, index: int) -> str:
         """The text of the line of ``index`` up to that index."""
-        line, _ = self.position(index)
-        return self.text[self.starts[line - 1]:index]
+        return self.text[self._line_start(index):index]
 
 
 def headline(diag) -> str:

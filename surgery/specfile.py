@@ -15,7 +15,7 @@ from typing import Union
 from .errors import SpecSyntaxError
 from .inputfile import InputTooLarge, read_bounded
 from .ir import Span, Spec
-from .parse import parse
+from .parse import MAX_CHARS, parse
 
 __all__ = ["load_spec", "as_spec", "is_yaml_path", "SpecLike", "YAML_SUFFIXES"]
 
@@ -32,7 +32,7 @@ def load_spec(path: Union[str, Path]) -> Spec:
     `SpecError` for what the file says, OSError (FileNotFoundError, ...) for reading it."""
     shown = str(path)
     try:
-        data = read_bounded(path)
+        data = read_bounded(path, 4 * MAX_CHARS)
     except InputTooLarge as exc:
         raise SpecSyntaxError(f"the file is {exc}", Span(shown, 1, 1, 1, 2)) from None
     try:

@@ -42,7 +42,7 @@ from .checks import Statements, integer
 from .errors import SpecSyntaxError
 from .fmt import format_number, statement_text
 from .ir import BATCHNORM, BN_MODES, FREEZE, LORA, UNFREEZE, Comment, Selector, Span, Spec
-from .parse import parse_selectors
+from .parse import check_length, parse_selectors
 from .render import Lines
 from .suggest import did_you_mean
 
@@ -70,6 +70,7 @@ def is_embedded(text: str) -> bool:
 
 
 def parse_yaml(text: str, file: str = "<string>") -> Spec:
+    check_length(text, file)  # as the .frz form: PyYAML reads 1.5 MB a second
     return _Reader(text, file).spec()
 
 

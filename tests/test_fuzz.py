@@ -900,3 +900,39 @@ def test_a_regex_python_warns_about_is_not_a_python_warning():
         warnings.simplefilter("error")
         spec = surgery.parse("freeze /[[:alpha:]]+/\n", "w.frz")  # still a valid regex
     assert spec.rules[0].selectors[0].segments[0].pattern == "[[:alpha:]]+"
+
+
+# --- positions: render.Lines against the plain definition ----------------------------------------
+
+
+def _positions_by_definition(text: str):
+    """(line, column) of every index, the end included, and every line, by the definition:
+    lines broken at '\\n' only."""
+    lines = text.split("\n")
+    positions, line, column = [], 1, 1
+    for ch in text + "\0":  # the end of the text is a position too
+        positions.append((line, column))
+        line, column = (line + 1, 1) if ch == "\n" else (line, column + 1)
+    return positions, [t[:-1] if t.endswith("\r") else t for t in lines]
+
+
+@settings(FUZZ, max_examples=300)
+@given(text=st.text(alphabet=st.sampled_from("ab\n\r\u2028é"), max_size=60),
+       block=st.sampled_from([1, 2, 3, 7, 4096]))
+def test_lines_give_every_position_and_line_as_defined(text, block):
+    # Lines counts a block at a time; blocks of 1, 2, 3 and 7 characters put every boundary
+    # case (a break at a block's edge, a block without breaks, a line over many blocks) in
+    # these short texts.
+    from surgery import render
+
+    previous, render._BLOCK = render._BLOCK, block
+    try:
+        lines = render.Lines(text)
+        positions, expected_lines = _positions_by_definition(text)
+        assert [lines.position(i) for i in range(len(text) + 1)] == positions
+        assert len(lines) == len(expected_lines)
+        assert [lines.line(n) for n in range(1, len(lines) + 1)] == expected_lines
+        assert [lines.before(i) for i in range(len(text) + 1)] == [
+            text[:i].rpartition("\n")[2] for i in range(len(text) + 1)]
+    finally:
+        render._BLOCK = previous

@@ -197,6 +197,27 @@ def test_a_regex_that_unrolls_past_any_name_is_refused_as_parsed(work):
 # --- sizes of specs ----------------------------------------------------------------------------
 
 
+MAX_CHARS = 16 * 2**20  # surgery/parse.py's bound, written out: the test must not follow it
+
+
+@pytest.mark.parametrize("name, text, says", [
+    ("past.frz", "freeze a\n" + " " * MAX_CHARS,
+     "past.frz:1:1: error: the spec is too large: 16,777,225 characters"),
+    ("past.yaml", "rules:\n  - freeze: a\n" + " " * MAX_CHARS,
+     "past.yaml:1:1: error: the spec is too large"),
+    # Within the bound, the worst for the lexer: one token's regex once kept ~100 bytes a
+    # repetition (a gigabyte for these); a line break each, and a glob of bracket classes.
+    ("breaks.frz", "freeze zz\n" + "\n" * (MAX_CHARS - 20),
+     "breaks.frz:1:8: error: 'zz' matches no layer"),
+    ("escapes.frz", 'freeze "' + "\\a" * (MAX_CHARS // 2 - 10) + '"', "matches no layer"),
+    ("classes.frz", "freeze " + "[a]" * (MAX_CHARS // 3 - 3),
+     "classes.frz:1:8: error: the glob is too large: more than 100,000 characters"),
+], ids=["past-frz", "past-yaml", "line-breaks", "escapes", "glob"])
+def test_a_spec_of_any_size_is_read_within_the_bounds(work, name, text, says):
+    (work / name).write_text(text)
+    refused(work, "plan", name, "small.keras", "--engine", "archive", says=says)
+
+
 def test_a_schedule_too_large_to_plan_is_refused_at_its_header(work):
     (work / "phases.frz").write_text("".join(
         f"at epoch {i + 1}:\n  {'freeze' if i % 2 else 'unfreeze'} head\n" for i in range(1000)))
