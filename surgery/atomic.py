@@ -45,7 +45,7 @@ whatever the destination's name, so an output whose name is close to the file sy
 can be written), and the next run that writes into the folder removes those of processes that
 no longer exist (same host tag, which is the host name and the PID namespace, so a folder shared
 between machines or containers is safe; a backup only while its content is still reachable by
-another name). They are what a SIGKILL can leave: the temporary of a filesystem without
+another name; never a file the run reads, ``inputs``, whatever its name). They are what a SIGKILL can leave: the temporary of a filesystem without
 ``O_TMPFILE`` or of an ``.h5`` output, or a replacement killed within its commit.
 """
 
@@ -120,11 +120,14 @@ class AtomicOutputs:
     """Use as a context manager: `reserve` temporaries, write them, `commit` puts them all in
     place."""
 
-    def __init__(self, *, fsync: bool = False) -> None:
+    def __init__(self, *, fsync: bool = False, inputs=()) -> None:
         self._pending: list[_Output] = []
         self._swept: set[Path] = set()
         self.committed = False
         self.fsync = fsync  # flush the outputs to the disk (power-loss durability), see above
+        # The files the run reads, which the sweep of stale temporaries never removes, whatever
+        # their name: a leftover temporary given back to surgery as its input is an input.
+        self._inputs = _identities(inputs)
 
     def reserve(self, destination: str | os.PathLike, suffix: str, *,
                 replace: bool = False, named: bool = False) -> Path:
@@ -139,7 +142,7 @@ class AtomicOutputs:
         dest = Path(os.path.realpath(destination))
         if dest.parent not in self._swept:
             self._swept.add(dest.parent)
-            remove_stale(dest.parent)
+            remove_stale(dest.parent, keep=self._inputs)
         fd = None if named else _anonymous(dest.parent)
         tmp = Path(f"/proc/self/fd/{fd}") if fd is not None else \
             _hidden_name(dest.parent, ".tmp" + suffix)
@@ -213,9 +216,21 @@ class AtomicOutputs:
         self.discard()  # after a commit nothing is pending; otherwise nothing must be left
 
 
-def remove_stale(folder: Path) -> list[str]:
+def _identities(paths) -> set[tuple[int, int]]:
+    found = set()
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except (OSError, ValueError):
+            continue
+        found.add((st.st_dev, st.st_ino))
+    return found
+
+
+def remove_stale(folder: Path, keep: set[tuple[int, int]] = frozenset()) -> list[str]:
     """Remove the temporaries that killed runs on this host left in ``folder``, and their
-    backups where the content is still reachable by another name; the names removed."""
+    backups where the content is still reachable by another name, but never a file in ``keep``
+    (device and inode: the run's inputs); the names removed."""
     try:
         names = os.listdir(folder)
     except OSError:
@@ -226,16 +241,18 @@ def remove_stale(folder: Path) -> list[str]:
         if found is None or found[1] != _HOST or _alive(int(found[2])):
             continue
         path = folder / name
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) in keep:
+            continue
         # A '.bak' is a hard link to a destination being replaced (--force): once the run died,
         # the replacement it was asked for is done or abandoned, and the link is a leftover.
         # A '.mov' is a destination moved aside where the filesystem has no hard links: it may
         # be the only copy of that file, so it stays unless another name still reaches it.
-        if found[3] == "mov":
-            try:
-                if os.lstat(path).st_nlink < 2:
-                    continue
-            except OSError:
-                continue
+        if found[3] == "mov" and st.st_nlink < 2:
+            continue
         try:
             os.unlink(path)
         except OSError:

@@ -306,7 +306,7 @@ def _cmd_fmt(args) -> int:
                 status = EXIT_FINDINGS
         elif args.write:
             if text != spec.source:
-                with AtomicOutputs(fsync=args.fsync) as outputs:
+                with AtomicOutputs(fsync=args.fsync, inputs=[path]) as outputs:
                     outputs.reserve(path, ".tmp", replace=True).write_text(text, encoding="utf-8")
                     outputs.commit()
                 print(f"reformatted {path}")

@@ -248,7 +248,7 @@ def merge_file(model: PathLike, output: PathLike, *, force: bool = False,
         raise ModelError(model, "no such file" if not os.path.exists(model) else "is not a file")
     if not model.endswith(".keras"):
         raise ModelError(model, "merge reads a .keras file")
-    with AtomicOutputs(fsync=fsync) as outputs:
+    with AtomicOutputs(fsync=fsync, inputs=[model]) as outputs:
         tmp = outputs.reserve(output, ".keras", replace=force)
         try:
             written, layers = archive.merge_lora(model, str(tmp))
@@ -306,7 +306,7 @@ def _apply_archive(opened, plan: Plan, spec: Spec, model: str, output: str, mani
     from .engines import archive
 
     large = _size(model) >= _LARGE_ARCHIVE
-    with AtomicOutputs(fsync=fsync) as outputs:
+    with AtomicOutputs(fsync=fsync, inputs=[model, spec.file]) as outputs:
         tmp = outputs.reserve(output, ".keras", replace=force)
         try:
             with progress.step(f"copying {model} to {output}") if large else \
@@ -342,7 +342,7 @@ def _apply_keras(spec: Spec, model: str, output: str, manifest_path: str, *, all
                 raise ModelError(model, f"cannot read it: {exc.strerror or exc}") from None
     plan, manifest = apply_plan(loaded, spec, allow_empty=allow_empty, model_source=model,
                                 model_sha256=digest)
-    with AtomicOutputs(fsync=fsync) as outputs:
+    with AtomicOutputs(fsync=fsync, inputs=[model, spec.file]) as outputs:
         suffix = Path(output).suffix
         # Keras saves .keras into an open file; its legacy .h5 save wants a path of that suffix.
         tmp = outputs.reserve(output, suffix, replace=force, named=suffix != ".keras")
