@@ -105,11 +105,22 @@ def _live(model: str):
     try:
         from .engines import live
     except ImportError as exc:
-        if exc.name not in _BACKEND_MODULES:
-            raise
-        raise ModelError(model, f"loading it needs Keras and a backend, and {exc.name} is not "
-                                f"installed: pip install 'surgery[tensorflow]' (or [jax], "
-                                f"[torch])") from None
+        if (exc.name or "").split(".")[0] == "surgery":
+            raise  # surgery's own bug: an internal error, with its traceback under SURGERY_DEBUG
+        if exc.name in _BACKEND_MODULES:
+            raise ModelError(model, f"loading it needs Keras and a backend, and {exc.name} is "
+                                    f"not installed: pip install 'surgery[tensorflow]' (or [jax], "
+                                    f"[torch])") from None
+        # Installed, yet it does not import: a library that does not load (under a memory limit
+        # such as `ulimit -v` 1 GiB, TensorFlow's cannot be mapped), a broken install.
+        problem = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        hint = " (too little memory for TensorFlow's libraries?)" if "map segment" in problem \
+            or "allocate memory" in problem else ""
+        raise ModelError(model, f"loading it needs Keras, and importing it failed: "
+                                f"{problem}{hint}") from None
+    except MemoryError:
+        raise ModelError(model, "loading it needs Keras, and there is not enough memory to "
+                                "import it") from None
     return live
 
 

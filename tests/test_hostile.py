@@ -433,3 +433,24 @@ def test_an_endless_input_is_read_up_to_its_bound(work, args, says):
         os.mkfifo(work / name)
     refused(work, *args, says=says)
 
+
+
+# --- too little memory for Keras itself -----------------------------------------------------------
+
+
+def test_keras_that_cannot_be_imported_under_the_limit_is_one_clear_line(work):
+    # The harness's 1 GiB of address space is too little for TensorFlow's libraries here: a
+    # command that needs Keras says so in one line, never as an internal error. (Where they do
+    # fit, the command simply works.)
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("SURGERY_DEBUG", None)
+    proc = subprocess.run([SURGERY, "show", "small.keras", "--engine", "keras"], cwd=work,
+                          capture_output=True, text=True, env=env, timeout=SECONDS,
+                          preexec_fn=_limits(MEMORY))
+    assert "internal error" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    if proc.returncode == 0:
+        assert "head" in proc.stdout
+    else:
+        assert proc.returncode == 2
+        assert proc.stderr.splitlines()[-1].startswith(
+            "surgery: error: small.keras: loading it needs Keras, and "), proc.stderr
