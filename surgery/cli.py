@@ -355,9 +355,10 @@ def _cmd_verify(args) -> int:
     written = manifest.data.get("output", {}).get("sha256")
     actual = None if written is None else model_sha256(args.model)
     if actual is not None and actual != written:
-        print(f"note: {args.model} is not the file surgery apply wrote (sha256 {actual[:12]}, "
-              f"the manifest records {written[:12]}): its state is what is compared, as for a "
-              "checkpoint saved during training", file=sys.stderr)
+        shown = 12 if actual[:12] != written[:12] else 64  # prefixes that tell them apart
+        print(f"note: {args.model} is not the file surgery apply wrote (sha256 "
+              f"{actual[:shown]}, the manifest records {written[:shown]}): its state is what is "
+              "compared, as for a checkpoint saved during training", file=sys.stderr)
     if altered or differences:
         return EXIT_FINDINGS
     same = "; the very file apply wrote" if actual is not None and actual == written else ""

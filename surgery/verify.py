@@ -50,6 +50,9 @@ def model_differences(manifest: Manifest, tree: LayerTree, *,
     if recorded != actual:
         lines.append(f"architecture: the model's fingerprint {actual[:12]} is not the "
                      f"manifest's {recorded[:12]} (layers, classes or weight shapes differ)")
+    if manifest.data["model"]["name"] != tree.root.name:
+        lines.append(f"name: the manifest's model is {manifest.data['model']['name']!r}, this "
+                     f"one is {tree.root.name!r}")
     return lines + state_differences(manifest, tree, epoch=epoch)
 
 
@@ -449,7 +452,9 @@ def _described(entry: dict) -> str:
     if parts:
         word += " with " + ", ".join(f"{p['weight']}[{p['frozen']}]" for p in parts) + " frozen"
     if entry.get("batchnorm"):
-        word += f" (batchnorm {entry['batchnorm']})"
+        # The class too: under 'batchnorm affine' a layer's class changes with its phase.
+        affine = ", the affine class" if entry.get("affine") else ""
+        word += f" (batchnorm {entry['batchnorm']}{affine})"
     lora = entry.get("lora")
     if lora:
         word += (f" (LoRA rank {lora['rank']} alpha {float(lora['alpha']):g}, factors "

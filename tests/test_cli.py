@@ -440,6 +440,16 @@ def test_verify_says_whether_the_model_is_the_very_file_apply_wrote(work, capsys
                             f"{sha(resaved)[:12]}, the manifest records {sha(out)[:12]}): its "
                             "state is what is compared, as for a checkpoint saved during "
                             "training\n")
+    # Digests that share their first 12 characters are shown whole, so the note never says
+    # "X, the manifest records X".
+    data = json.loads(manifest.read_text())
+    digest = data["output"]["sha256"]
+    data["output"]["sha256"] = digest[:-1] + ("0" if digest[-1] != "0" else "1")
+    near = tmp / "near.json"
+    near.write_text(json.dumps(data))
+    assert run("verify", near, out) == 0
+    assert f"(sha256 {digest}, the manifest records {data['output']['sha256']})" in \
+        capsys.readouterr().err
 
 
 def test_verify_says_an_edited_manifest_was_altered_and_diff_names_the_fields(work, capsys):

@@ -8,7 +8,7 @@ import pytest
 import surgery
 from surgery.lint import lint, lint_with_model
 from surgery.manifest import build_manifest, phase_layers
-from surgery.verify import verify
+from surgery.verify import diff, verify
 from surgery.plan import plan_spec
 from surgery.report import phase_report, plan_summary
 from surgery.tree import Layer, LayerTree
@@ -155,15 +155,31 @@ def test_lint_judges_repeats_and_dead_rules_within_a_phase():
 
 
 def test_diff_compares_policies_and_later_phases():
-    from surgery.verify import diff
-
     _, a = _manifest()
     _, b = _manifest(SPEC.replace("batchnorm affine base/b2_bn", "batchnorm train base/b2_bn"))
     lines = diff(a, b)
     assert lines[0].startswith("spec: spec.frz")
     assert "at epoch 2:" in lines and "at epoch 4:" in lines
-    assert "  ~ base/b2_bn: trainable (batchnorm affine) -> trainable (batchnorm train)" in lines
+    assert ("  ~ base/b2_bn: trainable (batchnorm affine, the affine class) -> trainable "
+            "(batchnorm train)") in lines
     assert diff(a, a) == []
+
+
+def test_diff_names_a_class_change_alone_and_verify_a_renamed_model():
+    # Only the affine class differs (the policies and flags are the same): diff still says so,
+    # in the layer table and in the phase; verify names a model whose name is not the recorded.
+    import copy
+
+    _, a = _manifest()
+    b_data = copy.deepcopy(a.data)
+    b_data["schedule"][1]["affine"] = []
+    lines = diff(a, surgery.Manifest(b_data))
+    assert lines[:2] == ["at epoch 2:", "  ~ base/b2_bn: trainable (batchnorm affine, the affine "
+                                        "class) -> trainable (batchnorm affine)"], lines
+    renamed = copy.deepcopy(a.data)
+    renamed["model"]["name"] = "another"
+    assert "name: the manifest's model is 'another', this one is 'net'" in verify(
+        surgery.Manifest(renamed), _tree_in_state({"head"}))
 
 
 def test_a_spec_path_given_as_a_string_is_read_as_a_path(tmp_path, monkeypatch):
