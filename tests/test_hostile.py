@@ -276,6 +276,32 @@ def test_weights_the_config_contradicts_are_refused(work, model, edit, says, com
     assert "the weights do not belong to this architecture" in err
 
 
+def _field(layer: str, field: str, value):
+    def edit(cfg):
+        layer_entry(cfg, layer)["config"][field] = value
+    return edit
+
+
+@pytest.mark.parametrize("model, layer, field, value", [
+    ("small.keras", "head", "units", "2"),
+    ("small.keras", "head", "units", True),
+    ("small.keras", "head", "units", -2),
+    ("small.keras", "head", "units", 2.0),
+    ("small.keras", "conv", "filters", "4"),
+    ("small.keras", "conv", "kernel_size", [3, "3"]),
+    ("text.keras", "embed", "input_dim", 0),
+], ids=["str", "bool", "negative", "float", "filters", "kernel-size", "zero"])
+def test_a_weight_size_keras_cannot_build_from_is_refused(work, model, layer, field, value):
+    # Keras refuses to load each of these; copied, the output would be refused as well, after
+    # an apply that said it wrote it.
+    with_config(work / model, work / "odd.keras", _field(layer, field, value))
+    shown = json.dumps(value[1] if isinstance(value, list) else value)  # the element at fault
+    err = refused(work, "apply", "freeze.frz", "odd.keras", "-o", "out.keras",
+                  "--engine", "archive", says=f"config.json has {field} {shown}, where Keras "
+                                              f"needs a positive whole number")
+    assert f"layer '{layer}'" in err
+
+
 def _policy(layer: str, name: str):
     def edit(cfg):
         layer_entry(cfg, layer)["config"]["dtype"]["config"]["name"] = name

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Mapping, Optional
 
-__all__ = ["declared_shapes", "declared_dtype", "contradiction"]
+__all__ = ["declared_shapes", "declared_dtype", "contradiction", "BadSize"]
 
 Shape = tuple[Optional[int], ...]
 
@@ -35,6 +35,27 @@ _VARIABLE_DTYPE = {"float16": "float16", "bfloat16": "bfloat16", "float32": "flo
 def _int(value) -> Optional[int]:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 \
         else None
+
+
+class BadSize(Exception):
+    """A config field that sizes the layer's weights holds what Keras cannot build them from
+    (``"4"``, ``true``, ``-4``, ``4.0``): the file does not load in Keras, and an output copied
+    from it would not either. ``field`` and ``value`` say which."""
+
+    def __init__(self, field: str, value) -> None:
+        self.field, self.value = field, value
+        super().__init__(f"{field} {value!r}")
+
+
+def _size(conf: Mapping, field: str) -> Optional[int]:
+    """A positive whole number the layer's weights are sized by; None when the config leaves it
+    out (not checked); `BadSize` for anything else."""
+    if field not in conf:
+        return None
+    value = conf[field]
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise BadSize(field, value)
+    return value
 
 
 def _input_shape(entry: Mapping) -> Optional[list]:
@@ -56,11 +77,10 @@ def _dim(shape: Optional[list], axis) -> Optional[int]:
 
 def _kernel_size(conf: Mapping, rank: int) -> Shape:
     size = conf.get("kernel_size")
-    if _int(size) is not None:
-        return (size,) * rank
-    if isinstance(size, list) and len(size) == rank:
-        return tuple(_int(k) for k in size)
-    return (None,) * rank
+    if isinstance(size, list):  # one per spatial axis; another length is not checked here
+        return tuple(_size({"kernel_size": k}, "kernel_size") for k in size) \
+            if len(size) == rank else (None,) * rank
+    return (_size(conf, "kernel_size"),) * rank
 
 
 def _conv(cls: str, conf: Mapping, shape: Optional[list]) -> Optional[dict[str, Shape]]:
@@ -69,19 +89,19 @@ def _conv(cls: str, conf: Mapping, shape: Optional[list]) -> Optional[dict[str, 
         return None
     channels = _dim(shape, 1 if conf.get("data_format") == "channels_first" else -1)
     kernel = _kernel_size(conf, rank)
-    filters = _int(conf.get("filters"))
+    filters = None if cls.startswith("DepthwiseConv") else _size(conf, "filters")
     if cls.startswith("DepthwiseConv"):
-        multiplier = _int(conf.get("depth_multiplier"))
+        multiplier = _size(conf, "depth_multiplier")
         out = None if channels is None or multiplier is None else channels * multiplier
         return {"kernel": kernel + (channels, multiplier), "bias": (out,)}
     if cls.startswith("SeparableConv"):
-        multiplier = _int(conf.get("depth_multiplier"))
+        multiplier = _size(conf, "depth_multiplier")
         mid = None if channels is None or multiplier is None else channels * multiplier
         return {"depthwise_kernel": kernel + (channels, multiplier),
                 "pointwise_kernel": (1,) * rank + (mid, filters), "bias": (filters,)}
     if cls.endswith("Transpose"):
         return {"kernel": kernel + (filters, channels), "bias": (filters,)}
-    groups = _int(conf.get("groups", 1))
+    groups = _size(conf, "groups") or 1
     per_group = None if channels is None or not groups or channels % groups else channels // groups
     return {"kernel": kernel + (per_group, filters), "bias": (filters,)}
 
@@ -96,12 +116,12 @@ def declared_shapes(cls: str, conf: Mapping, entry: Mapping) -> dict[str, Shape]
     """weight name -> the shape the config declares, for the weights it declares one for."""
     shape = _input_shape(entry)
     if cls == "Dense":
-        units = _int(conf.get("units"))
+        units = _size(conf, "units")
         return {"kernel": (_dim(shape, -1), units), "bias": (units,)}
     if "Conv" in cls and cls[-2:] in _RANK:
         return _conv(cls, conf, shape) or {}
     if cls == "Embedding":
-        return {"embeddings": (_int(conf.get("input_dim")), _int(conf.get("output_dim")))}
+        return {"embeddings": (_size(conf, "input_dim"), _size(conf, "output_dim"))}
     if cls in ("BatchNormalization", "GroupNormalization"):
         axes = _axes(conf, shape)
         return {name: axes for name in ("gamma", "beta", "moving_mean", "moving_variance")}

@@ -18,11 +18,13 @@ checked against the weight's shape from the weights file).
 
 from __future__ import annotations
 
+import json
+
 from ...errors import ArchiveUnsupported, DamagedArchive, FrozenEntriesError
 from ...tree import Layer, LayerTree, Weight
 from ..frozen_format import FrozenConfig, axis_details, decode, is_frozen_object
 from .config import Node
-from .declared import contradiction, declared_dtype, declared_shapes
+from .declared import BadSize, contradiction, declared_dtype, declared_shapes
 from .h5 import Reader
 from .keras_layout import WEIGHTS, AutoNames, constrained_weight, join, weight_names
 
@@ -69,7 +71,12 @@ def _layer(node: Node, reader: Reader, auto: AutoNames) -> Layer:
 def _check_declared(node: Node, reader: Reader, stored: dict[str, tuple[int, ...]],
                     paths: dict[str, str]) -> None:
     """The shape and dtype of each weight the layer's config declares, against the file."""
-    declared = declared_shapes(node.cls, node.conf, node.entry)
+    try:
+        declared = declared_shapes(node.cls, node.conf, node.entry)
+    except BadSize as exc:
+        raise DamagedArchive(f"layer {node.where!r} ({node.cls}): config.json has {exc.field} "
+                             f"{json.dumps(exc.value)}, where Keras needs a positive whole "
+                             "number: Keras cannot load this model") from None
     for weight, want in declared.items():
         shape = stored.get(weight)
         if shape is not None and contradiction(want, shape):
