@@ -28,6 +28,7 @@ this process: loading it here is exactly what a user without the class's code wo
 from __future__ import annotations
 
 import errno
+import importlib
 import os
 import signal
 import subprocess
@@ -902,11 +903,13 @@ def parser_cache(tmp_path, monkeypatch):
 
 
 def _no_build(monkeypatch, parse_module):
-    class NotBuilt(parse_module.Lark):
+    grammar = importlib.import_module("surgery.grammar")  # where the parser is built or loaded
+
+    class NotBuilt(grammar.Lark):
         def __init__(self, *args, **kwargs):
             raise AssertionError("the parser was built, not loaded from the cache")
 
-    monkeypatch.setattr(parse_module, "Lark", NotBuilt)
+    monkeypatch.setattr(grammar, "Lark", NotBuilt)
 
 
 _CACHE_CORPUS = [
@@ -969,8 +972,9 @@ def test_a_changed_grammar_gets_a_parser_of_its_own(parser_cache, monkeypatch):
     parse_module, folder = parser_cache
     parse_module._parser()
     before = listing(folder)
-    text = parse_module.grammar_text()
-    monkeypatch.setattr(parse_module, "grammar_text", lambda: text + "\n// changed\n")
+    grammar = importlib.import_module("surgery.grammar")
+    text = grammar.grammar_text()
+    monkeypatch.setattr(grammar, "grammar_text", lambda: text + "\n// changed\n")
     parse_module._parser.cache_clear()
     parse_module._parser()
     after = listing(folder)
