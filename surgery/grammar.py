@@ -58,12 +58,12 @@ def parser() -> Lark:
     text = grammar_text()
     key = _parser_key(text)
     path = _parser_cache_path(key)
-    parser = _load_parser(path, key) if path is not None else None
-    if parser is None:
-        parser = Lark(text, **_LARK_OPTIONS)
+    built = _load_parser(path, key) if path is not None else None
+    if built is None:
+        built = Lark(text, **_LARK_OPTIONS)
         if path is not None:
-            _save_parser(parser, path, key)
-    return parser
+            _save_parser(built, path, key)
+    return built
 
 
 def _parser_key(text: str) -> str:
