@@ -34,8 +34,9 @@ and overlayfs), a temporary is an anonymous file in the destination's folder: it
 until the commit gives it one (``linkat`` through ``/proc/self/fd``, which fails if the name is
 taken: the exclusive claim above), so a killed run leaves nothing at all, the kernel frees it
 with the process. Writers reach it by the path `reserve` returns, ``/proc/self/fd/N``, which
-opens that file; only a writer that needs its path to carry the format's suffix (Keras's
-legacy ``.h5`` save) asks for a named temporary. A replacement is given a hidden name for the
+opens that file (Keras's savers are given the format by the suffix separately, see
+engines/live.py `save`); a writer that needs its path to carry a suffix can ask for a named
+temporary (``named=True``). A replacement is given a hidden name for the
 two system calls of its commit (``rename`` replaces, ``linkat`` cannot), and its backups'
 names are all removed before the old content is freed (which takes tens of milliseconds for a
 large model, inside the call that drops its last reference).
@@ -45,8 +46,9 @@ whatever the destination's name, so an output whose name is close to the file sy
 can be written), and the next run that writes into the folder removes those of processes that
 no longer exist (same host tag, which is the host name and the PID namespace, so a folder shared
 between machines or containers is safe; a backup only while its content is still reachable by
-another name; never a file the run reads, ``inputs``, whatever its name). They are what a SIGKILL can leave: the temporary of a filesystem without
-``O_TMPFILE`` or of an ``.h5`` output, or a replacement killed within its commit.
+another name; never a file the run reads, ``inputs``, whatever its name). They are what a
+SIGKILL can leave: the temporary of a filesystem without ``O_TMPFILE``, or a replacement killed
+within its commit.
 """
 
 from __future__ import annotations

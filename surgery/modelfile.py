@@ -355,8 +355,8 @@ def _apply_keras(spec: Spec, model: str, output: str, manifest_path: str, *, all
                                 model_sha256=digest)
     with AtomicOutputs(fsync=fsync, inputs=[model, spec.file]) as outputs:
         suffix = Path(output).suffix
-        # Keras saves .keras into an open file; its legacy .h5 save wants a path of that suffix.
-        tmp = outputs.reserve(output, suffix, replace=force, named=suffix != ".keras")
+        # The suffix is passed on: Keras picks the format from it, and the temporary has none.
+        tmp = outputs.reserve(output, suffix, replace=force)
         try:
             with progress.step(f"saving {output}"):
                 live.save(loaded, str(tmp), suffix)

@@ -549,6 +549,38 @@ def test_apply_file_returns_the_fallback_and_its_reason(work):
     assert (h5.engine, h5.fallback) == (Engine.KERAS, None)
 
 
+def test_an_h5_output_is_written_without_a_name_and_holds_what_the_manifest_says(work,
+                                                                                 monkeypatch):
+    # Keras picks the legacy format from the suffix, and the anonymous temporary has none:
+    # surgery saves it as model.save(PATH.h5) would, into the open file.
+    import keras
+
+    import surgery
+    from surgery import atomic
+    from surgery.engines import live
+
+    tmp, spec, model = work
+    given = []
+    real_save = live.save
+
+    def watched(loaded, path, suffix=""):
+        given.append(path)
+        return real_save(loaded, path, suffix)
+
+    monkeypatch.setattr(live, "save", watched)
+    out_dir = tmp / "h5out"
+    out_dir.mkdir()
+    surgery.apply_file(spec, model, out_dir / "t.h5")
+    assert given[0].startswith("/proc/self/fd/") == atomic.anonymous_temporaries(out_dir)
+    assert sorted(p.name for p in out_dir.iterdir()) == ["t.h5", "t.h5.manifest.json"]
+    saved = keras.models.load_model(out_dir / "t.h5", compile=False)
+    recorded = {e["path"]: e["trainable"] for e in json.loads(
+        (out_dir / "t.h5.manifest.json").read_text())["layers"] if e["params"]}
+    flags = weighted_flags(saved)  # as Keras loads them back, by path
+    assert flags and {p: recorded[p] for p in flags} == flags
+    assert False in flags.values() and True in flags.values()  # the spec froze some, not all
+
+
 def test_a_bug_is_one_line_and_surgery_debug_shows_its_traceback(work, capsys, monkeypatch):
     import importlib
 

@@ -567,6 +567,14 @@ def save(model, path: str, suffix: str = "") -> None:
 
                 with open(path, "r+b") as f:
                     saving_lib.save_model(model, f)
+            elif suffix in (".h5", ".hdf5") and not path.endswith(suffix):
+                # And what `model.save(PATH.h5)` does then, into an h5py file on the open file:
+                # HDF5 itself cannot open /proc/self/fd/N ("can't retrieve real path").
+                import h5py
+                from keras.src.legacy.saving import legacy_h5_format
+
+                with open(path, "r+b") as raw, h5py.File(raw, "w") as f:
+                    legacy_h5_format.save_model_to_hdf5(model, f)
             else:
                 # The model's own save: `surgery apply` records the state itself, from its plan.
                 getattr(model, _PLAIN_SAVE, model.save)(path)
