@@ -550,9 +550,8 @@ def _application(source: str):
 
 
 def save(model, path: str, suffix: str = "") -> None:
-    """Save to ``path`` in the format of ``suffix``, by default its own. ``path`` must not be
-    the final destination: see surgery/atomic.py, whose anonymous temporaries are
-    ``/proc/self/fd/N``.
+    """Save to ``path`` in the format of ``suffix`` (by default its own): not the destination
+    but its temporary, ``/proc/self/fd/N`` where anonymous (surgery/atomic.py).
 
     Keras stages a .keras file in a folder of the system temp dir and does not remove it when
     interrupted; a private scratch folder, removed on every way out, keeps TMPDIR clean."""
