@@ -125,6 +125,7 @@ def _live(model: str):
 
 
 def _check_loadable(model: str) -> None:
+    """A ModelError for a path no engine can read as a model, before anything reads it."""
     if model.startswith(APPLICATIONS_PREFIX):
         return
     if not os.path.exists(model):
@@ -255,8 +256,7 @@ def merge_file(model: PathLike, output: PathLike, *, force: bool = False,
     if not output.endswith(".keras"):
         raise UsageError(f"{output}: the merged model is a .keras file")
     _check_outputs(output, None, [(model, "model")], force=force)
-    if not os.path.isfile(model):
-        raise ModelError(model, "no such file" if not os.path.exists(model) else "is not a file")
+    _check_loadable(model)  # the path checks every model gets, then merge's own
     if not model.endswith(".keras"):
         raise ModelError(model, "merge reads a .keras file")
     with AtomicOutputs(fsync=fsync, inputs=[model]) as outputs:

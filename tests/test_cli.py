@@ -414,14 +414,28 @@ def test_a_malformed_manifest_is_one_line_and_exit_2(work, good_manifest, capsys
     assert captured.err.count("\n") == 1 and "internal error" not in captured.err
 
 
-def test_verify_says_whether_the_model_is_the_very_file_apply_wrote(work, capsys):
-    import keras
-
+def _applied(work, capsys):
+    """(folder, output, manifest) of `apply` on the work model; its output read away."""
     tmp, spec, model = work
     out = tmp / "t.keras"
     assert run("apply", spec, model, "-o", out) == 0
-    manifest = Path(f"{out}.manifest.json")
     capsys.readouterr()
+    return tmp, out, Path(f"{out}.manifest.json")
+
+
+def _edited(manifest: Path, folder: Path, edit) -> Path:
+    """A copy of ``manifest`` in ``folder`` with ``edit(data)`` applied."""
+    data = json.loads(manifest.read_text())
+    edit(data)
+    edited = folder / "edited.json"
+    edited.write_text(json.dumps(data))
+    return edited
+
+
+def test_verify_says_whether_the_model_is_the_very_file_apply_wrote(work, capsys):
+    import keras
+
+    tmp, out, manifest = _applied(work, capsys)
     assert run("verify", manifest, out) == 0
     captured = capsys.readouterr()
     assert captured.out.startswith(f"{out} matches {manifest} (")
@@ -442,38 +456,33 @@ def test_verify_says_whether_the_model_is_the_very_file_apply_wrote(work, capsys
                             "training\n")
     # Digests that share their first 12 characters are shown whole, so the note never says
     # "X, the manifest records X".
-    data = json.loads(manifest.read_text())
-    digest = data["output"]["sha256"]
-    data["output"]["sha256"] = digest[:-1] + ("0" if digest[-1] != "0" else "1")
-    near = tmp / "near.json"
-    near.write_text(json.dumps(data))
-    assert run("verify", near, out) == 0
-    assert f"(sha256 {digest}, the manifest records {data['output']['sha256']})" in \
-        capsys.readouterr().err
+    digest = sha(out)
+    near = digest[:-1] + ("0" if digest[-1] != "0" else "1")
+    edited = _edited(manifest, tmp, lambda data: data["output"].update(sha256=near))
+    assert run("verify", edited, out) == 0
+    assert f"(sha256 {digest}, the manifest records {near})" in capsys.readouterr().err
 
 
 def test_verify_says_an_edited_manifest_was_altered_and_diff_names_the_fields(work, capsys):
-    tmp, spec, model = work
-    out = tmp / "t.keras"
-    assert run("apply", spec, model, "-o", out) == 0
-    manifest = Path(f"{out}.manifest.json")
-    capsys.readouterr()
+    tmp, out, manifest = _applied(work, capsys)
     assert run("verify", manifest, out) == 0
     capsys.readouterr()
-    data = json.loads(manifest.read_text())
-    data["totals"]["trainable_params"]["after"] += 1
-    edited = tmp / "edited.json"
-    edited.write_text(json.dumps(data))
+
+    def more_trained(data):
+        data["totals"]["trainable_params"]["after"] += 1
+
+    edited = _edited(manifest, tmp, more_trained)
     assert run("verify", edited, out) == 1
     captured = capsys.readouterr()
     assert captured.out.splitlines()[0].startswith(
         "manifest: totals.trainable_params.after is ")
     assert captured.err.startswith(f"{edited} does not follow from its own spec and the model")
 
-    data = json.loads(manifest.read_text())
-    data["output"]["sha256"] = "0" * 64
-    data["model_trainable"] = False
-    edited.write_text(json.dumps(data))
+    def other_output(data):
+        data["output"]["sha256"] = "0" * 64
+        data["model_trainable"] = False
+
+    edited = _edited(manifest, tmp, other_output)
     assert run("diff", manifest, edited) == 1
     lines = capsys.readouterr().out.splitlines()
     assert f"output: {sha(out)[:12]} -> {'0' * 12}" in lines

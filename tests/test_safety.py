@@ -694,29 +694,6 @@ def test_a_replacement_frees_the_old_content_only_once_no_backup_has_a_name(tmp_
     assert (tmp_path / "m.json").read_bytes() == b"n" * 10
 
 
-def test_the_sweep_never_removes_an_input_named_like_a_stale_temporary(here, capsys):
-    # A killed run's leftover, given back to surgery as its model or its spec, is an input: the
-    # sweep of that folder (a dead process's temporaries) must leave it, and another one goes.
-    dead = _a_dead_pid()
-    model = f".surgery-{atomic._HOST}-{dead}-0123abcd.tmp.keras"
-    spec = f".surgery-{atomic._HOST}-{dead}-4567abcd.tmp.frz"
-    stale = f".surgery-{atomic._HOST}-{dead}-89abcdef.tmp.keras"
-    os.link("tiny.keras", model)
-    Path(spec).write_text("freeze all\nunfreeze head\n")
-    Path(stale).write_bytes(b"a killed run's")
-    rc, _, err = cli(capsys, "apply", spec, model, "-o", "tuned.keras")
-    assert rc == 0, err
-    assert Path(model).read_bytes() == Path("tiny.keras").read_bytes()
-    assert Path(spec).read_text() == "freeze all\nunfreeze head\n"
-    assert not Path(stale).exists()
-
-
-def _a_dead_pid() -> int:
-    proc = subprocess.Popen([sys.executable, "-c", ""])
-    proc.wait()
-    return proc.pid  # reaped: no process has it (until the system reuses it, long after)
-
-
 def test_apply_exits_2_when_its_new_output_appears_meanwhile(here, capsys, monkeypatch):
     real_commit = AtomicOutputs.commit
 
@@ -807,6 +784,24 @@ def test_the_next_run_removes_temporaries_of_dead_processes_only(here, capsys):
 
 
 # --- fsync: opt-in (the temporary + rename is what makes outputs all-or-nothing) ---------------
+
+
+def test_the_sweep_never_removes_an_input_named_like_a_stale_temporary(here, capsys):
+    # A killed run's leftover, given back to surgery as its model or its spec, is an input: the
+    # sweep of that folder (a dead process's temporaries) must leave it, and another one goes.
+    dead = _dead_pid()
+    model = f".surgery-{atomic._HOST}-{dead}-0123abcd.tmp.keras"
+    spec = f".surgery-{atomic._HOST}-{dead}-4567abcd.tmp.frz"
+    stale = f".surgery-{atomic._HOST}-{dead}-89abcdef.tmp.keras"
+    os.link("tiny.keras", model)
+    Path(spec).write_text("freeze all\nunfreeze head\n")
+    Path(stale).write_bytes(b"a killed run's")
+    rc, _, err = cli(capsys, "apply", spec, model, "-o", "tuned.keras")
+    assert rc == 0, err
+    assert Path(model).read_bytes() == Path("tiny.keras").read_bytes()
+    assert Path(spec).read_text() == "freeze all\nunfreeze head\n"
+    assert not Path(stale).exists()
+
 
 
 def _record_fsyncs(monkeypatch) -> list:
